@@ -1,0 +1,140 @@
+"""Stage configs as dataclasses, read from YAML and `key.sub=value` overrides.
+
+The resolved config is saved into the run directory, so a run can be inspected and resumed.
+An unknown key is an error that names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .construct import FilterConfig
+from .errors import ChainstepError
+from .synthetic import SuiteConfig
+from .train_sft import SFTConfig
+
+
+@dataclass
+class ModelConfig:
+    """The starting VLM: a local HF model directory, or a tiny one built from config."""
+
+    path: str | None = None  # local model dir (any HF VLM); None builds a tiny random model
+    arch: str = "llava"  # tiny builds: llava, llava_next, qwen2_vl, idefics3, internvl
+    size: str = "tiny"  # tiny (~2.3M params) or small (~10M)
+    vocab_size: int = 1024  # tokenizer trained on the suite's text (tiny builds only)
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64  # sequences per generate call
+    max_tokens: int = 256  # new tokens per response
+    splits: tuple[str, ...] = ("test",)
+
+
+@dataclass
+class RunConfig:
+    """Everything `chainstep run` does; `configs/tiny.yaml` holds the same defaults."""
+
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    base_sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=150))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    threads: int = 2  # torch threads; 2 = all cores on the reference machine
+
+
+QUICK: dict[str, object] = {
+    "suite.train": 400, "suite.val": 40, "suite.test": 100,
+    "sft.max_steps": 70, "sft.save_steps": 35, "base_sft.max_steps": 30,
+    "model.vocab_size": 512,
+}
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict | None, where: str = ""):
+    """Build dataclass `cls` from nested dicts, rejecting unknown keys."""
+    data = data or {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            _unknown(where + key, list(fields), where)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            value = from_dict(kind, value, f"{where}{name}.")
+        elif _origin_is_tuple(kind) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _origin_is_tuple(kind) -> bool:
+    return typing.get_origin(kind) is tuple or kind is tuple
+
+
+def _unknown(key: str, valid: list[str], prefix: str) -> None:
+    near = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f"; did you mean {prefix}{near[0]!r}?" if near else ""
+    raise ChainstepError(f"unknown config key {key!r}{hint} Valid: {', '.join(valid)}")
+
+
+def set_path(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        data = data.setdefault(key, {})
+        if not isinstance(data, dict):
+            raise ChainstepError(f"config key {dotted!r}: {key!r} is not a section")
+    data[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ChainstepError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, object] | None = None,
+                quick: bool = False) -> RunConfig:
+    """Defaults <- YAML file <- --quick profile <- command-line overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ChainstepError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+    for key, value in {**(QUICK if quick else {}), **(overrides or {})}.items():
+        set_path(data, key, value)
+    return from_dict(RunConfig, data)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+__all__ = ["RunConfig", "ModelConfig", "EvalConfig", "load_config", "dump_config",
+           "parse_overrides", "QUICK"]

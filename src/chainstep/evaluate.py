@@ -1,0 +1,139 @@
+"""Evaluation: predictions, accuracy with 95% intervals, and paired model comparisons.
+
+Unparseable outputs are scored wrong and counted in `parse_failure_rate` (the upstream code
+silently dropped them). Every accuracy carries a Wilson 95% interval, and two models are
+compared on the same questions (paired difference with its interval, exact McNemar p-value):
+a few hundred questions cannot resolve a 3-point gap, and the report says so.
+
+    chainstep eval runs/x/models/sft runs/x/tasks/test.jsonl --out runs/x/eval
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .answers import is_correct
+from .records import JsonlWriter, iter_jsonl
+from .sampling import Policy, SamplingParams
+from .steps import FormatError, extract_answer, parse
+
+Z95 = 1.959963984540054
+
+
+def score_response(text: str, record: dict, style: str = "cos") -> dict:
+    """Grade one response. `cos` needs a parseable chain; `direct` needs an answer span."""
+    steps = None
+    if style == "cos":
+        try:
+            chain = parse(text)
+            predicted, steps, error = chain.answer, len(chain.steps), None
+        except FormatError as err:
+            predicted, error = None, err.code
+    else:
+        predicted = extract_answer(text)
+        error = None if predicted is not None else "missing_answer"
+    return {"predicted": predicted, "parsed": error is None, "format_error": error,
+            "steps": steps, "correct": error is None and is_correct(predicted, record["answer"])}
+
+
+def family_of(record: dict) -> str:
+    return record.get("meta", {}).get("family") or record.get("source") or "all"
+
+
+def predict(policy: Policy, records: list[dict], out_path: str | Path, style: str = "cos",
+            params: SamplingParams | None = None) -> list[dict]:
+    """Greedy (by default) predictions, appended to `out_path` and resumed by id."""
+    out_path = Path(out_path)
+    done = {p["id"]: p for p in iter_jsonl(out_path)} if out_path.exists() else {}
+    todo = [r for r in records if r["id"] not in done]
+    params = params or SamplingParams()
+    with JsonlWriter(out_path) as writer:
+        for start in range(0, len(todo), 256):
+            chunk = todo[start:start + 256]
+            for record, gens in zip(chunk, policy.generate(chunk, params)):
+                gen = gens[0]
+                row = {"id": record["id"], "family": family_of(record),
+                       "answer": record["answer"], "response": gen.text,
+                       "tokens": gen.num_tokens, "finish_reason": gen.finish_reason,
+                       **score_response(gen.text, record, style)}
+                writer.write(row)
+                done[row["id"]] = row
+    return [done[r["id"]] for r in records]
+
+
+def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval: sane at 0% and 100%, unlike the normal approximation."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(predictions: list[dict], model: str, strategy: str = "greedy", n: int = 1,
+              split: str = "test") -> dict:
+    """One `results` row of metrics.json."""
+    by_family: dict[str, list[bool]] = defaultdict(list)
+    for p in predictions:
+        by_family[p["family"]].append(bool(p["correct"]))
+    total = len(predictions)
+    correct = sum(p["correct"] for p in predictions)
+    low, high = wilson(correct, total)
+    parsed = [p for p in predictions if p["parsed"]]
+    with_steps = [p["steps"] for p in parsed if p.get("steps") is not None]
+    return {
+        "model": model, "strategy": strategy, "n": n, "split": split,
+        "accuracy": correct / total if total else 0.0, "ci_low": low, "ci_high": high,
+        "num_questions": total,
+        "per_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())},
+        "per_family_ci": {f: list(wilson(sum(v), len(v))) for f, v in sorted(by_family.items())},
+        "parse_failure_rate": 1 - len(parsed) / total if total else 0.0,
+        "avg_steps": sum(with_steps) / len(with_steps) if with_steps else 0.0,
+        "avg_tokens": sum(p["tokens"] for p in predictions) / total if total else 0.0,
+    }
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test on the discordant pairs."""
+    k, n = min(only_a, only_b), only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(a: list[dict], b: list[dict], name_a: str, name_b: str) -> dict:
+    """Accuracy of `a` minus `b` on the questions both answered, with a 95% interval."""
+    b_by_id = {p["id"]: p["correct"] for p in b}
+    pairs = [(bool(p["correct"]), bool(b_by_id[p["id"]])) for p in a if p["id"] in b_by_id]
+    n = len(pairs)
+    diffs = [int(x) - int(y) for x, y in pairs]
+    mean = sum(diffs) / n if n else 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = Z95 * math.sqrt(var / n) if n else 0.0
+    only_a = sum(x and not y for x, y in pairs)
+    only_b = sum(y and not x for x, y in pairs)
+    return {"a": name_a, "b": name_b, "n": n, "diff": mean, "ci_low": mean - half,
+            "ci_high": mean + half, "only_a_correct": only_a, "only_b_correct": only_b,
+            "p_value": mcnemar_p(only_a, only_b), "significant": mean - half > 0 or mean + half < 0}
+
+
+def update_metrics(path: str | Path, results: list[dict] = (),
+                   comparisons: list[dict] = ()) -> dict:
+    """Merge rows into metrics.json, replacing rows with the same key."""
+    path = Path(path)
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    def merge(old: list[dict], new, key) -> list[dict]:
+        kept = {key(r): r for r in old}
+        kept.update({key(r): r for r in new})
+        return list(kept.values())
+    metrics["results"] = merge(metrics.get("results", []), results,
+                               lambda r: (r["model"], r["strategy"], r["n"], r["split"]))
+    metrics["comparisons"] = merge(metrics.get("comparisons", []), comparisons,
+                                   lambda r: (r["a"], r["b"], r.get("split", "test")))
+    path.write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,120 @@
+"""JSONL records: one object a line, appended, keyed by `id`, safe to resume after a crash.
+
+One loader serves every stage. A bad line raises `RecordError` naming file, line and id; a
+half-written last line (the process was killed mid-write) is dropped with a warning instead,
+since appending resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import ChainstepError, RecordError
+
+TASK_FIELDS = ("id", "image", "question", "options", "answer", "source", "meta")
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ("id",)) -> list[dict]:
+    return list(iter_jsonl(path, required))
+
+
+def iter_jsonl(path: str | Path, required: tuple[str, ...] = ("id",)) -> Iterator[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise ChainstepError(f"{path} does not exist")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # an unterminated last line: a write cut short by a kill
+                warnings.warn(f"{path}:{number}: dropping a truncated last line", stacklevel=2)
+                return
+            raise RecordError(path, number, f"invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise RecordError(path, number, "expected a JSON object")
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise RecordError(path, number, f"missing field(s) {missing}", record.get("id"))
+        yield record
+
+
+def done_ids(path: str | Path) -> set[str]:
+    """Ids already written, so a resumed stage skips them."""
+    path = Path(path)
+    return {r["id"] for r in iter_jsonl(path)} if path.exists() else set()
+
+
+class JsonlWriter:
+    """Appends records and flushes each line to disk, so a kill loses at most the line in flight."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_tail()
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def _repair_tail(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            self.path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def write_all(self, records: Iterable[dict]) -> None:
+        for record in records:
+            self.write(record)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_tasks(path: str | Path) -> list[dict]:
+    """Task records (DESIGN.md §3) with image paths resolved against the file's folder."""
+    path = Path(path)
+    records = read_jsonl(path, required=TASK_FIELDS)
+    for number, record in enumerate(records, start=1):
+        image = Path(record["image"])
+        record["image"] = str(image if image.is_absolute() else path.parent / image)
+        if record["options"] is not None and not isinstance(record["options"], list):
+            raise RecordError(path, number, "options must be a list or null", record["id"])
+    return records
+
+
+def load_image(record: dict) -> Image.Image:
+    try:
+        with Image.open(record["image"]) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ChainstepError(f"record {record['id']}: image {record['image']} not found") from None
+    except OSError as err:
+        raise ChainstepError(f"record {record['id']}: cannot read image {record['image']}: {err}"
+                             ) from None
+
+
+def prompt_text(record: dict) -> str:
+    """The question as the policy sees it: options appended as (A) ... (B) ..."""
+    text = record["question"]
+    if record.get("options"):
+        text += " Options: " + " ".join(f"({chr(65 + i)}) {o}"
+                                        for i, o in enumerate(record["options"]))
+    return text

@@ -1,0 +1,104 @@
+"""report.html: the paper's Table 1 layout, paired comparisons, timings and sample chains.
+
+Reads `metrics.json`, `stages/*.json` and `eval/*.jsonl` of a run directory; later stages add
+rows to the same files and so to the same tables.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from .records import iter_jsonl, load_tasks
+
+MODEL_ORDER = ("base", "sft", "dpo-r1", "dpo-r2", "dpo-r3", "grpo-prm", "grpo-outcome")
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _ci(bounds) -> str:
+    return "" if not bounds else f"[{100 * bounds[0]:.0f}, {100 * bounds[1]:.0f}]"
+
+
+def _order(model: str) -> tuple[int, str]:
+    return (MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), model)
+
+
+def accuracy_plot(rows: list[dict], families: list[str]) -> str:
+    """Per-family accuracy bars with 95% intervals, as a PNG data URL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        xs = [j + i * width for j in range(len(families) + 1)]
+        accs = [row["per_family"].get(f, 0) for f in families] + [row["accuracy"]]
+        cis = [row["per_family_ci"].get(f, [0, 0]) for f in families] + \
+            [[row["ci_low"], row["ci_high"]]]
+        err = [[a - lo for a, (lo, _) in zip(accs, cis)], [hi - a for a, (_, hi) in zip(accs, cis)]]
+        ax.bar(xs, accs, width, yerr=err, capsize=2, label=row["model"])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families) + 1)],
+                  families + ["average"], fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _image_url(path: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _traces(run_dir: Path, model: str, split: str, per_family: int = 2) -> list[dict]:
+    preds_path = run_dir / "eval" / f"{model}-{split}.jsonl"
+    tasks_path = run_dir / "tasks" / f"{split}.jsonl"
+    if not preds_path.exists() or not tasks_path.exists():
+        return []
+    tasks = {t["id"]: t for t in load_tasks(tasks_path)}
+    shown: dict[str, int] = {}
+    traces = []
+    for pred in iter_jsonl(preds_path):
+        if shown.get(pred["family"], 0) >= per_family or pred["id"] not in tasks:
+            continue
+        shown[pred["family"]] = shown.get(pred["family"], 0) + 1
+        task = tasks[pred["id"]]
+        traces.append({**pred, "question": task["question"], "image": _image_url(task["image"])})
+    return traces
+
+
+def write_report(run_dir: str | Path, split: str = "test") -> Path:
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rows = sorted((r for r in metrics["results"] if r["split"] == split
+                   and r["strategy"] == "greedy"), key=lambda r: _order(r["model"]))
+    families = sorted({f for r in rows for f in r["per_family"]})
+    timings = [(p.stem, json.loads(p.read_text()).get("seconds", 0))
+               for p in sorted((run_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    env = Environment(loader=PackageLoader("chainstep", "templates"),
+                      autoescape=select_autoescape(["html", "j2"]))
+    trace_model = "sft" if any(r["model"] == "sft" for r in rows) else (rows[0]["model"] if rows else "")
+    html = env.get_template("report.html.j2").render(
+        run_name=run_dir.name, run_dir=str(run_dir), split=split, table=rows, families=families,
+        num_questions=rows[0]["num_questions"] if rows else 0,
+        comparisons=[c for c in metrics.get("comparisons", []) if c.get("split", split) == split],
+        timings=timings, total_seconds=sum(s for _, s in timings),
+        plot=accuracy_plot(rows, families) if rows else None,
+        trace_model=trace_model, traces=_traces(run_dir, trace_model, split),
+        pct=_pct, ci=_ci,
+    )
+    path = run_dir / "report.html"
+    path.write_text(html)
+    return path

@@ -1,0 +1,114 @@
+"""The one generation path: a Policy (VLM + processor) turning task records into responses.
+
+Batched and KV-cached through Hugging Face `generate`; prompts are left-padded so a batch
+decodes together. Stops are token ids, never decoded strings: the step tokens vanish when a
+decoder skips special tokens. `stop_at_step` ends a sequence after `<|reasoning_step_end|>`
+(step-level search), and `prefixes` continue partial responses (rollouts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from transformers import PreTrainedModel, ProcessorMixin
+
+from .errors import ChainstepError
+from .inputs import collate, encode_prompt
+from .models import load
+from .steps import STEP_END
+
+
+@dataclass
+class SamplingParams:
+    """Sampling knobs with OpenAI/vLLM names."""
+
+    n: int = 1  # completions per prompt
+    temperature: float = 0.0  # 0 = greedy; 1.0 samples from the model's distribution
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1.0 = off
+    top_k: int = 0  # 0 = off
+    max_tokens: int = 256  # new tokens per completion
+    stop_at_step: bool = False  # also stop after each <|reasoning_step_end|>
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ChainstepError(f"n={self.n} must be >= 1")
+        if self.temperature < 0:
+            raise ChainstepError(f"temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ChainstepError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.n > 1 and self.temperature == 0:
+            raise ChainstepError("n > 1 needs temperature > 0 (greedy gives n identical answers)")
+
+
+@dataclass
+class Generation:
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" (end of sequence), "step" (step end), or "length"
+
+
+class Policy:
+    """A VLM that answers task records; `batch_size` counts sequences, prompts times n."""
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, batch_size: int = 32):
+        self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
+        tok = processor.tokenizer
+        self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
+        self.step_end_id = tok.convert_tokens_to_ids(STEP_END)
+        if self.step_end_id is None or self.step_end_id == tok.unk_token_id:
+            raise ChainstepError("the tokenizer lacks the step tokens; run `chainstep add-tokens`")
+
+    @classmethod
+    def from_dir(cls, path: str | Path, batch_size: int = 32, device: str = "cpu") -> Policy:
+        model, processor = load(path, device=device)
+        return cls(model, processor, batch_size)
+
+    @torch.inference_mode()
+    def generate(self, records: list[dict], params: SamplingParams | None = None,
+                 prefixes: list[str] | None = None, progress: bool = True
+                 ) -> list[list[Generation]]:
+        """`params.n` generations per record, in record order."""
+        params = params or SamplingParams()
+        prefixes = prefixes or [""] * len(records)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        per_batch = max(1, self.batch_size // params.n)
+        results: list[list[Generation]] = []
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("generating", total=len(records))
+            for start in range(0, len(records), per_batch):
+                chunk = slice(start, start + per_batch)
+                results += self._generate_batch(records[chunk], prefixes[chunk], params)
+                bar.advance(task, len(records[chunk]))
+        return results
+
+    def _generate_batch(self, records, prefixes, params) -> list[list[Generation]]:
+        examples = [encode_prompt(self.processor, r, p) for r, p in zip(records, prefixes)]
+        batch = collate(examples, self.pad_id, padding_side="left").to(self.model.device)
+        stops = [self.eos_id] + ([self.step_end_id] if params.stop_at_step else [])
+        sample = params.temperature > 0
+        out = self.model.generate(
+            **batch, max_new_tokens=params.max_tokens, do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None, top_k=params.top_k if sample else None,
+            num_return_sequences=params.n, eos_token_id=stops, pad_token_id=self.pad_id,
+        )
+        new = out[:, batch["input_ids"].shape[1]:].tolist()
+        gens = [self._finish(ids, stops) for ids in new]
+        return [gens[i * params.n:(i + 1) * params.n] for i in range(len(records))]
+
+    def _finish(self, ids: list[int], stops: list[int]) -> Generation:
+        """Cut at the first stop id: EOS is dropped, a step end is kept (it is step text)."""
+        for i, token in enumerate(ids):
+            if token == self.eos_id:
+                return Generation(self._decode(ids[:i]), i + 1, "stop")
+            if token in stops:
+                return Generation(self._decode(ids[:i + 1]), i + 1, "step")
+        return Generation(self._decode(ids), len(ids), "length")
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=False)

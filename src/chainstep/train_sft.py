@@ -1,0 +1,115 @@
+"""Supervised fine-tuning on step chains (CoS SFT) or on answers alone (the direct baseline).
+
+Reads `sft.jsonl` / `direct.jsonl` rows (`response` holds the target text), trains with the
+transformers `Trainer` (loss on response tokens only), checkpoints every `save_steps` and
+resumes from the newest checkpoint when re-run after a kill. The result is a plain model
+directory (LoRA adapters merged), loadable by `chainstep.models.load`.
+
+    chainstep sft runs/x/models/init runs/x/data/sft.jsonl --out runs/x/models/sft
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .errors import ChainstepError
+from .inputs import SFTCollator
+from .models import load, save
+from .records import read_jsonl
+
+VISION_PATTERNS = ("vision_tower", "vision_model", "visual.", "vision_encoder")
+LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class SFTConfig:
+    """Training knobs, named as in transformers' TrainingArguments."""
+
+    max_steps: int = 600  # optimizer steps; sets the time budget (0.3-0.5 s/step, tiny model)
+    per_device_train_batch_size: int = 16
+    learning_rate: float = 1e-3  # 1e-3 for tiny random models; ~1e-5 full / 2e-4 LoRA for real
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    save_steps: int = 100  # checkpoint interval, for resume after a kill
+    max_length: int = 1024  # tokens per example, prompt included; longer ones are cut
+    seed: int = 0
+    bf16: bool = False  # faster on recent CPUs/GPUs; fp32 is the reproducible default
+    freeze_vision: bool | None = None  # None: freeze for pretrained checkpoints, train from scratch
+    lora: bool = False  # PEFT LoRA on the language model's projections (for 2B+ models)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+
+    def __post_init__(self):
+        if self.max_steps <= 0:
+            raise ChainstepError(f"sft.max_steps={self.max_steps} must be positive")
+        if self.per_device_train_batch_size <= 0:
+            raise ChainstepError("sft.per_device_train_batch_size must be positive")
+
+
+def vision_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if any(v in n for v in VISION_PATTERNS)]
+
+
+def _is_pretrained(model_dir: Path) -> bool:
+    meta = model_dir / "chainstep.json"
+    return not (meta.exists() and json.loads(meta.read_text()).get("from_scratch"))
+
+
+def _wrap_lora(model, cfg: SFTConfig):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+
+
+def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
+              cfg: SFTConfig | None = None) -> Path:
+    """Fine-tune the model in `model_dir` on `data_path`; returns the saved model directory."""
+    cfg = cfg or SFTConfig()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
+    set_seed(cfg.seed)
+    rows = read_jsonl(data_path, required=("id", "image", "question", "response"))
+    if not rows:
+        raise ChainstepError(f"{data_path} holds no training rows")
+    model, processor = load(model_dir)
+    freeze = cfg.freeze_vision if cfg.freeze_vision is not None else _is_pretrained(model_dir)
+    for p in vision_parameters(model) if freeze else []:
+        p.requires_grad_(False)
+    if cfg.lora:
+        model = _wrap_lora(model, cfg)
+    args = TrainingArguments(
+        output_dir=str(checkpoints), max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
+        logging_steps=max(1, cfg.max_steps // 20), report_to=[],
+        seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, remove_unused_columns=False, gradient_checkpointing=False,
+        disable_tqdm=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows,
+                      data_collator=SFTCollator(processor, cfg.max_length))
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+    result = trainer.train(resume_from_checkpoint=last)
+    if cfg.lora:
+        model = model.merge_and_unload()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    save(model, processor, out_dir, meta={
+        "from_scratch": not _is_pretrained(model_dir), "trained_from": str(model_dir), "data": str(data_path),
+        "sft": asdict(cfg), "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": last,
+    })
+    return out_dir
+
