@@ -87,7 +87,7 @@ def _origin_is_tuple(kind) -> bool:
 
 def _unknown(key: str, valid: list[str], prefix: str) -> None:
     near = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
-    hint = f"; did you mean {prefix}{near[0]!r}?" if near else ""
+    hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
     raise ChainstepError(f"unknown config key {key!r}{hint} Valid: {', '.join(valid)}")
 
 

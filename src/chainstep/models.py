@@ -155,8 +155,12 @@ def load_processor(path: str | Path) -> ProcessorMixin:
 
 
 def _build_llava(tok, s: Size):
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     patch = 12
     config = LlavaConfig(

@@ -126,7 +126,8 @@ def _fact(name: str, key: str, value) -> dict:
 
 def count_sum(rng: random.Random, cfg: SuiteConfig) -> Scene:
     """MathVista-like: count shapes of some colours, then add or subtract the counts."""
-    colours = rng.sample(list(COLOURS), cfg.terms + rng.randint(0, 4 - cfg.terms))
+    extra = rng.randint(0, min(len(COLOURS), cfg.max_objects) - cfg.terms)
+    colours = rng.sample(list(COLOURS), cfg.terms + extra)
     asked = colours[:cfg.terms]
     total = rng.randint(max(3, len(colours)), cfg.max_objects)
     counts = {c: 1 for c in colours}

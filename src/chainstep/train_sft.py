@@ -95,7 +95,7 @@ def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
         logging_steps=max(1, cfg.max_steps // 20), report_to=[],
         seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, remove_unused_columns=False, gradient_checkpointing=False,
+        dataloader_num_workers=0, remove_unused_columns=False, activation_checkpointing=False,
         disable_tqdm=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows,

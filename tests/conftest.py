@@ -1,0 +1,58 @@
+"""Session fixtures: a small synthetic suite and tiny random VLMs saved to disk, built once."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chainstep import models
+from chainstep.construct import construct
+from chainstep.records import load_tasks, read_jsonl
+from chainstep.synthetic import SuiteConfig, make_tasks
+from chainstep.teacher import ProgrammaticTeacher
+
+torch.set_num_threads(2)
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def suite_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("suite")
+    make_tasks(SuiteConfig(train=40, val=10, test=10), out / "tasks")
+    construct(out / "tasks" / "train.jsonl", out / "data", ProgrammaticTeacher())
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_records(suite_dir) -> list[dict]:
+    return load_tasks(suite_dir / "tasks" / "train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def test_records(suite_dir) -> list[dict]:
+    return load_tasks(suite_dir / "tasks" / "test.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_texts(suite_dir) -> list[str]:
+    rows = read_jsonl(suite_dir / "data" / "sft.jsonl")
+    return [r["question"] for r in rows] + [r["response"] for r in rows]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_texts):
+    """tiny_model_dir(arch, step_tokens=True) -> a saved random model of that architecture."""
+    cache: dict = {}
+
+    def build(arch: str = "llava", step_tokens: bool = True) -> Path:
+        key = (arch, step_tokens)
+        if key not in cache:
+            tok = models.train_tokenizer(tokenizer_texts, vocab_size=400,
+                                         with_step_tokens=step_tokens)
+            model, processor = models.build_tiny(arch, tok)
+            cache[key] = models.save(model, processor,
+                                     tmp_path_factory.mktemp(f"{arch}-{step_tokens}"),
+                                     meta={"from_scratch": True, "arch": arch})
+        return cache[key]
+
+    return build

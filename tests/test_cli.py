@@ -1,0 +1,36 @@
+import pytest
+from typer.testing import CliRunner
+
+from chainstep.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["tasks"], ["tasks", "make"], ["tasks", "show"],
+                                     ["build-model"], ["add-tokens"], ["construct"], ["sft"],
+                                     ["eval"], ["report"]])
+def test_help_everywhere(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_tasks_make_and_show(tmp_path):
+    result = runner.invoke(app, ["tasks", "make", "--out", str(tmp_path), "--train", "5",
+                                 "--val", "0", "--test", "5"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "images" / "count_sum-test-00000.png").exists()
+    result = runner.invoke(app, ["tasks", "show", "count_sum-test-00000", "--tasks", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "<|reasoning_start|>" in result.output and "count_sum" in result.output
+
+
+def test_user_errors_have_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "chainstep", "tasks", "make", "--out",
+                             str(tmp_path), "--terms", "7"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "error:" in result.stderr and "terms=7 must be 2 or 3" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,36 @@
+import pytest
+
+from chainstep.config import QUICK, dump_config, load_config, parse_overrides
+from chainstep.errors import ChainstepError
+
+
+def test_defaults_quick_and_overrides():
+    cfg = load_config()
+    assert cfg.sft.max_steps > QUICK["sft.max_steps"]
+    quick = load_config(quick=True, overrides=parse_overrides(["sft.learning_rate=0.01",
+                                                                "suite.families=[count_sum]"]))
+    assert quick.suite.train == QUICK["suite.train"]
+    assert quick.sft.learning_rate == 0.01
+    assert quick.suite.families == ("count_sum",)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(overrides={"model.arch": "qwen2_vl", "eval.splits": ["val", "test"]})
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(ChainstepError, match="did you mean 'sft.max_steps'"):
+        load_config(overrides={"sft.max_step": 3})
+    with pytest.raises(ChainstepError, match="must look like"):
+        parse_overrides(["sft.max_steps"])
+    with pytest.raises(ChainstepError, match="must be positive"):
+        load_config(overrides={"sft.max_steps": 0})
+
+
+def test_shipped_config_matches_defaults():
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert load_config(shipped) == load_config()

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from chainstep.evaluate import (
+    mcnemar_p,
+    paired_comparison,
+    score_response,
+    summarize,
+    update_metrics,
+    wilson,
+)
+from chainstep.steps import Chain, Step, render
+
+GOOD = render(Chain((Step("Count red", "Red shapes: 3", "Ok."),), "3"))
+RECORD = {"id": "q", "answer": "3"}
+
+
+def test_unparseable_output_is_wrong_even_with_the_right_answer():
+    broken = GOOD.replace("<|reasoning_end|>\n", "")
+    scored = score_response(broken, RECORD)
+    assert not scored["parsed"] and not scored["correct"]
+    assert scored["format_error"] == "missing_reasoning_end"
+    assert score_response(GOOD, RECORD)["correct"]
+    assert not score_response(GOOD, {"id": "q", "answer": "4"})["correct"]
+
+
+def test_direct_style_needs_only_the_answer_span():
+    assert score_response("<|answer_start|>3<|answer_end|>", RECORD, "direct")["correct"]
+    scored = score_response("3", RECORD, "direct")
+    assert not scored["parsed"] and not scored["correct"]
+
+
+def _pred(i, correct, parsed=True, family="f"):
+    return {"id": str(i), "family": family, "correct": correct, "parsed": parsed,
+            "steps": 2 if parsed else None, "tokens": 10}
+
+
+def test_summarize_counts_parse_failures():
+    preds = [_pred(0, True), _pred(1, False, parsed=False), _pred(2, False, family="g"),
+             _pred(3, True, family="g")]
+    row = summarize(preds, "sft")
+    assert row["accuracy"] == 0.5
+    assert row["parse_failure_rate"] == 0.25
+    assert row["per_family"] == {"f": 0.5, "g": 0.5}
+    assert row["ci_low"] < 0.5 < row["ci_high"]
+    assert row["avg_steps"] == 2
+
+
+def test_wilson_interval():
+    low, high = wilson(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    assert wilson(0, 20)[0] == 0.0 and wilson(0, 20)[1] > 0.1
+    assert wilson(20, 20)[1] == pytest.approx(1.0)
+
+
+def test_mcnemar_exact():
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 5) == 1.0
+    assert mcnemar_p(0, 6) == pytest.approx(2 / 64)
+    assert mcnemar_p(10, 0) < 0.01
+
+
+def test_paired_comparison_tells_gain_from_noise():
+    a = [_pred(i, i % 10 < 6) for i in range(300)]
+    b = [_pred(i, i % 10 < 5) for i in range(300)]
+    c = paired_comparison(a, b, "a", "b")
+    assert c["diff"] == pytest.approx(0.1) and c["significant"]
+    noisy = [_pred(i, (i * 7) % 10 < 6) for i in range(300)]
+    c = paired_comparison(noisy, [_pred(i, (i * 3) % 10 < 6 if i % 2 else (i * 7) % 10 < 6)
+                                  for i in range(300)], "x", "y")
+    assert not c["significant"] and c["ci_low"] < 0 < c["ci_high"]
+
+
+def test_update_metrics_replaces_rows_by_key(tmp_path):
+    path = tmp_path / "metrics.json"
+    row = summarize([_pred(0, True)], "sft")
+    update_metrics(path, [row])
+    update_metrics(path, [{**row, "accuracy": 0.0}, summarize([_pred(0, False)], "base")])
+    results = json.loads(path.read_text())["results"]
+    assert len(results) == 2
+    assert {r["model"]: r["accuracy"] for r in results} == {"sft": 0.0, "base": 0.0}
+    for key in ("model", "strategy", "n", "split", "accuracy", "per_family",
+                "parse_failure_rate", "avg_steps", "avg_tokens", "ci_low", "ci_high"):
+        assert key in results[0]

@@ -1,0 +1,36 @@
+"""`chainstep run --quick` end to end, in process, as the README runs it."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from chainstep.cli import app
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
+    out = tmp_path / "quick"
+    result = CliRunner().invoke(app, ["run", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = {(r["model"], r["split"]): r for r in metrics["results"]}
+    assert set(rows) == {("sft", "test"), ("base", "test")}
+    for row in rows.values():
+        assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
+        assert row["num_questions"] == 100
+    assert rows[("sft", "test")]["parse_failure_rate"] < 0.5
+    assert rows[("sft", "test")]["avg_steps"] > 1
+    assert metrics["comparisons"][0]["a"] == "sft"
+    html = (out / "report.html").read_text()
+    assert "Table 1" in html and "sft" in html and "base" in html
+    assert (out / "models" / "sft" / "model.safetensors").exists()
+    assert (out / "config.yaml").exists()
+
+    again = CliRunner().invoke(app, ["run", "--quick", "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("done, skipping") == 7
+
+    changed = CliRunner().invoke(app, ["run", "--quick", "--out", str(out),
+                                       "--set", "sft.max_steps=3"])
+    assert changed.exit_code != 0

@@ -1,0 +1,62 @@
+import pytest
+
+from chainstep.errors import ChainstepError
+from chainstep.sampling import Policy, SamplingParams
+from chainstep.steps import STEP_END
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return Policy.from_dir(tiny_model_dir("llava"), batch_size=8)
+
+
+def test_greedy_batched_equals_one_at_a_time(policy, test_records):
+    records = test_records[:4]
+    params = SamplingParams(max_tokens=12)
+    batched = [g[0].text for g in policy.generate(records, params)]
+    policy.batch_size = 1
+    single = [g[0].text for g in policy.generate(records, params)]
+    policy.batch_size = 8
+    assert batched == single
+
+
+def test_n_samples_per_record(policy, test_records):
+    out = policy.generate(test_records[:3], SamplingParams(n=4, temperature=1.0, max_tokens=6,
+                                                           seed=0))
+    assert [len(g) for g in out] == [4, 4, 4]
+    assert all(g.num_tokens <= 6 for gens in out for g in gens)
+    assert len({g.text for g in out[0]}) > 1
+
+
+def test_finish_cuts_at_stop_ids(policy):
+    tok = policy.processor.tokenizer
+    ids = tok("Red shapes: 3", add_special_tokens=False)["input_ids"]
+    step_end = policy.step_end_id
+    gen = policy._finish(ids + [step_end] + ids, [policy.eos_id, step_end])
+    assert gen.finish_reason == "step" and gen.text == "Red shapes: 3" + STEP_END
+    gen = policy._finish(ids + [policy.eos_id, 5, 6], [policy.eos_id])
+    assert gen.finish_reason == "stop" and gen.text == "Red shapes: 3"
+    assert policy._finish(ids, [policy.eos_id]).finish_reason == "length"
+
+
+def test_prefix_extends_the_prompt_for_every_architecture(tiny_model_dir, test_records):
+    from chainstep.inputs import PER_TOKEN_KEYS, encode_prompt
+    from chainstep.models import load
+
+    prefix = "<|reasoning_start|>\n<|reasoning_step_start|>\n"
+    for arch in ("llava", "qwen2_vl"):
+        _, processor = load(tiny_model_dir(arch))
+        ids = processor.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        plain = encode_prompt(processor, test_records[0])
+        extended = encode_prompt(processor, test_records[0], prefix)
+        assert extended["input_ids"].tolist() == plain["input_ids"].tolist() + ids
+        for key in PER_TOKEN_KEYS:
+            if key in plain:
+                assert extended[key].shape == extended["input_ids"].shape
+
+
+def test_params_are_validated():
+    with pytest.raises(ChainstepError, match="n > 1 needs temperature"):
+        SamplingParams(n=2)
+    with pytest.raises(ChainstepError, match="top_p"):
+        SamplingParams(top_p=0)

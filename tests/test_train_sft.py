@@ -1,0 +1,95 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from chainstep import models
+from chainstep.inputs import SFTCollator
+from chainstep.records import read_jsonl
+from chainstep.train_sft import SFTConfig, train_sft, vision_parameters
+
+
+def test_labels_cover_the_response_only(tiny_model_dir, suite_dir):
+    _, processor = models.load(tiny_model_dir("llava"))
+    rows = read_jsonl(suite_dir / "data" / "sft.jsonl")[:3]
+    batch = SFTCollator(processor)(rows)
+    tok = processor.tokenizer
+    for i, row in enumerate(rows):
+        labelled = batch["labels"][i][batch["labels"][i] != -100].tolist()
+        assert tok.decode(labelled) == row["response"] + tok.eos_token
+
+
+def test_sft_lowers_loss_and_trains_every_parameter(tiny_model_dir, suite_dir, tmp_path):
+    init = tiny_model_dir("llava")
+    data = suite_dir / "data" / "sft.jsonl"
+    cfg = SFTConfig(max_steps=12, per_device_train_batch_size=8, save_steps=100, warmup_steps=0)
+    out = train_sft(init, data, tmp_path / "sft", cfg)
+    meta = json.loads((out / "chainstep.json").read_text())
+    assert meta["train_loss_last"] < meta["train_loss_first"] - 0.5
+    before, _ = models.load(init)
+    after, _ = models.load(out)
+    unchanged = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters())
+                 if torch.equal(a, b)]
+    # built from scratch, the vision tower trains too; Llava reads the tower's last hidden
+    # state before CLIP's post-layernorm, which so never gets a gradient
+    assert unchanged == ["model.vision_tower.post_layernorm.weight",
+                         "model.vision_tower.post_layernorm.bias"]
+
+
+def test_vision_frozen_for_pretrained_checkpoints(tiny_model_dir, suite_dir, tmp_path):
+    init = tmp_path / "pretrained"
+    model, processor = models.load(tiny_model_dir("llava"))
+    models.save(model, processor, init, meta={"from_scratch": False})
+    out = train_sft(init, suite_dir / "data" / "sft.jsonl", tmp_path / "sft",
+                    SFTConfig(max_steps=2, per_device_train_batch_size=4, save_steps=100))
+    after, _ = models.load(out)
+    assert vision_parameters(model)
+    for a, b in zip(vision_parameters(model), vision_parameters(after)):
+        assert torch.equal(a, b)
+    assert not torch.equal(model.lm_head.weight, after.lm_head.weight)
+
+
+def test_lora_trains_and_merges(tiny_model_dir, suite_dir, tmp_path):
+    init = tiny_model_dir("llava")
+    out = train_sft(init, suite_dir / "data" / "sft.jsonl", tmp_path / "lora",
+                    SFTConfig(max_steps=3, per_device_train_batch_size=4, lora=True,
+                              learning_rate=1e-2, save_steps=100))
+    assert not (out / "adapter_config.json").exists()
+    before, _ = models.load(init)
+    after, _ = models.load(out)
+    changed = {n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters())
+               if not torch.equal(a, b)}
+    assert changed and all("language_model" in n for n in changed)
+    assert any("q_proj" in n for n in changed)
+
+
+@pytest.mark.slow
+def test_resume_after_kill(tiny_model_dir, suite_dir, tmp_path):
+    """kill -9 mid-training, re-run the same command: it resumes from the last checkpoint."""
+    out = tmp_path / "sft"
+    cmd = [sys.executable, "-m", "chainstep", "sft", str(tiny_model_dir("llava")),
+           str(suite_dir / "data" / "sft.jsonl"), "--out", str(out), "--set", "max_steps=400",
+           "--set", "save_steps=2", "--set", "per_device_train_batch_size=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "sft-checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.5)
+    time.sleep(1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "chainstep.json").exists()
+    saved = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert saved
+    step = int(saved[-1].name.split("-")[1])
+    cmd[cmd.index("max_steps=400")] = f"max_steps={step + 2}"
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    meta = json.loads((out / "chainstep.json").read_text())
+    assert meta["resumed_from"] and meta["resumed_from"].endswith(f"checkpoint-{step}")
+    models.load(out)
