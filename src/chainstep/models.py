@@ -71,7 +71,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024,
         vocab_size=vocab_size, special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    # the chat template's own words, so prompts do not spell them out byte by byte
+    tok.train_from_iterator([*texts, *["user: assistant:\n"] * 100], trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
         extra_special_tokens={
@@ -154,55 +155,31 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     return processor
 
 
-def _build_llava(tok, s: Size):
-    from transformers import (
-        CLIPImageProcessorPil,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def _build_llava(tok, s: Size, next_: bool = False):
+    """Llava, or LLaVA-NeXT (`next_`) whose any-res grid is pinned to the one image size."""
+    import transformers as tf
 
     patch = 12
-    config = LlavaConfig(
+    grid = {"image_grid_pinpoints": [[IMAGE_SIZE, IMAGE_SIZE]]} if next_ else {}
+    name = "LlavaNext" if next_ else "Llava"
+    config = getattr(tf, f"{name}Config")(
         text_config=_text_config("llama", tok, s),
         vision_config=_vision_config("clip_vision_model", s, patch, projection_dim=s.hidden),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1, image_seq_length=(IMAGE_SIZE // patch) ** 2,
+        vision_feature_layer=-1, image_seq_length=(IMAGE_SIZE // patch) ** 2, **grid,
     )
-    image_processor = CLIPImageProcessorPil(
+    image_processor = getattr(tf, "LlavaNextImageProcessorPil" if next_ else "CLIPImageProcessorPil")(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        **_image_kwargs())
-    processor = LlavaProcessor(
+        **grid, **_image_kwargs())
+    processor = getattr(tf, f"{name}Processor")(
         image_processor=image_processor, tokenizer=tok, patch_size=patch,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=chat_template("<image>"))
-    return LlavaForConditionalGeneration(config), processor
+    return getattr(tf, f"{name}ForConditionalGeneration")(config), processor
 
 
 def _build_llava_next(tok, s: Size):
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
-
-    patch = 12
-    config = LlavaNextConfig(
-        text_config=_text_config("llama", tok, s),
-        vision_config=_vision_config("clip_vision_model", s, patch, projection_dim=s.hidden),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]], vision_feature_layer=-1,
-        image_seq_length=(IMAGE_SIZE // patch) ** 2,
-    )
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]], **_image_kwargs())
-    processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=chat_template("<image>"))
-    return LlavaNextForConditionalGeneration(config), processor
+    return _build_llava(tok, s, next_=True)
 
 
 def _build_qwen2_vl(tok, s: Size):

@@ -31,7 +31,7 @@ from .teacher import ProgrammaticTeacher
 from .train_sft import train_sft
 
 console = Console(stderr=True)
-# Run-directory model name -> (training data, eval style, metrics model name).
+# Policy name (its models/ folder and metrics.json `model`) -> (training data, eval style).
 POLICIES = {"sft": ("sft.jsonl", "cos"), "base": ("direct.jsonl", "direct")}
 
 

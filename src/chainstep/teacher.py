@@ -32,7 +32,7 @@ class Teacher(Protocol):
 def _step_kind(fact: dict) -> str:
     if "=" in fact["value"]:
         return "arithmetic"
-    if fact["key"] in ("Matching option", "Most shapes"):
+    if "option" in fact["value"]:
         return "option"
     return "read"
 
