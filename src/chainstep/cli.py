@@ -58,7 +58,7 @@ def tasks_make(
     out: Path = typer.Option(Path("tasks"), help="Output folder for {split}.jsonl + images/"),
     train: int = 2000, val: int = 200, test: int = 300, seed: int = 0,
     max_objects: int = typer.Option(8, help="Shapes per image in counting families"),
-    terms: int = typer.Option(2, help="Quantities combined per arithmetic question (2 or 3)"),
+    terms: int = typer.Option(2, help="Difficulty: terms + 1 colour groups are read (2 or 3)"),
     families: str = typer.Option(None, help="Comma-separated families [default: all]"),
 ):
     """Draw the synthetic suite. Example: chainstep tasks make --out tasks --test 100"""

@@ -46,14 +46,14 @@ class RunConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    base_sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=150))
+    base_sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=250))
     eval: EvalConfig = field(default_factory=EvalConfig)
     threads: int = 2  # torch threads; 2 = all cores on the reference machine
 
 
 QUICK: dict[str, object] = {
     "suite.train": 400, "suite.val": 40, "suite.test": 100,
-    "sft.max_steps": 70, "sft.save_steps": 35, "base_sft.max_steps": 30,
+    "sft.max_steps": 130, "sft.save_steps": 65, "base_sft.max_steps": 50,
     "model.vocab_size": 512,
 }
 

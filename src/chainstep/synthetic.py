@@ -1,6 +1,6 @@
 """The synthetic visual reasoning suite: the embedded default data, drawn with Pillow.
 
-Five families shaped after the paper's benchmarks, each question needing 2-5 steps that read
+Five families shaped after the paper's benchmarks, each question needing 4-5 steps that read
 facts off the image and combine them. Every record keeps its scene and the ground-truth value
 of every step in `meta`, so the programmatic teacher can write chains and a judge can check them.
 
@@ -25,7 +25,8 @@ from rich.progress import track
 from .errors import ChainstepError
 
 IMAGE_SIZE = 96
-PATCH = 12  # the tiny models' vision patch: charts and rulers snap to it
+PATCH = 12  # the tiny models' vision patch: every object snaps to the patch grid
+GRID = IMAGE_SIZE // PATCH
 COLOURS = {
     "red": (220, 40, 40),
     "green": (30, 160, 60),
@@ -33,26 +34,27 @@ COLOURS = {
     "yellow": (235, 195, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-# Every object is read, in a fixed order (by colour, or left to right / top to bottom), so each
-# reading step asks the same thing of the image at the same place in the chain; the question
-# only decides how the readings are combined. Question-dependent lookups into the image are
-# far slower for a tiny model to learn (measured: no image use after 600 steps).
+# Every colour group is read, always in this order, and every quantity is drawn on the patch
+# grid (a count of shapes, a bar height and a line length in unit blocks, a size are all numbers
+# of patches of one colour). A tiny model learns such global colour counts within minutes; question-dependent
+# spatial lookups it did not learn at all in 600 steps (measured). The question only decides
+# how the readings are combined.
 ORDER = ("red", "green", "blue", "yellow")
-SIZES = {"small": 10, "medium": 18, "large": 28}  # side in pixels
+SIZES = {"small": 1, "medium": 2, "large": 3}  # side in patch cells
 LETTERS = "ABCD"
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class SuiteConfig:
-    """Size and difficulty of the suite. Knobs: `max_objects` per image, `terms` read per question."""
+    """Size and difficulty of the suite. Knobs: `max_objects` per image, `terms` groups read."""
 
     train: int = 2000
     val: int = 200
     test: int = 300
     families: tuple[str, ...] = ("count_sum", "bar_chart", "attribute_mc", "measure", "compare_mc")
     max_objects: int = 8  # shapes per image in counting families (3..max_objects)
-    terms: int = 2  # quantities combined per arithmetic question (2 or 3): 3 or 4 steps
+    terms: int = 2  # difficulty: terms + 1 colour groups are read (4 or 5 steps)
     seed: int = 0
 
     def __post_init__(self):
@@ -98,27 +100,20 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, 
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def _place(rng: random.Random, n: int, cells: int = 4) -> list[tuple[int, int, int, int]]:
-    """n non-overlapping boxes on a cells x cells grid, jittered inside their cell."""
-    size = IMAGE_SIZE // cells
-    slots = rng.sample(range(cells * cells), n)
-    boxes = []
-    for slot in slots:
-        cx, cy = (slot % cells) * size, (slot // cells) * size
-        side = rng.randint(size // 2 + 2, size - 4)
-        dx, dy = rng.randint(1, size - side - 1), rng.randint(1, size - side - 1)
-        boxes.append((cx + dx, cy + dy, cx + dx + side, cy + dy + side))
-    return boxes
+def _cell_box(col: int, row: int, span: int = 1) -> tuple[int, int, int, int]:
+    """The pixel box of a span x span block of patch cells, 1 px inside its border."""
+    return (col * PATCH + 1, row * PATCH + 1, (col + span) * PATCH - 2, (row + span) * PATCH - 2)
 
 
 def _shape_scene(rng: random.Random, counts: dict[str, int]) -> tuple[Image.Image, list[dict]]:
+    """One small shape per patch cell, so a colour's count is its number of patches."""
     image, draw = _canvas()
     colours = [c for c, k in counts.items() for _ in range(k)]
     objects = []
-    for colour, box in zip(colours, _place(rng, len(colours))):
+    for colour, cell in zip(colours, rng.sample(range(GRID * GRID), len(colours))):
         kind = rng.choice(SHAPES)
-        _draw_shape(draw, kind, box, colour)
-        objects.append({"colour": colour, "shape": kind, "box": list(box)})
+        _draw_shape(draw, kind, _cell_box(cell % GRID, cell // GRID), colour)
+        objects.append({"colour": colour, "shape": kind, "cell": cell})
     return image, objects
 
 
@@ -162,27 +157,29 @@ def count_sum(rng: random.Random, cfg: SuiteConfig) -> Scene:
     return Scene(image, question, str(result), steps, {"objects": objects, "counts": counts})
 
 def bar_chart(rng: random.Random, cfg: SuiteConfig) -> Scene:
-    """ChartQA-like: read every bar left to right off a gridded chart, then combine two."""
-    colours = rng.sample(ORDER, cfg.terms + 1)
+    """ChartQA-like: read every bar off a gridded chart, then combine two."""
+    colours = ORDER[:cfg.terms + 1]
     heights = {c: rng.randint(1, 7) for c in colours}
     image, draw = _canvas()
-    unit = PATCH  # one grid unit per image patch row, so a height is a count of patches
-    base = IMAGE_SIZE - unit // 2
+    base = IMAGE_SIZE - PATCH // 2
     for level in range(1, 8):
-        draw.line([(0, base - level * unit), (IMAGE_SIZE, base - level * unit)], fill=(210, 210, 210))
+        y = base - level * PATCH
+        draw.line([(0, y), (IMAGE_SIZE, y)], fill=(210, 210, 210))
     draw.line([(0, base), (IMAGE_SIZE, base)], fill=(0, 0, 0))
-    for slot, c in zip(sorted(rng.sample(range(4), len(colours))), colours):
-        x = unit + slot * 2 * unit
-        draw.rectangle((x, base - heights[c] * unit, x + unit - 1, base - 1), fill=COLOURS[c])
-    steps = [_fact(f"Read bar {i}", f"Bar {i}", f"{c} {heights[c]}")
-             for i, c in enumerate(colours, start=1)]
+    slots = sorted(rng.sample(range(GRID), len(colours)))
+    for slot, c in zip(slots, rng.sample(colours, len(colours))):
+        for level in range(heights[c]):  # a stack of unit blocks, one per patch
+            top = base - (level + 1) * PATCH
+            draw.rectangle((slot * PATCH + 1, top + 2, (slot + 1) * PATCH - 2, top + PATCH - 1),
+                           fill=COLOURS[c])
+    steps = [_fact(f"Read {c} bar", f"{c.capitalize()} bar", heights[c]) for c in colours]
     ranked = sorted(colours, key=lambda c: heights[c])
     spread = heights[ranked[-1]] > heights[ranked[-2]] and heights[ranked[0]] < heights[ranked[1]]
     if spread and rng.random() < 0.5:
         hi, lo = ranked[-1], ranked[0]
         expr, result = _arith([heights[hi], heights[lo]], "difference")
         question = "What is the difference between the tallest and the shortest bar?"
-        steps.append(_fact("Subtract", f"Tallest {hi} minus shortest {lo}", expr))
+        steps.append(_fact("Subtract", "Tallest minus shortest", expr))
     else:
         asked = sorted(rng.sample(colours, 2), key=colours.index)
         expr, result = _arith([heights[c] for c in asked], "sum")
@@ -202,13 +199,17 @@ def attribute_mc(rng: random.Random, cfg: SuiteConfig) -> Scene:
     colours = ORDER[:3]
     sizes = dict(zip(colours, rng.sample(list(SIZES), 3)))
     image, draw = _canvas()
-    objects = []
-    for colour, slot in zip(colours, rng.sample(range(9), 3)):
-        side, kind = SIZES[sizes[colour]], rng.choice(SHAPES)
-        x = (slot % 3) * 32 + rng.randint(0, 31 - side)
-        y = (slot // 3) * 32 + rng.randint(0, 31 - side)
-        _draw_shape(draw, kind, (x, y, x + side, y + side), colour)
-        objects.append({"colour": colour, "shape": kind, "size": sizes[colour]})
+    objects, taken = [], set()
+    for colour in sorted(colours, key=lambda c: -SIZES[sizes[c]]):
+        span = SIZES[sizes[colour]]
+        free = [(x, y) for x in range(GRID - span + 1) for y in range(GRID - span + 1)
+                if not {(x + i, y + j) for i in range(-1, span + 1) for j in range(-1, span + 1)}
+                & taken]
+        x, y = rng.choice(free)
+        taken |= {(x + i, y + j) for i in range(span) for j in range(span)}
+        kind = rng.choice(SHAPES)
+        _draw_shape(draw, kind, _cell_box(x, y, span), colour)
+        objects.append({"colour": colour, "shape": kind, "size": sizes[colour], "cell": [x, y]})
     which = rng.choice(["largest", "smallest"])
     pick = next(c for c in colours if sizes[c] == ("large" if which == "largest" else "small"))
     options, letter = _options(rng, pick, list(COLOURS))
@@ -217,19 +218,20 @@ def attribute_mc(rng: random.Random, cfg: SuiteConfig) -> Scene:
     steps.append(_fact("Match option", which.capitalize(), f"{pick}, option {letter}"))
     return Scene(image, question, letter, steps, {"objects": objects}, options, kind="choice")
 
+
 def measure(rng: random.Random, cfg: SuiteConfig) -> Scene:
     """MathVista-like measuring: lengths of coloured segments on a unit grid, then arithmetic."""
-    colours = rng.sample(ORDER, cfg.terms + 1)
-    unit = PATCH  # one grid unit per image patch column
+    colours = ORDER[:cfg.terms + 1]
     image, draw = _canvas()
-    for k in range(1, 8):
-        draw.line([(k * unit, 0), (k * unit, IMAGE_SIZE)], fill=(220, 220, 220))
+    for k in range(1, GRID):
+        draw.line([(k * PATCH, 0), (k * PATCH, IMAGE_SIZE)], fill=(220, 220, 220))
     lengths = {c: rng.randint(1, 7) for c in colours}
-    for row, c in zip(sorted(rng.sample(range(7), len(colours))), colours):
-        y = row * unit + unit // 4
-        draw.rectangle((unit, y, unit + lengths[c] * unit - 1, y + unit // 2), fill=COLOURS[c])
-    steps = [_fact(f"Measure line {i}", f"Line {i}", f"{c} {lengths[c]}")
-             for i, c in enumerate(colours, start=1)]
+    rows = sorted(rng.sample(range(GRID), len(colours)))
+    for row, c in zip(rows, rng.sample(colours, len(colours))):
+        y = row * PATCH + PATCH // 4
+        for k in range(1, lengths[c] + 1):  # a ruler of unit segments, one per patch
+            draw.rectangle((k * PATCH + 1, y, (k + 1) * PATCH - 2, y + PATCH // 2), fill=COLOURS[c])
+    steps = [_fact(f"Measure {c}", f"{c.capitalize()} line", lengths[c]) for c in colours]
     a, b = sorted(rng.sample(colours, 2), key=lambda c: -lengths[c])
     if lengths[a] > lengths[b] and rng.random() < 0.5:
         expr, result = _arith([lengths[a], lengths[b]], "difference")
