@@ -34,3 +34,9 @@ def test_shipped_config_matches_defaults():
 
     shipped = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     assert load_config(shipped) == load_config()
+
+
+def test_overriding_one_key_keeps_the_section_defaults():
+    cfg = load_config(overrides={"base_sft.learning_rate": 0.002})
+    assert cfg.base_sft.learning_rate == 0.002
+    assert cfg.base_sft.max_steps == load_config().base_sft.max_steps != cfg.sft.max_steps

@@ -63,7 +63,11 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(cls, data: dict | None, where: str = ""):
-    """Build dataclass `cls` from nested dicts, rejecting unknown keys."""
+    """Build dataclass `cls` from nested dicts over its defaults, rejecting unknown keys.
+
+    A nested section keeps the defaults of its parent's field (`base_sft` has its own
+    `max_steps`), so overriding one key of it leaves the others alone.
+    """
     data = data or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -74,11 +78,16 @@ def from_dict(cls, data: dict | None, where: str = ""):
     for name, value in data.items():
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
-            value = from_dict(kind, value, f"{where}{name}.")
+            default = _shallow(fields[name].default_factory())
+            value = from_dict(kind, {**default, **(value or {})}, f"{where}{name}.")
         elif _origin_is_tuple(kind) and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _shallow(instance) -> dict:
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
 
 
 def _origin_is_tuple(kind) -> bool:
