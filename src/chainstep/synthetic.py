@@ -138,22 +138,28 @@ def _fact(name: str, key: str, value) -> dict:
     return {"name": name, "key": key, "value": str(value)}
 
 
+def _combine_two(rng: random.Random, colours, values: dict[str, int], difference: str,
+                 total: str) -> tuple[str, int, dict]:
+    """Pick two groups and ask for their difference (larger first) or their sum."""
+    a, b = sorted(rng.sample(colours, 2), key=lambda c: -values[c])
+    if values[a] > values[b] and rng.random() < 0.5:
+        expr, result = _arith([values[a], values[b]], "difference")
+        return difference.format(a=a, b=b), result, _fact("Subtract", f"{a.capitalize()} minus {b}", expr)
+    a, b = sorted((a, b), key=colours.index)
+    expr, result = _arith([values[a], values[b]], "sum")
+    return total.format(a=a, b=b), result, _fact("Add", f"{a.capitalize()} plus {b}", expr)
+
+
 def count_sum(rng: random.Random, cfg: SuiteConfig) -> Scene:
     """MathVista-like: count the shapes of each colour, then add or subtract two counts."""
     colours = ORDER[:cfg.terms + 1]
     counts = _counts(rng, colours, cfg.max_objects)
     image, objects = _shape_scene(rng, counts)
     steps = [_fact(f"Count {c}", f"{c.capitalize()} shapes", counts[c]) for c in colours]
-    a, b = sorted(rng.sample(colours, 2), key=lambda c: -counts[c])
-    if counts[a] > counts[b] and rng.random() < 0.5:
-        expr, result = _arith([counts[a], counts[b]], "difference")
-        question = f"How many more {a} shapes than {b} shapes are there?"
-        steps.append(_fact("Subtract", f"{a.capitalize()} minus {b}", expr))
-    else:
-        a, b = sorted((a, b), key=colours.index)
-        expr, result = _arith([counts[a], counts[b]], "sum")
-        question = f"How many {a} and {b} shapes are there in total?"
-        steps.append(_fact("Add", f"{a.capitalize()} plus {b}", expr))
+    question, result, step = _combine_two(
+        rng, colours, counts, "How many more {a} shapes than {b} shapes are there?",
+        "How many {a} and {b} shapes are there in total?")
+    steps.append(step)
     return Scene(image, question, str(result), steps, {"objects": objects, "counts": counts})
 
 def bar_chart(rng: random.Random, cfg: SuiteConfig) -> Scene:
@@ -232,16 +238,10 @@ def measure(rng: random.Random, cfg: SuiteConfig) -> Scene:
         for k in range(1, lengths[c] + 1):  # a ruler of unit segments, one per patch
             draw.rectangle((k * PATCH + 1, y, (k + 1) * PATCH - 2, y + PATCH // 2), fill=COLOURS[c])
     steps = [_fact(f"Measure {c}", f"{c.capitalize()} line", lengths[c]) for c in colours]
-    a, b = sorted(rng.sample(colours, 2), key=lambda c: -lengths[c])
-    if lengths[a] > lengths[b] and rng.random() < 0.5:
-        expr, result = _arith([lengths[a], lengths[b]], "difference")
-        question = f"How much longer is the {a} line than the {b} line in grid units?"
-        steps.append(_fact("Subtract", f"{a.capitalize()} minus {b}", expr))
-    else:
-        a, b = sorted((a, b), key=colours.index)
-        expr, result = _arith([lengths[a], lengths[b]], "sum")
-        question = f"What is the total length of the {a} and {b} lines in grid units?"
-        steps.append(_fact("Add", f"{a.capitalize()} plus {b}", expr))
+    question, result, step = _combine_two(
+        rng, colours, lengths, "How much longer is the {a} line than the {b} line in grid units?",
+        "What is the total length of the {a} and {b} lines in grid units?")
+    steps.append(step)
     return Scene(image, question, str(result), steps, {"lengths": lengths})
 
 def compare_mc(rng: random.Random, cfg: SuiteConfig) -> Scene:
