@@ -85,11 +85,25 @@ def test_resume_after_kill(tiny_model_dir, suite_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "chainstep.json").exists()
-    saved = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    # a kill during a save can leave a newer partial folder: resuming must skip it
+    saved = sorted((p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
+                   key=lambda p: int(p.name.split("-")[1]))
     assert saved
     step = int(saved[-1].name.split("-")[1])
     cmd[cmd.index("max_steps=400")] = f"max_steps={step + 2}"
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     meta = json.loads((out / "chainstep.json").read_text())
     assert meta["resumed_from"] and meta["resumed_from"].endswith(f"checkpoint-{step}")
     models.load(out)
+
+
+def test_partial_checkpoint_is_skipped(tmp_path):
+    from chainstep.train_sft import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path) is None
+    for step, complete in ((4, True), (6, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path).endswith("checkpoint-4")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import ChainstepError
 from .inputs import SFTCollator
@@ -71,6 +70,13 @@ def _wrap_lora(model, cfg: SFTConfig):
         target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
 
 
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing (its trainer_state.json comes last);
+    a kill during a save leaves a partial folder that resuming from would crash on."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
 def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
               cfg: SFTConfig | None = None) -> Path:
     """Fine-tune the model in `model_dir` on `data_path`; returns the saved model directory."""
@@ -100,7 +106,7 @@ def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows,
                       data_collator=SFTCollator(processor, cfg.max_length))
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+    last = last_complete_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=last)
     if cfg.lora:
         model = model.merge_and_unload()
