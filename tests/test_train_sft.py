@@ -11,7 +11,7 @@ import torch
 from chainstep import models
 from chainstep.inputs import SFTCollator
 from chainstep.records import read_jsonl
-from chainstep.train_sft import SFTConfig, train_sft, vision_parameters
+from chainstep.train_sft import ResumableTrainer, SFTConfig, train_sft, training_arguments, vision_parameters
 
 
 def test_labels_cover_the_response_only(tiny_model_dir, suite_dir):
@@ -66,6 +66,19 @@ def test_lora_trains_and_merges(tiny_model_dir, suite_dir, tmp_path):
                if not torch.equal(a, b)}
     assert changed and all("language_model" in n for n in changed)
     assert any("q_proj" in n for n in changed)
+
+
+def test_resume_restores_the_checkpoint_weights(tiny_model_dir, suite_dir, tmp_path):
+    """The Trainer's own loader skips Llava's legacy key names with a warning, so a resumed run
+    would go on from the initial weights; ours must load exactly the checkpoint's."""
+    cfg = SFTConfig(max_steps=3, per_device_train_batch_size=4, save_steps=3, learning_rate=1e-2)
+    out = train_sft(tiny_model_dir("llava"), suite_dir / "data" / "sft.jsonl", tmp_path / "sft", cfg)
+    model, _ = models.load(tiny_model_dir("llava"))
+    trainer = ResumableTrainer(model=model, args=training_arguments(cfg, tmp_path / "unused"))
+    trainer._load_from_checkpoint(str(tmp_path / "sft-checkpoints" / "checkpoint-3"))
+    trained = models.load(out)[0].state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
 
 
 @pytest.mark.slow

@@ -77,23 +77,33 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
-              cfg: SFTConfig | None = None) -> Path:
-    """Fine-tune the model in `model_dir` on `data_path`; returns the saved model directory."""
-    cfg = cfg or SFTConfig()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
-    set_seed(cfg.seed)
-    rows = read_jsonl(data_path, required=("id", "image", "question", "response"))
-    if not rows:
-        raise ChainstepError(f"{data_path} holds no training rows")
+class ResumableTrainer(Trainer):
+    """Resumes weights through `from_pretrained`. `save_pretrained` writes some models (Llava,
+    ...) under their legacy key names, which the Trainer's raw state-dict load skips with only a
+    warning: the run would go on from the initial weights with the later optimizer state."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model
+        if hasattr(model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(model.parameters()).dtype
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
+        model.load_state_dict(saved.state_dict())
+
+
+def prepare_model(model_dir: Path, cfg: SFTConfig):
+    """Load, freeze the vision tower where it is pretrained, wrap in LoRA if asked."""
     model, processor = load(model_dir)
     freeze = cfg.freeze_vision if cfg.freeze_vision is not None else _is_pretrained(model_dir)
     for p in vision_parameters(model) if freeze else []:
         p.requires_grad_(False)
     if cfg.lora:
         model = _wrap_lora(model, cfg)
-    args = TrainingArguments(
+    return model, processor
+
+
+def training_arguments(cfg: SFTConfig, checkpoints: Path, **extra) -> TrainingArguments:
+    return TrainingArguments(
         output_dir=str(checkpoints), max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
@@ -102,20 +112,37 @@ def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
         logging_steps=max(1, cfg.max_steps // 20), report_to=[],
         seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, remove_unused_columns=False, activation_checkpointing=False,
-        disable_tqdm=False,
+        disable_tqdm=False, **extra,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=rows,
-                      data_collator=SFTCollator(processor, cfg.max_length))
-    last = last_complete_checkpoint(checkpoints)
+
+
+def fit(trainer: ResumableTrainer, cfg: SFTConfig, processor, model_dir: Path, out_dir: Path,
+        meta: dict) -> Path:
+    """Train (resuming from the last complete checkpoint), merge LoRA, save with a summary."""
+    last = last_complete_checkpoint(Path(trainer.args.output_dir))
     result = trainer.train(resume_from_checkpoint=last)
-    if cfg.lora:
-        model = model.merge_and_unload()
+    model = trainer.model.merge_and_unload() if cfg.lora else trainer.model
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    save(model, processor, out_dir, meta={
-        "from_scratch": not _is_pretrained(model_dir), "trained_from": str(model_dir), "data": str(data_path),
-        "sft": asdict(cfg), "train_loss_first": losses[0] if losses else None,
+    return save(model, processor, out_dir, meta={
+        "from_scratch": not _is_pretrained(model_dir), "trained_from": str(model_dir), **meta,
+        "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": last,
     })
-    return out_dir
 
+
+def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
+              cfg: SFTConfig | None = None) -> Path:
+    """Fine-tune the model in `model_dir` on `data_path`; returns the saved model directory."""
+    cfg = cfg or SFTConfig()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    set_seed(cfg.seed)
+    rows = read_jsonl(data_path, required=("id", "image", "question", "response"))
+    if not rows:
+        raise ChainstepError(f"{data_path} holds no training rows")
+    model, processor = prepare_model(model_dir, cfg)
+    args = training_arguments(cfg, out_dir.with_name(out_dir.name + "-checkpoints"))
+    trainer = ResumableTrainer(model=model, args=args, train_dataset=rows,
+                      data_collator=SFTCollator(processor, cfg.max_length))
+    fit(trainer, cfg, processor, model_dir, out_dir, {"data": str(data_path), "sft": asdict(cfg)})
+    return out_dir
