@@ -158,22 +158,127 @@ def evaluate(
     out: Path = typer.Option(Path("eval"), help="Folder for predictions and metrics.json"),
     name: str = typer.Option(None, help="Model name in metrics.json [default: folder name]"),
     style: str = typer.Option("cos", help="cos (step chains) or direct (answer only)"),
+    strategy: str = typer.Option("greedy", help="greedy, sc, bon, weighted, beam or pass"),
+    n: int = typer.Option(1, help="Samples (sc, bon, weighted, pass) or candidates per step (beam)"),
+    prm: Path = typer.Option(None, help="PRM directory (bon, weighted, beam)"),
+    temperature: float = typer.Option(1.0, help="Sampling temperature for n > 1 strategies"),
+    step_weight: float = typer.Option(0.2, help="Chain score = w * mean(steps) + (1 - w) * answer"),
     max_tokens: int = 256, batch_size: int = 64,
 ):
-    """Greedy evaluation with 95% intervals. Example: chainstep eval runs/quick/models/sft tasks/test.jsonl"""
+    """Evaluate with 95% intervals and compute counts.
+
+    Examples: chainstep eval runs/quick/models/sft tasks/test.jsonl;
+    chainstep eval runs/quick/models/sft tasks/test.jsonl --strategy beam --n 8 --prm runs/quick/models/prm
+    """
     from .evaluate import predict, summarize, update_metrics
+    from .prm import PRM
     from .records import load_tasks
     from .sampling import Policy, SamplingParams
+    from .search import search_predictions
 
     if style not in ("cos", "direct"):
         raise ChainstepError(f"--style {style!r}: choose cos or direct")
     name = name or model.name
     records = load_tasks(tasks)
     policy = Policy.from_dir(model, batch_size=batch_size)
-    preds = predict(policy, records, out / f"{name}-{tasks.stem}.jsonl", style,
-                    SamplingParams(max_tokens=max_tokens))
-    update_metrics(out / "metrics.json", [summarize(preds, name, split=tasks.stem)])
+    if strategy == "greedy":
+        preds = predict(policy, records, out / f"{name}-{tasks.stem}.jsonl", style,
+                        SamplingParams(max_tokens=max_tokens))
+        compute = {}
+    else:
+        scorer = PRM.from_dir(prm, step_weight=step_weight, batch_size=batch_size) if prm else None
+        preds, compute = search_predictions(strategy, policy, records, n, out, name, tasks.stem, scorer,
+                                            temperature, max_tokens)
+    update_metrics(out / "metrics.json", [{**summarize(preds, name, strategy, n, tasks.stem), **compute}])
     _print_results(out / "metrics.json")
+
+
+@app.command()
+def sample(
+    model: Path = typer.Argument(..., help="Policy model directory"),
+    tasks: Path = typer.Argument(..., help="Task records"),
+    out: Path = typer.Option(..., help="samples.jsonl to append to (resumable)"),
+    n: int = typer.Option(16, help="Chains per question"),
+    temperature: float = 1.0, max_tokens: int = 256, limit: int = typer.Option(0, help="First K questions"),
+    seed: int = 0, batch_size: int = 64,
+):
+    """Sample N graded chains per question.
+
+    Example: chainstep sample runs/x/models/sft tasks/train.jsonl --out samples.jsonl --n 16
+    """
+    from .evaluate import sample_responses
+    from .records import load_tasks
+    from .sampling import Policy, SamplingParams
+
+    records = load_tasks(tasks)
+    records = records[:limit] if limit else records
+    got = sample_responses(Policy.from_dir(model, batch_size=batch_size), records, out,
+                           SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
+    rows = [r for group in got.values() for r in group]
+    console.print({"chains": len(rows), "correct": sum(r["correct"] for r in rows) / max(1, len(rows)),
+                   "parsed": sum(r["parsed"] for r in rows) / max(1, len(rows))})
+
+
+@app.command()
+def label(
+    samples: Path = typer.Argument(..., help="samples.jsonl from `chainstep sample`"),
+    tasks: Path = typer.Argument(..., help="The task records the samples answer"),
+    out: Path = typer.Option(..., help="prm_labels.jsonl to append to (resumable)"),
+    policy: Path = typer.Option(None, help="Policy directory for Monte Carlo rollouts"),
+    judge_url: str = typer.Option(None, help="OpenAI-compatible base URL for an LLM judge"),
+    judge_model: str = typer.Option(None, help="Model name at --judge-url"),
+    set_: list[str] = typer.Option([], "--set", help="Label override, e.g. --set rollouts=16"),
+):
+    """Step labels from MC rollouts, a judge, and perturbed teacher chains."""
+    from .client import ChatClient
+    from .config import from_dict, parse_overrides
+    from .judge import HTTPJudge
+    from .label import LabelConfig
+    from .label import label as run_label
+    from .records import load_tasks, read_jsonl
+    from .sampling import Policy
+
+    cfg = from_dict(LabelConfig, parse_overrides(set_), "label.")
+    judge = HTTPJudge(ChatClient(judge_url, judge_model or "default")) if judge_url else None
+    if cfg.mc and policy is None:
+        raise ChainstepError("Monte Carlo labels need --policy (or --set mc=false)")
+    console.print(run_label(read_jsonl(samples), load_tasks(tasks), out, cfg,
+                            Policy.from_dir(policy) if policy else None, judge))
+
+
+prm_app = typer.Typer(help="Process reward model: train and evaluate.", no_args_is_help=True)
+app.add_typer(prm_app, name="prm")
+
+
+@prm_app.command("train")
+def prm_train(
+    model: Path = typer.Argument(..., help="Starting model: an SFT policy or any VLM with the step tokens"),
+    labels: Path = typer.Argument(..., help="prm_labels.jsonl"),
+    out: Path = typer.Option(..., help="Output PRM directory"),
+    set_: list[str] = typer.Option([], "--set", help="PRM override, e.g. --set soft_labels=true"),
+):
+    """Train a PRM (BCE at every step tag); resumes from the last checkpoint after a kill."""
+    from .config import from_dict, parse_overrides
+    from .prm import PRMConfig, train_prm
+
+    train_prm(model, labels, out, from_dict(PRMConfig, parse_overrides(set_), "prm."))
+    console.print(f"saved -> {out}")
+
+
+@prm_app.command("eval")
+def prm_eval(
+    prm: Path = typer.Argument(..., help="PRM directory"),
+    labels: Path = typer.Argument(..., help="Held-out prm_labels.jsonl"),
+    source: str = typer.Option("judge", help="Label source to evaluate against (judge, mc, perturb)"),
+):
+    """Step accuracy, AUROC, bad-step F1, first-error accuracy and within-question ranking AUROC."""
+    from .prm import PRM, evaluate_prm
+    from .records import read_jsonl
+
+    rows = [r for r in read_jsonl(labels) if r["source"] == source]
+    if not rows:
+        raise ChainstepError(f"{labels} has no rows labelled by {source!r}")
+    console.print(evaluate_prm(PRM.from_dir(prm), rows))
 
 
 @app.command()

@@ -16,6 +16,9 @@ import yaml
 
 from .construct import FilterConfig
 from .errors import ChainstepError
+from .label import LabelConfig
+from .prm import PRMConfig
+from .search import SearchConfig
 from .synthetic import SuiteConfig
 from .train_sft import SFTConfig
 
@@ -48,6 +51,9 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     base_sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=250))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     threads: int = 2  # torch threads; 2 = all cores on the reference machine
 
 
@@ -55,6 +61,10 @@ QUICK: dict[str, object] = {
     "suite.train": 400, "suite.val": 40, "suite.test": 100,
     "sft.max_steps": 130, "sft.save_steps": 65, "base_sft.max_steps": 50,
     "model.vocab_size": 512,
+    "label.questions": 60, "label.val_questions": 20, "label.mc_chains": 16,
+    "prm.max_steps": 40, "prm.save_steps": 20,
+    "search.questions": 30, "search.ns": [1, 2, 4], "search.beam_ns": [4],
+    "search.temperatures": [1.0], "search.val_questions": 16,
 }
 
 

@@ -53,7 +53,7 @@ def direct_response(answer: str) -> str:
     return f"{ANSWER_START}{answer}{ANSWER_END}"
 
 
-def _example(record: dict, response: str) -> dict:
+def example_row(record: dict, response: str) -> dict:
     return {"id": record["id"], "image": record["image"], "question": record["question"],
             "options": record["options"], "answer": record["answer"],
             "family": record.get("meta", {}).get("family", record.get("source")),
@@ -75,7 +75,7 @@ def construct(tasks_path: str | Path, out_dir: str | Path, teacher: Teacher,
             JsonlWriter(direct_path) as direct:
         for record in track(records, description="teacher chains"):
             if record["id"] not in direct_done:
-                direct.write(_example(record, direct_response(record["answer"])))
+                direct.write(example_row(record, direct_response(record["answer"])))
             if record["id"] in finished:
                 continue
             text = teacher.explain(record)
@@ -84,7 +84,7 @@ def construct(tasks_path: str | Path, out_dir: str | Path, teacher: Teacher,
                 reasons[reason] += 1
                 rejects.write({"id": record["id"], "reason": reason, "response": text})
             else:
-                sft.write(_example(record, text))
+                sft.write(example_row(record, text))
     stats = {"accepted": len(done_ids(sft_path)), "rejected": len(done_ids(rejects_path)),
              "rejected_now_by_reason": dict(reasons)}
     return stats

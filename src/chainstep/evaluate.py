@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .answers import is_correct
 from .records import JsonlWriter, iter_jsonl
-from .sampling import Policy, SamplingParams
+from .sampling import Generation, Policy, SamplingParams
 from .steps import FormatError, extract_answer, parse
 
 Z95 = 1.959963984540054
@@ -43,6 +43,13 @@ def family_of(record: dict) -> str:
     return record.get("meta", {}).get("family") or record.get("source") or "all"
 
 
+def response_row(record: dict, gen: Generation, style: str = "cos", row_id: str | None = None) -> dict:
+    """One graded response, as predictions and samples files hold it."""
+    return {"id": row_id or record["id"], "question_id": record["id"], "family": family_of(record),
+            "answer": record["answer"], "response": gen.text, "tokens": gen.num_tokens,
+            "finish_reason": gen.finish_reason, **score_response(gen.text, record, style)}
+
+
 def predict(policy: Policy, records: list[dict], out_path: str | Path, style: str = "cos",
             params: SamplingParams | None = None) -> list[dict]:
     """Greedy (by default) predictions, appended to `out_path` and resumed by id."""
@@ -54,14 +61,29 @@ def predict(policy: Policy, records: list[dict], out_path: str | Path, style: st
         for start in range(0, len(todo), 256):
             chunk = todo[start:start + 256]
             for record, gens in zip(chunk, policy.generate(chunk, params)):
-                gen = gens[0]
-                row = {"id": record["id"], "family": family_of(record),
-                       "answer": record["answer"], "response": gen.text,
-                       "tokens": gen.num_tokens, "finish_reason": gen.finish_reason,
-                       **score_response(gen.text, record, style)}
+                row = response_row(record, gens[0], style)
                 writer.write(row)
                 done[row["id"]] = row
     return [done[r["id"]] for r in records]
+
+
+def sample_responses(policy: Policy, records: list[dict], out_path: str | Path,
+                     params: SamplingParams, style: str = "cos") -> dict[str, list[dict]]:
+    """`params.n` graded samples per record (ids `QID#j`), appended and resumed by id;
+    returns question id -> its samples in order."""
+    out_path = Path(out_path)
+    done = {p["id"]: p for p in iter_jsonl(out_path)} if out_path.exists() else {}
+    ids = {r["id"]: [f"{r['id']}#{j}" for j in range(params.n)] for r in records}
+    todo = [r for r in records if any(i not in done for i in ids[r["id"]])]
+    with JsonlWriter(out_path) as writer:
+        for start in range(0, len(todo), 64):
+            chunk = todo[start:start + 64]
+            for record, gens in zip(chunk, policy.generate(chunk, params)):
+                for row_id, gen in zip(ids[record["id"]], gens):
+                    if row_id not in done:
+                        done[row_id] = response_row(record, gen, style, row_id)
+                        writer.write(done[row_id])
+    return {qid: [done[i] for i in row_ids] for qid, row_ids in ids.items()}
 
 
 def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -123,8 +145,9 @@ def paired_comparison(a: list[dict], b: list[dict], name_a: str, name_b: str) ->
 
 
 def update_metrics(path: str | Path, results: list[dict] = (),
-                   comparisons: list[dict] = ()) -> dict:
-    """Merge rows into metrics.json, replacing rows with the same key."""
+                   comparisons: list[dict] = (), **sections) -> dict:
+    """Merge rows into metrics.json, replacing rows with the same key; other keyword arguments
+    replace whole top-level sections (`prm`, `search`, ...)."""
     path = Path(path)
     metrics = json.loads(path.read_text()) if path.exists() else {}
     def merge(old: list[dict], new, key) -> list[dict]:
@@ -135,5 +158,6 @@ def update_metrics(path: str | Path, results: list[dict] = (),
                                lambda r: (r["model"], r["strategy"], r["n"], r["split"]))
     metrics["comparisons"] = merge(metrics.get("comparisons", []), comparisons,
                                    lambda r: (r["a"], r["b"], r.get("split", "test")))
+    metrics.update(sections)
     path.write_text(json.dumps(metrics, indent=2))
     return metrics

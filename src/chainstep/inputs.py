@@ -30,12 +30,12 @@ def encode_prompt(processor: ProcessorMixin, record: dict,
     example = {k: (v[0] if k in PER_TOKEN_KEYS else v) for k, v in enc.items()}
     if prefix:
         ids = processor.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        _extend(example, torch.tensor(ids, dtype=example["input_ids"].dtype))
+        extend_text(example, torch.tensor(ids, dtype=example["input_ids"].dtype))
     return example
 
 
-def _extend(example: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
-    """Append text tokens: attended, and not image tokens."""
+def extend_text(example: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
+    """Append text tokens (in place): attended, and not image tokens."""
     example["input_ids"] = torch.cat([example["input_ids"], ids])
     example["attention_mask"] = torch.ones_like(example["input_ids"])
     for key in PER_TOKEN_KEYS[2:]:
@@ -50,7 +50,7 @@ def encode_example(processor: ProcessorMixin, record: dict, response: str,
     example = encode_prompt(processor, record)
     prompt_len = example["input_ids"].shape[0]
     response_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    _extend(example, torch.tensor(response_ids, dtype=example["input_ids"].dtype))
+    extend_text(example, torch.tensor(response_ids, dtype=example["input_ids"].dtype))
     labels = example["input_ids"].clone()
     labels[:prompt_len] = -100
     example["labels"] = labels

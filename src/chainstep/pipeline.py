@@ -1,4 +1,5 @@
-"""`chainstep run`: tasks -> teacher data -> SFT (CoS and direct answer) -> evaluation -> report.
+"""`chainstep run`: tasks -> teacher data -> SFT (CoS and direct answer) -> evaluation ->
+sampled chains -> step labels -> PRM -> PRM-guided search -> report.
 
 Each stage writes into the run directory and leaves a marker in `stages/` when it finishes,
 so re-running skips finished stages, and a stage killed mid-way resumes from its own files
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,10 +24,13 @@ from . import models
 from .config import RunConfig, dump_config, to_dict
 from .construct import construct
 from .errors import ChainstepError
-from .evaluate import paired_comparison, predict, summarize, update_metrics
+from .evaluate import paired_comparison, predict, sample_responses, summarize, update_metrics
+from .label import label
+from .prm import PRM, evaluate_prm, label_agreement, train_prm, write_traces
 from .records import load_tasks, read_jsonl
 from .report import write_report
 from .sampling import Policy, SamplingParams
+from .search import choose_temperature, evaluate_search
 from .synthetic import make_tasks
 from .teacher import ProgrammaticTeacher
 from .train_sft import train_sft
@@ -81,6 +86,11 @@ def run(cfg: RunConfig, out: str | Path) -> Path:
     r.stage("sft", lambda: _train(r, "sft", cfg.sft))
     r.stage("base", lambda: _train(r, "base", cfg.base_sft))
     r.stage("eval", lambda: evaluate_policies(r))
+    r.stage("sample", lambda: sample_chains(r))
+    r.stage("label", lambda: label_chains(r))
+    r.stage("prm", lambda: _train_prm(r))
+    r.stage("prm_eval", lambda: evaluate_verifier(r))
+    r.stage("search", lambda: search(r))
     r.stage("report", lambda: {"report": str(write_report(r.dir))})
     return r.dir
 
@@ -125,3 +135,93 @@ def evaluate_policies(r: Run) -> dict:
         comparisons.append({**comparison, "split": split})
     update_metrics(r.metrics, results, comparisons)
     return {f"{row['model']}/{row['split']}": round(row["accuracy"], 3) for row in results}
+
+
+def _first(records: list[dict], count: int) -> list[dict]:
+    return records[:count] if count else records
+
+
+def _policy(r: Run, name: str = "sft") -> Policy:
+    return Policy.from_dir(r.models / name, batch_size=r.cfg.eval.batch_size)
+
+
+def sample_chains(r: Run) -> dict:
+    """Policy chains for PRM training (train split) and evaluation (val split)."""
+    cfg, policy = r.cfg.label, _policy(r)
+    params = SamplingParams(n=cfg.samples, temperature=cfg.sample_temperature,
+                            max_tokens=r.cfg.eval.max_tokens, seed=cfg.seed)
+    info = {}
+    for split, count in (("train", cfg.questions), ("val", cfg.val_questions)):
+        records = _first(load_tasks(r.tasks / f"{split}.jsonl"), count)
+        got = sample_responses(policy, records, r.data / f"samples-{split}.jsonl", params)
+        rows = [row for rows in got.values() for row in rows]
+        info[split] = {"chains": len(rows), "correct": _mean(x["correct"] for x in rows),
+                       "parsed": _mean(x["parsed"] for x in rows)}
+    return info
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def label_chains(r: Run) -> dict:
+    """MC + judge labels on train chains plus perturbed teacher chains; val chains get judge
+    labels (exact on the synthetic suite) and a few MC labels for the report's trace viewer."""
+    cfg, policy = r.cfg.label, _policy(r)
+    train = load_tasks(r.tasks / "train.jsonl")
+    val = _first(load_tasks(r.tasks / "val.jsonl"), cfg.val_questions)
+    return {
+        "train": label(read_jsonl(r.data / "samples-train.jsonl"), train, r.data / "prm_labels.jsonl",
+                       cfg, policy),
+        "val": label(read_jsonl(r.data / "samples-val.jsonl"), val, r.data / "prm_labels-val.jsonl",
+                     replace(cfg, perturbed=0, mc_chains=min(cfg.mc_chains or 24, 24)), policy),
+    }
+
+
+def _train_prm(r: Run) -> dict:
+    train_prm(r.models / "sft", r.data / "prm_labels.jsonl", r.models / "prm", r.cfg.prm)
+    meta = json.loads((r.models / "prm" / "chainstep.json").read_text())
+    return {k: meta[k] for k in ("chains", "train_loss_first", "train_loss_last", "train_runtime_s")}
+
+
+def _prm(r: Run) -> PRM:
+    return PRM.from_dir(r.models / "prm", step_weight=r.cfg.prm.step_weight,
+                        aggregate=r.cfg.prm.aggregate, batch_size=r.cfg.eval.batch_size)
+
+
+def evaluate_verifier(r: Run) -> dict:
+    """PRM metrics against judge labels of held-out chains, and the MC/judge agreement."""
+    rows = read_jsonl(r.data / "prm_labels-val.jsonl")
+    judged = [row for row in rows if row["source"] == "judge"]
+    prm = _prm(r)
+    metrics = evaluate_prm(prm, judged)
+    metrics["mc_judge_agreement"] = label_agreement(rows)
+    update_metrics(r.metrics, prm=metrics)
+    write_traces(prm, rows, r.eval / "prm-traces.jsonl")
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def search(r: Run) -> dict:
+    """SC / BoN / weighted vote / beam search at each N on (a slice of) the test split."""
+    cfg, policy, prm = r.cfg.search, _policy(r), _prm(r)
+    val = _first(load_tasks(r.tasks / "val.jsonl"), cfg.val_questions)
+    temperature, sweep = choose_temperature(policy, prm, val, cfg, r.eval, r.cfg.eval.max_tokens)
+    test = load_tasks(r.tasks / "test.jsonl")
+    records = _first(test, cfg.questions)
+    split = "test" if len(records) == len(test) else f"test[:{len(records)}]"
+    results, ablation, final = evaluate_search(policy, prm, records, cfg, r.eval, temperature, "sft",
+                                               split, r.cfg.eval.max_tokens)
+    greedy = [p for p in read_jsonl(r.eval / "sft-test.jsonl") if p["id"] in {x["id"] for x in records}]
+    results.append(summarize(greedy, "sft", "greedy", 1, split))
+    final["greedy"] = greedy
+    top = max(cfg.ns)
+    labels = {s: f"sft/{s}@{top if s != 'greedy' else 1}" for s in final}
+    order = [s for s in ("beam", "bon", "weighted", "sc", "greedy") if s in final]
+    comparisons = [{**paired_comparison(final[a], final[b], labels[a], labels[b]), "split": split}
+                   for a, b in zip(order, order[1:])]
+    update_metrics(r.metrics, results, comparisons,
+                   search={"temperature": temperature, "temperature_sweep": sweep,
+                           "step_weight_ablation": ablation, "split": split})
+    return {"temperature": temperature, **{f"{row['strategy']}@{row['n']}": round(row["accuracy"], 3)
+                                           for row in results if row["n"] in (1, top)}}

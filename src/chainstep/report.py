@@ -52,10 +52,47 @@ def accuracy_plot(rows: list[dict], families: list[str]) -> str:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return _png(fig)
+
+
+SEARCH_STYLES = {"pass": ("pass@N (oracle)", ":"), "sc": ("self-consistency", "-"),
+                 "bon": ("best-of-N (PRM)", "-"), "weighted": ("PRM-weighted vote", "--"),
+                 "beam": ("step beam search (PRM)", "-")}
+
+
+def scaling_plot(rows: list[dict], greedy: float | None) -> str:
+    """Accuracy against N for every search strategy, as a PNG data URL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for strategy, (label, style) in SEARCH_STYLES.items():
+        points = sorted((r["n"], r["accuracy"]) for r in rows if r["strategy"] == strategy)
+        if points:
+            ax.plot(*zip(*points), style, marker="o", label=label)
+    if greedy is not None:
+        ax.axhline(greedy, color="grey", linewidth=1, label="greedy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N (samples or candidates per step)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _score_colour(p: float | None) -> str:
+    return "#eee" if p is None else f"hsl({int(120 * p)}, 70%, 85%)"
 
 
 def _image_url(path: str) -> str:
@@ -79,6 +116,13 @@ def _traces(run_dir: Path, model: str, split: str, per_family: int = 2) -> list[
     return traces
 
 
+def _prm_traces(run_dir: Path) -> list[dict]:
+    path = run_dir / "eval" / "prm-traces.jsonl"
+    if not path.exists():
+        return []
+    return [{**t, "image": _image_url(t["image"])} for t in iter_jsonl(path) if Path(t["image"]).exists()]
+
+
 def write_report(run_dir: str | Path, split: str = "test") -> Path:
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -89,6 +133,12 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
                for p in sorted((run_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime)]
     env = Environment(loader=PackageLoader("chainstep", "templates"),
                       autoescape=select_autoescape(["html", "j2"]))
+    search = metrics.get("search", {})
+    search_rows = sorted((r for r in metrics["results"] if r["split"] == search.get("split")
+                          and r["strategy"] != "greedy"), key=lambda r: (r["strategy"], r["n"]))
+    greedy = next((r for r in metrics["results"] if r["split"] == search.get("split")
+                   and r["strategy"] == "greedy" and r["model"] == "sft"), None)
+    prm_traces = _prm_traces(run_dir)
     trace_model = "sft" if any(r["model"] == "sft" for r in rows) else (rows[0]["model"] if rows else "")
     html = env.get_template("report.html.j2").render(
         run_name=run_dir.name, run_dir=str(run_dir), split=split, table=rows, families=families,
@@ -97,7 +147,9 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
         timings=timings, total_seconds=sum(s for _, s in timings),
         plot=accuracy_plot(rows, families) if rows else None,
         trace_model=trace_model, traces=_traces(run_dir, trace_model, split),
-        pct=_pct, ci=_ci,
+        prm=metrics.get("prm"), search=search, search_rows=search_rows, greedy=greedy,
+        scaling=scaling_plot(search_rows, greedy and greedy["accuracy"]) if search_rows else None,
+        prm_traces=prm_traces, colour=_score_colour, pct=_pct, ci=_ci,
     )
     path = run_dir / "report.html"
     path.write_text(html)

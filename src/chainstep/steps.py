@@ -131,9 +131,13 @@ def render(chain: Chain) -> str:
 
 def prm_text(chain: Chain) -> str:
     """The PRM input: `ки` after every step end and after the answer, so S steps carry S+1 tags."""
-    text = render(chain)
-    text = text.replace(STEP_END + "\n", STEP_END + STEP_TAG + "\n")
-    return text.replace(ANSWER_END + "\n", ANSWER_END + STEP_TAG + "\n")
+    return tag_response(render(chain))
+
+
+def tag_response(text: str) -> str:
+    """`ки` after every step end and answer end of raw model text, parseable or not, so partial
+    chains (step search) and complete ones are tagged by the same rule."""
+    return text.replace(STEP_END, STEP_END + STEP_TAG).replace(ANSWER_END, ANSWER_END + STEP_TAG)
 
 
 class _Cursor:

@@ -1,0 +1,233 @@
+"""Step labels for PRM training: Monte Carlo rollouts, a judge, and perturbed teacher chains.
+
+- **Monte Carlo** (Math-Shepherd): k rollouts from the policy continue the chain after each
+  step; the step's value is the fraction that reach the right answer. `rule=hard` calls a step
+  good if any rollout is right, `soft` if the fraction reaches `threshold`. The value is kept
+  beside the label so a PRM can train on it.
+- **Judge**: every step rated good / neutral / bad; `neutral` maps to good, bad or no label.
+- **Perturbed teacher chains**: one fact of a correct chain changed (a reading, the final
+  operation, or the answer) and judged; free labels the policy never sees, which give the
+  verifier an advantage over the policy it checks.
+The tag after the answer is labelled by answer correctness in every source.
+
+    chainstep label runs/x/data/samples.jsonl runs/x/tasks/train.jsonl runs/x/models/sft \
+        --out runs/x/data/prm_labels.jsonl
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.progress import track
+
+from .answers import is_correct
+from .client import RemoteError
+from .construct import example_row
+from .errors import ChainstepError
+from .judge import Judge, JudgeError, ProgrammaticJudge
+from .records import JsonlWriter, done_ids
+from .sampling import Policy, SamplingParams
+from .steps import STEP_END, Chain, Step, extract_answer, parse, render
+from .teacher import ProgrammaticTeacher
+
+SIZES = ("small", "medium", "large")
+_NUMBER = re.compile(r"-?\d+$")
+
+
+@dataclass
+class LabelConfig:
+    """Which labellers run and how their verdicts become 0/1 labels."""
+
+    questions: int = 300  # training questions whose policy samples get labelled; 0 = all
+    samples: int = 4  # chains sampled per question (paper: 16)
+    sample_temperature: float = 1.0
+    val_questions: int = 60  # held-out questions for the PRM evaluation
+    mc: bool = True  # Monte Carlo rollouts (the costly source)
+    judge: bool = True  # judge ratings (programmatic for the synthetic suite)
+    rollouts: int = 4  # k per step prefix (paper: 16)
+    rule: str = "hard"  # hard: any rollout right; soft: fraction >= threshold
+    threshold: float = 0.5
+    neutral: str = "bad"  # what a neutral rating becomes: good, bad or drop
+    mc_chains: int = 100  # MC-label at most this many sampled chains; 0 = all
+    perturbed: int = 1  # perturbed teacher chains per question, judge-labelled
+    temperature: float = 1.0  # rollout sampling temperature
+    max_tokens: int = 256
+    concurrency: int = 8  # judge requests in flight (HTTP judge)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rule not in ("hard", "soft"):
+            raise ChainstepError(f"label.rule={self.rule!r} must be hard or soft")
+        if self.neutral not in ("good", "bad", "drop"):
+            raise ChainstepError(f"label.neutral={self.neutral!r} must be good, bad or drop")
+        if self.rollouts < 1:
+            raise ChainstepError("label.rollouts must be >= 1")
+
+
+def mc_labels(values: list[float], rule: str = "hard", threshold: float = 0.5) -> list[int]:
+    """0/1 labels from MC values (fractions of rollouts that reached the right answer)."""
+    return [int(v > 0) if rule == "hard" else int(v >= threshold) for v in values]
+
+
+def judge_labels(ratings: list[str], neutral: str = "bad") -> list[int | None]:
+    mapping = {"good": 1, "bad": 0, "neutral": {"good": 1, "bad": 0, "drop": None}[neutral]}
+    return [mapping[r] for r in ratings]
+
+
+def step_prefixes(response: str) -> list[str]:
+    """The response cut after each step end: what rollouts continue from."""
+    prefixes, start = [], 0
+    while (end := response.find(STEP_END, start)) >= 0:
+        start = end + len(STEP_END)
+        prefixes.append(response[:start])
+    return prefixes
+
+
+def monte_carlo(policy: Policy, items: list[tuple[dict, str]], k: int,
+                params: SamplingParams) -> list[list[float]]:
+    """Per chain, the fraction of k rollouts after each step that reach the right answer.
+
+    All prefixes of all chains go through one generate call, longest prefix first: rollouts
+    from the same depth need similar lengths, so a batch does not wait on one long straggler.
+    """
+    flat = [(record, prefix) for record, response in items for prefix in step_prefixes(response)]
+    order = sorted(range(len(flat)), key=lambda i: -len(flat[i][1]))
+    gens = policy.generate([flat[i][0] for i in order], SamplingParams(
+        n=k, temperature=params.temperature, max_tokens=params.max_tokens, seed=params.seed),
+        prefixes=[flat[i][1] for i in order], progress=False)
+    values = [0.0] * len(flat)
+    for i, group in zip(order, gens):
+        values[i] = sum(is_correct(extract_answer(g.text), flat[i][0]["answer"]) for g in group) / k
+    out, at = [], 0
+    for _, response in items:
+        count = len(step_prefixes(response))
+        out.append(values[at:at + count])
+        at += count
+    return out
+
+
+def _other_number(value: str, rng: random.Random) -> str:
+    n = int(value)
+    return str(rng.choice([v for v in (n - 2, n - 1, n + 1, n + 2) if v >= 0]))
+
+
+def _other_option(record: dict, letter: str, rng: random.Random) -> tuple[str, str]:
+    options = record["options"]
+    j = rng.choice([i for i in range(len(options)) if "ABCD"[i] != letter])
+    return options[j], "ABCD"[j]
+
+
+def perturb(record: dict, chain: Chain, rng: random.Random) -> Chain:
+    """One error put into a correct chain: a misread value, a wrong final step, or a wrong answer."""
+    steps = list(chain.steps)
+    kind = rng.choice(("read", "final", "answer"))
+    answer = chain.answer
+    last = steps[-1].thought
+    if kind == "read":
+        i = rng.randrange(len(steps) - 1)
+        value = steps[i].thought.rstrip(".").rsplit(": ", 1)[-1]
+        new = rng.choice([s for s in SIZES if s != value]) if value in SIZES else _other_number(value, rng)
+        steps[i] = Step(steps[i].name, _replace_last(steps[i].thought, value, new), steps[i].reflection)
+    elif kind == "final" and record.get("options"):
+        colour, letter = _other_option(record, answer, rng)
+        head = last.rsplit(": ", 1)[0]
+        steps[-1] = Step(steps[-1].name, f"{head}: {colour}, option {letter}", steps[-1].reflection)
+        answer = letter
+    elif kind == "final" and _NUMBER.search(last.rstrip(".")):
+        result = _NUMBER.search(last.rstrip(".")).group()
+        answer = _other_number(result, rng)
+        steps[-1] = Step(steps[-1].name, _replace_last(last, result, answer), steps[-1].reflection)
+    else:
+        answer = _other_option(record, answer, rng)[1] if record.get("options") else \
+            _other_number(answer, rng)
+    return Chain(tuple(steps), answer)
+
+
+def _replace_last(text: str, old: str, new: str) -> str:
+    head, _, tail = text.rpartition(old)
+    return head + new + tail
+
+
+def _row(record: dict, sample_id: str, source: str, response: str, labels: list, **extra) -> dict:
+    return {**example_row(record, response), "id": f"{sample_id}/{source}", "sample_id": sample_id,
+            "question_id": record["id"], "source": source, "labels": labels, **extra}
+
+
+def label(samples: list[dict], records: list[dict], out_path: str | Path, cfg: LabelConfig,
+          policy: Policy | None = None, judge: Judge | None = None) -> dict:
+    """Write label rows for `samples` (graded responses) into `out_path`; resumable by id."""
+    out_path = Path(out_path)
+    by_id = {r["id"]: r for r in records}
+    done = done_ids(out_path)
+    judge = judge or ProgrammaticJudge()
+    chains = [s for s in samples if s["parsed"]]
+    stats: Counter = Counter(unparsed_skipped=len(samples) - len(chains))
+    rejects = out_path.with_name(out_path.stem + "_rejects.jsonl")
+    with JsonlWriter(out_path) as writer, JsonlWriter(rejects) as rejected:
+        if cfg.judge:
+            todo = [s for s in chains if f"{s['id']}/judge" not in done]
+            _judge_rows(todo, by_id, judge, cfg, writer, rejected, stats)
+        if cfg.perturbed:
+            _perturbed_rows(records, cfg, done, writer, stats)
+        if cfg.mc:
+            if policy is None:
+                raise ChainstepError("Monte Carlo labels need the policy (label.mc=true)")
+            picked = chains[:cfg.mc_chains] if cfg.mc_chains else chains
+            todo = [s for s in picked if f"{s['id']}/mc" not in done]
+            _mc_rows(todo, by_id, policy, cfg, writer, stats)
+    return dict(stats)
+
+
+def _judge_rows(todo, by_id, judge, cfg, writer, rejected, stats) -> None:
+    def rate(sample):
+        try:
+            return judge.rate(by_id[sample["question_id"]], parse(sample["response"])), None
+        except (JudgeError, RemoteError) as err:
+            return None, getattr(err, "reason", "unreadable_reply") + f": {err}"[:200]
+
+    with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
+        for sample, (ratings, error) in track(zip(todo, pool.map(rate, todo)), total=len(todo),
+                                              description="judge labels"):
+            if error:
+                rejected.write({"id": f"{sample['id']}/judge", "reason": error})
+                stats["judge_failed"] += 1
+                continue
+            labels = judge_labels(ratings, cfg.neutral) + [int(sample["correct"])]
+            writer.write(_row(by_id[sample["question_id"]], sample["id"], "judge", sample["response"],
+                              labels, ratings=ratings))
+            stats["judge"] += 1
+
+
+def _perturbed_rows(records, cfg, done, writer, stats) -> None:
+    teacher, judge = ProgrammaticTeacher(cfg.seed), ProgrammaticJudge()
+    for record in records:
+        if not record.get("meta", {}).get("steps"):
+            continue
+        for j in range(cfg.perturbed):
+            sample_id = f"{record['id']}~p{j}"
+            if f"{sample_id}/perturb" in done:
+                continue
+            rng = random.Random(f"{cfg.seed}:{sample_id}")
+            chain = perturb(record, teacher.chain(record), rng)
+            labels = judge_labels(judge.rate(record, chain), cfg.neutral)
+            labels.append(int(is_correct(chain.answer, record["answer"])))
+            writer.write(_row(record, sample_id, "perturb", render(chain), labels))
+            stats["perturb"] += 1
+
+
+def _mc_rows(todo, by_id, policy, cfg, writer, stats) -> None:
+    params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed)
+    for start in track(range(0, len(todo), 64), description="MC rollouts"):
+        chunk = todo[start:start + 64]
+        items = [(by_id[s["question_id"]], s["response"]) for s in chunk]
+        for sample, values in zip(chunk, monte_carlo(policy, items, cfg.rollouts, params)):
+            labels = mc_labels(values, cfg.rule, cfg.threshold) + [int(sample["correct"])]
+            writer.write(_row(by_id[sample["question_id"]], sample["id"], "mc", sample["response"],
+                              labels, values=values + [float(sample["correct"])]))
+            stats["mc"] += 1
+

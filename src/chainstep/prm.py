@@ -1,0 +1,370 @@
+"""The process reward model: a VLM read at every `ки` tag over the two label tokens.
+
+P(good) of a step is the two-way softmax of the LM head's logits for {`к+и`, `к-и`} at the
+tag after that step; the tag after the answer judges the answer. Training (BCE on those two
+logits, hard 0/1 labels or soft Monte Carlo values) and scoring share one encoder and one
+forward function, so the tag positions trained on are the ones scored. Only the two head rows
+are applied, and only at tag positions: one cheap forward pass per chain.
+
+    chainstep prm train runs/x/models/sft runs/x/data/prm_labels.jsonl --out runs/x/models/prm
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, ProcessorMixin, set_seed
+
+from .errors import ChainstepError
+from .inputs import collate, encode_prompt, extend_text
+from .models import load
+from .records import read_jsonl
+from .steps import ANSWER_END, BAD_TAG, GOOD_TAG, STEP_TAG, tag_response
+from .train_sft import ResumableTrainer, SFTConfig, fit, prepare_model, training_arguments
+
+AGGREGATES = ("mean", "min", "last", "prod")
+
+
+@dataclass
+class PRMConfig(SFTConfig):
+    """PRM training knobs (as SFT's) plus how chain scores are formed."""
+
+    max_steps: int = 200
+    learning_rate: float = 5e-4
+    soft_labels: bool = False  # train on MC values instead of 0/1 (others truncate these silently)
+    merge: str = "union"  # label sources: union (every labelled chain) or agree (steps both agree on)
+    step_weight: float = 0.2  # chain score = w * agg(steps) + (1 - w) * answer
+    aggregate: str = "mean"  # mean, min, last or prod over step scores
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_scoring(self.step_weight, self.aggregate)
+        if self.merge not in ("union", "agree"):
+            raise ChainstepError(f"prm.merge={self.merge!r} must be union or agree")
+
+
+def check_scoring(step_weight: float, aggregate: str) -> None:
+    if not 0 <= step_weight <= 1:
+        raise ChainstepError(f"step_weight={step_weight} must be in [0, 1]")
+    if aggregate not in AGGREGATES:
+        raise ChainstepError(f"aggregate={aggregate!r} must be one of {AGGREGATES}")
+
+
+@dataclass
+class StepScores:
+    """P(good) per step tag, and for the answer tag (None for a partial chain)."""
+
+    steps: list[float]
+    answer: float | None
+
+
+def chain_score(s: StepScores, step_weight: float = 0.2, aggregate: str = "mean") -> float:
+    """w * agg(steps) + (1 - w) * answer; a partial chain is scored by its steps alone."""
+    agg = _aggregate(s.steps, aggregate)
+    if s.answer is None:
+        return agg if agg is not None else 0.0
+    if agg is None:
+        return s.answer
+    return step_weight * agg + (1 - step_weight) * s.answer
+
+
+def _aggregate(values: list[float], how: str) -> float | None:
+    if not values:
+        return None
+    if how == "mean":
+        return sum(values) / len(values)
+    if how == "min":
+        return min(values)
+    if how == "last":
+        return values[-1]
+    return math.prod(values)
+
+
+def tag_ids(processor: ProcessorMixin) -> tuple[int, int, int]:
+    """(step tag, good, bad) ids, looked up by string."""
+    tok = processor.tokenizer
+    ids = tuple(tok.convert_tokens_to_ids(t) for t in (STEP_TAG, GOOD_TAG, BAD_TAG))
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        raise ChainstepError("the tokenizer lacks the PRM tags; run `chainstep add-tokens`")
+    return ids
+
+
+def encode_prm_example(processor: ProcessorMixin, record: dict, response: str,
+                       targets: list[float | None] | None = None) -> dict[str, torch.Tensor]:
+    """Prompt + tagged response; `prm_targets` holds a target at each response tag, -100 elsewhere.
+
+    With `targets` (training) there must be exactly one per tag; without (scoring) they are 0.
+    """
+    tag_id = tag_ids(processor)[0]
+    example = encode_prompt(processor, record)
+    prompt_len = example["input_ids"].shape[0]
+    ids = processor.tokenizer(tag_response(response), add_special_tokens=False)["input_ids"]
+    extend_text(example, torch.tensor(ids, dtype=example["input_ids"].dtype))
+    is_tag = example["input_ids"] == tag_id
+    is_tag[:prompt_len] = False
+    count = int(is_tag.sum())
+    if targets is None:
+        targets = [0.0] * count
+    if len(targets) != count:
+        raise ChainstepError(f"record {record.get('id')}: {len(targets)} labels for {count} step "
+                             "tags in the response")
+    values = torch.full(is_tag.shape, -100.0)
+    values[is_tag] = torch.tensor([-100.0 if t is None else float(t) for t in targets])
+    example["prm_targets"] = values
+    return example
+
+
+def collate_prm(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    targets = [e.pop("prm_targets") for e in examples]
+    batch = collate(examples, pad_id)
+    longest = batch["input_ids"].shape[1]
+    batch["prm_targets"] = torch.stack([torch.cat([t, t.new_full((longest - len(t),), -100.0)])
+                                        for t in targets])
+    return batch
+
+
+def hidden_states(model: PreTrainedModel, batch: dict) -> torch.Tensor:
+    """The decoder's final (normed) hidden states, [B, L, H]."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model(**batch).last_hidden_state
+
+
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor, label_ids: tuple[int, int]) -> torch.Tensor:
+    """The LM head's (good, bad) rows applied to [K, H] hidden states."""
+    head = model.get_output_embeddings()
+    logits = hidden @ head.weight[list(label_ids)].T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[list(label_ids)]
+    return logits
+
+
+def tag_logits(model: PreTrainedModel, batch: dict, where: torch.Tensor,
+               label_ids: tuple[int, int]) -> torch.Tensor:
+    """[K, 2] logits for (good, bad) at the K positions `where` marks, without the full LM head."""
+    return head_logits(model, hidden_states(model, batch)[where], label_ids)
+
+
+def prm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE of P(good) = softmax(logits)[0] against targets in [0, 1] (soft targets kept soft)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(targets * logp[:, 0] + (1 - targets) * logp[:, 1]).mean()
+
+
+class PRMTrainer(ResumableTrainer):
+    def __init__(self, *args, label_ids: tuple[int, int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_ids = label_ids
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs.pop("prm_targets")
+        where = targets.ge(0)
+        logits = tag_logits(model, inputs, where, self.label_ids)
+        loss = prm_loss(logits, targets[where])
+        return (loss, logits) if return_outputs else loss
+
+
+class _Collator:
+    def __init__(self, processor: ProcessorMixin, soft: bool):
+        self.processor, self.soft = processor, soft
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        examples = [encode_prm_example(self.processor, r, r["response"], training_targets(r, self.soft))
+                    for r in rows]
+        return collate_prm(examples, self.processor.tokenizer.pad_token_id)
+
+
+def training_targets(row: dict, soft: bool) -> list[float | None]:
+    """Soft MC values where a row has them and `soft` is set; hard labels otherwise."""
+    if soft and row.get("values") is not None:
+        return [None if label is None else value for label, value in zip(row["labels"], row["values"])]
+    return row["labels"]
+
+
+def merge_labels(rows: list[dict], how: str = "union") -> list[dict]:
+    """`union`: every labelled chain; `agree`: chains labelled by both MC and the judge, with
+    the steps they disagree on masked."""
+    if how == "union":
+        return rows
+    by_sample: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_sample.setdefault(row["sample_id"], {})[row["source"]] = row
+    merged = []
+    for sources in by_sample.values():
+        if "mc" in sources and "judge" in sources:
+            mc, judge = sources["mc"], sources["judge"]
+            labels = [a if a == b else None for a, b in zip(mc["labels"], judge["labels"])]
+            merged.append({**judge, "id": f"{judge['sample_id']}/agree", "source": "agree",
+                           "labels": labels, "values": mc.get("values")})
+        elif "perturb" in sources:
+            merged.append(sources["perturb"])
+    return merged
+
+
+def train_prm(model_dir: str | Path, labels_path: str | Path, out_dir: str | Path,
+              cfg: PRMConfig | None = None) -> Path:
+    """Train a PRM from `model_dir` (an SFT'd policy, or any VLM with the step tokens)."""
+    cfg = cfg or PRMConfig()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    set_seed(cfg.seed)
+    rows = merge_labels(read_jsonl(labels_path, required=("id", "image", "question", "response",
+                                                          "labels", "source")), cfg.merge)
+    rows = [r for r in rows if any(label is not None for label in r["labels"])]
+    if not rows:
+        raise ChainstepError(f"{labels_path} holds no labelled chains (merge={cfg.merge})")
+    model, processor = prepare_model(model_dir, cfg)
+    args = training_arguments(cfg, out_dir.with_name(out_dir.name + "-checkpoints"),
+                              label_names=["prm_targets"])
+    trainer = PRMTrainer(model=model, args=args, train_dataset=rows,
+                         data_collator=_Collator(processor, cfg.soft_labels),
+                         label_ids=tag_ids(processor)[1:])
+    fit(trainer, cfg, processor, model_dir, out_dir,
+        {"role": "prm", "labels": str(labels_path), "chains": len(rows), "prm": asdict(cfg)})
+    return out_dir
+
+
+class PRM:
+    """Scores chains, complete or partial; counts its chains scored and forward passes."""
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, batch_size: int = 32,
+                 step_weight: float = 0.2, aggregate: str = "mean"):
+        check_scoring(step_weight, aggregate)
+        self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
+        self.step_weight, self.aggregate = step_weight, aggregate
+        self.label_ids = tag_ids(processor)[1:]
+        self.chains_scored = self.forward_passes = 0
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: str = "cpu", **kwargs) -> PRM:
+        model, processor = load(path, device=device)
+        return cls(model, processor, **kwargs)
+
+    @torch.inference_mode()
+    def score(self, records: list[dict], responses: list[str]) -> list[StepScores]:
+        """Per-step and answer P(good) for each (record, response) pair."""
+        out: list[StepScores] = []
+        for start in range(0, len(records), self.batch_size):
+            recs, texts = records[start:start + self.batch_size], responses[start:start + self.batch_size]
+            examples = [encode_prm_example(self.processor, r, t) for r, t in zip(recs, texts)]
+            batch = collate_prm(examples, self.processor.tokenizer.pad_token_id).to(self.model.device)
+            where = batch.pop("prm_targets").ge(0)
+            probs = torch.softmax(tag_logits(self.model, batch, where, self.label_ids).float(), -1)[:, 0]
+            counts = where.sum(dim=1).tolist()
+            for text, chunk in zip(texts, torch.split(probs, counts)):
+                values = chunk.tolist()
+                answer = values.pop() if ANSWER_END in text and values else None
+                out.append(StepScores(values, answer))
+            self.forward_passes += 1
+        self.chains_scored += len(records)
+        return out
+
+    def chain_scores(self, records: list[dict], responses: list[str]) -> list[float]:
+        return [chain_score(s, self.step_weight, self.aggregate) for s in self.score(records, responses)]
+
+
+def auroc(scores: list[float], labels: list[int]) -> float | None:
+    """Area under the ROC curve by the rank-sum statistic (ties count half)."""
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return None
+    order = s.argsort(kind="mergesort")
+    _, inverse, counts = np.unique(s[order], return_inverse=True, return_counts=True)
+    ranks = np.empty(len(s))
+    ranks[order] = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def evaluate_prm(prm: PRM, rows: list[dict]) -> dict:
+    """Step-level and selection-level quality on held-out labelled chains.
+
+    `ranking_auroc` is what selection needs: for two chains of one question, one right and one
+    wrong, how often the right one scores higher. Pooled step metrics mostly measure how hard
+    each question is.
+    """
+    scores = prm.score(rows, [r["response"] for r in rows])
+    step_p, step_y, first_hits, by_question = [], [], [], {}
+    for row, s in zip(rows, scores):
+        labels = row["labels"][:len(s.steps)]
+        pairs = [(p, y) for p, y in zip(s.steps, labels) if y is not None]
+        step_p += [p for p, _ in pairs]
+        step_y += [int(y) for _, y in pairs]
+        if all(y is not None for y in labels):
+            first_hits.append(_first_bad([p < 0.5 for p in s.steps]) == _first_bad([y == 0 for y in labels]))
+        correct = row["labels"][-1] if s.answer is not None else None
+        if correct is not None:
+            score = chain_score(s, prm.step_weight, prm.aggregate)
+            by_question.setdefault(row["question_id"], []).append((score, int(correct)))
+    pred = [p >= 0.5 for p in step_p]
+    good_rate = sum(step_y) / len(step_y) if step_y else 0.0
+    tp = sum(not p and not y for p, y in zip(pred, step_y))
+    fp = sum(not p and y for p, y in zip(pred, step_y))
+    fn = sum(p and not y for p, y in zip(pred, step_y))
+    return {
+        "chains": len(rows), "steps": len(step_y),
+        "step_accuracy": sum(p == bool(y) for p, y in zip(pred, step_y)) / len(step_y) if step_y else 0.0,
+        "majority_baseline": max(good_rate, 1 - good_rate),
+        "step_auroc": auroc(step_p, step_y),
+        "bad_step_f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+        "first_error_accuracy": sum(first_hits) / len(first_hits) if first_hits else None,
+        "ranking_auroc": ranking_auroc(by_question),
+    }
+
+
+def _first_bad(flags: list[bool]) -> int:
+    return next((i for i, bad in enumerate(flags) if bad), -1)
+
+
+def ranking_auroc(by_question: dict[str, list[tuple[float, int]]]) -> float | None:
+    """P(score of a right chain > score of a wrong chain of the same question), ties half."""
+    wins = total = 0.0
+    for chains in by_question.values():
+        right = [s for s, c in chains if c]
+        wrong = [s for s, c in chains if not c]
+        for a in right:
+            for b in wrong:
+                wins += 1.0 if a > b else 0.5 if a == b else 0.0
+                total += 1
+    return wins / total if total else None
+
+
+def _by_sample(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        out.setdefault(row["sample_id"], {})[row["source"]] = row
+    return out
+
+
+def label_agreement(rows: list[dict]) -> float | None:
+    """Fraction of step labels on which MC and the judge agree (chains labelled by both)."""
+    same = [a == b for sources in _by_sample(rows).values() if {"mc", "judge"} <= sources.keys()
+            for a, b in zip(sources["mc"]["labels"][:-1], sources["judge"]["labels"][:-1])
+            if a is not None and b is not None]
+    return sum(same) / len(same) if same else None
+
+
+def write_traces(prm: PRM, rows: list[dict], path: str | Path, limit: int = 12) -> Path:
+    """Chains labelled by both MC and the judge, with the PRM's score for every step: the
+    report's step-trace viewer."""
+    from .records import JsonlWriter
+    from .steps import parse
+
+    both = [s for s in _by_sample(rows).values() if {"mc", "judge"} <= s.keys()][:limit]
+    scores = prm.score([s["judge"] for s in both], [s["judge"]["response"] for s in both])
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    with JsonlWriter(path) as writer:
+        for sources, score in zip(both, scores):
+            judge, mc = sources["judge"], sources["mc"]
+            chain = parse(judge["response"])
+            steps = [{"name": st.name, "thought": st.thought, "prm": p, "judge": rating, "mc": value}
+                     for st, p, rating, value in
+                     zip(chain.steps, score.steps, judge["ratings"], mc["values"])]
+            writer.write({"id": judge["sample_id"], "question_id": judge["question_id"],
+                          "image": judge["image"], "question": judge["question"],
+                          "answer": judge["answer"], "predicted": chain.answer,
+                          "correct": bool(judge["labels"][-1]), "answer_prm": score.answer, "steps": steps})
+    return path

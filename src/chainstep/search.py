@@ -1,0 +1,266 @@
+"""Decoding strategies: greedy, self-consistency, best-of-N, PRM-weighted vote, step beam search.
+
+SC, BoN and the weighted vote choose among N sampled chains per question (`pass` is the
+oracle: any of the N right); beam search builds one chain a step at a time: N candidate next
+steps per question (generation stops at `<|reasoning_step_end|>` by token id), the PRM scores
+each partial chain, the best `keep` continue, until an answer ends the chain. Beams of all
+questions go through each generate / score call together. Every strategy reports its compute:
+tokens generated and chains scored by the PRM.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .answers import normalize
+from .errors import ChainstepError
+from .evaluate import response_row, sample_responses, summarize
+from .prm import PRM, chain_score
+from .records import JsonlWriter
+from .sampling import Generation, Policy, SamplingParams
+from .steps import ANSWER_END
+
+STRATEGIES = ("greedy", "sc", "bon", "weighted", "beam", "pass")
+
+
+@dataclass
+class SearchConfig:
+    """What `chainstep run` searches with, and on how many test questions."""
+
+    ns: tuple[int, ...] = (1, 2, 4, 8, 16)  # N for pass@N, SC, BoN and weighted vote
+    beam_ns: tuple[int, ...] = (4, 16)  # N for beam search (each N is a full run)
+    questions: int = 100  # test questions searched; 0 = the whole split
+    temperatures: tuple[float, ...] = (0.7, 1.0)  # tried on val; the best BoN picks the one used
+    val_questions: int = 40  # val questions for the temperature choice
+    keep: int = 1  # beams kept per question (k); 1 is the paper's setting
+    step_tokens: int = 96  # new-token cap for one step
+    max_steps: int = 10  # steps before a beam is cut off
+    step_weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # BoN ablation at max N
+
+    def __post_init__(self):
+        for name in ("ns", "beam_ns", "temperatures", "step_weights"):
+            setattr(self, name, tuple(getattr(self, name)))
+        if any(n < 1 for n in self.ns + self.beam_ns) or self.keep < 1:
+            raise ChainstepError("search: every N and keep must be >= 1")
+        if any(t <= 0 for t in self.temperatures):
+            raise ChainstepError("search.temperatures must be > 0 (sampling)")
+
+
+def _answer_key(row: dict) -> str | None:
+    return normalize(row["predicted"]) if row["parsed"] else None
+
+
+def majority_vote(rows: list[dict]) -> dict:
+    """The first row carrying the most common parsed answer (the first row if none parse)."""
+    counts = defaultdict(int)
+    for row in rows:
+        if (key := _answer_key(row)) is not None:
+            counts[key] += 1
+    if not counts:
+        return rows[0]
+    best = max(counts.values())
+    return next(r for r in rows if counts.get(_answer_key(r), 0) == best)
+
+
+def best_of_n(rows: list[dict], scores: list[float]) -> dict:
+    return rows[max(range(len(rows)), key=lambda i: scores[i])]
+
+
+def weighted_vote(rows: list[dict], scores: list[float]) -> dict:
+    """The answer with the largest summed PRM score; its best-scored row."""
+    mass = defaultdict(float)
+    for row, score in zip(rows, scores):
+        if (key := _answer_key(row)) is not None:
+            mass[key] += score
+    if not mass:
+        return best_of_n(rows, scores)
+    winner = max(mass, key=mass.get)
+    picked = [i for i, r in enumerate(rows) if _answer_key(r) == winner]
+    return rows[max(picked, key=lambda i: scores[i])]
+
+
+def select(strategy: str, rows: list[dict], scores: list[float] | None = None) -> dict:
+    """One prediction from N graded samples; `tokens` becomes the compute of all N."""
+    if strategy == "pass":
+        right = [r for r in rows if r["correct"]]
+        chosen = right[0] if right else rows[0]
+    elif strategy == "sc":
+        chosen = majority_vote(rows)
+    elif strategy in ("bon", "weighted"):
+        if scores is None:
+            raise ChainstepError(f"{strategy} needs PRM scores")
+        chosen = (best_of_n if strategy == "bon" else weighted_vote)(rows, scores)
+    else:
+        raise ChainstepError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+    return {**chosen, "id": chosen["question_id"], "tokens": sum(r["tokens"] for r in rows),
+            "prm_chains": len(rows) if strategy in ("bon", "weighted") else 0}
+
+
+def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int = 1,
+                temperature: float = 1.0, step_tokens: int = 96, max_steps: int = 10,
+                seed: int | None = None) -> tuple[list[dict], dict]:
+    """Step-level beam search; returns graded rows (one per record) and its compute."""
+    if n < keep:
+        raise ChainstepError(f"beam search needs n >= keep (n={n}, keep={keep})")
+    start, calls_before = time.time(), prm.forward_passes
+    params = SamplingParams(n=max(1, n // keep), temperature=temperature, max_tokens=step_tokens,
+                            stop_at_step=True, seed=seed)
+    beams = {r["id"]: [""] for r in records}
+    finished: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    tokens, chains = defaultdict(int), defaultdict(int)
+    by_id = {r["id"]: r for r in records}
+    for depth in range(max_steps + 1):
+        active = [(qid, prefix) for qid, prefixes in beams.items() for prefix in prefixes]
+        if not active:
+            break
+        last = depth == max_steps  # the final round must end the chain
+        gens = policy.generate([by_id[q] for q, _ in active],
+                               _final(params) if last else params,
+                               prefixes=[p for _, p in active], progress=False)
+        candidates = [(qid, prefix + g.text, _done(g) or last)
+                      for (qid, prefix), group in zip(active, gens) for g in group]
+        for (qid, _), group in zip(active, gens):
+            tokens[qid] += sum(g.num_tokens for g in group)
+        scores = prm.chain_scores([by_id[q] for q, _, _ in candidates], [t for _, t, _ in candidates])
+        grouped = defaultdict(list)
+        for (qid, text, done), score in zip(candidates, scores):
+            grouped[qid].append((score, text, done))
+            chains[qid] += 1
+        for qid, options in grouped.items():
+            best = sorted(options, key=lambda o: -o[0])[:keep - len(finished[qid])]
+            finished[qid] += [(s, t) for s, t, done in best if done]
+            beams[qid] = [t for _, t, done in best if not done]
+    rows = []
+    for record in records:
+        score, text = max(finished[record["id"]], default=(0.0, ""))
+        row = response_row(record, Generation(text, tokens[record["id"]], "stop"))
+        rows.append({**row, "prm_chains": chains[record["id"]], "prm_score": score})
+    compute = {"tokens_generated": sum(tokens.values()), "prm_chains": sum(chains.values()),
+               "prm_forward_passes": prm.forward_passes - calls_before,
+               "wall_s": round(time.time() - start, 2)}
+    return rows, compute
+
+
+def _done(gen: Generation) -> bool:
+    return gen.finish_reason != "step" or ANSWER_END in gen.text
+
+
+def _final(params: SamplingParams) -> SamplingParams:
+    return SamplingParams(n=params.n, temperature=params.temperature, max_tokens=params.max_tokens * 4,
+                          seed=params.seed)
+
+
+def _sample_and_score(policy: Policy, prm: PRM, records: list[dict], path, n: int,
+                      temperature: float, max_tokens: int, seed: int):
+    """N graded samples per record (resumable file) and their PRM scores, with wall times."""
+    start = time.time()
+    samples = sample_responses(policy, records, path, SamplingParams(
+        n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
+    sample_s = time.time() - start
+    rows = [r for rec in records for r in samples[rec["id"]]]
+    start = time.time()
+    scores = prm.score(rows, [r["response"] for r in rows])
+    score_s = time.time() - start
+    by_q = {rec["id"]: (samples[rec["id"]], scores[i * n:(i + 1) * n]) for i, rec in enumerate(records)}
+    return by_q, sample_s, score_s
+
+
+def _predictions(by_q: dict, strategy: str, n: int, prm: PRM, step_weight: float | None = None):
+    w = prm.step_weight if step_weight is None else step_weight
+    preds = []
+    for rows, scores in by_q.values():
+        chain = [chain_score(s, w, prm.aggregate) for s in scores[:n]]
+        preds.append(select(strategy, rows[:n], chain))
+    return preds
+
+
+def choose_temperature(policy: Policy, prm: PRM, records: list[dict], cfg: SearchConfig,
+                       out_dir: Path, max_tokens: int, seed: int = 0) -> tuple[float, list[dict]]:
+    """Sample the val questions at each temperature; the best BoN accuracy picks the one used."""
+    n = min(8, max(cfg.ns))
+    sweep = []
+    for t in cfg.temperatures:
+        by_q, _, _ = _sample_and_score(policy, prm, records, out_dir / f"val-samples-t{t}.jsonl", n, t,
+                                       max_tokens, seed)
+        row = {"temperature": t, "n": n, "questions": len(records)}
+        row["sample"] = sum(r["correct"] for rows, _ in by_q.values() for r in rows) / (n * len(by_q))
+        for strategy in ("pass", "sc", "bon"):
+            preds = _predictions(by_q, strategy, n, prm)
+            row[strategy] = sum(p["correct"] for p in preds) / len(preds)
+        sweep.append(row)
+    best = max(sweep, key=lambda r: (r["bon"], r["sc"]))
+    return best["temperature"], sweep
+
+
+def evaluate_search(policy: Policy, prm: PRM, records: list[dict], cfg: SearchConfig, out_dir: Path,
+                    temperature: float, model: str, split: str, max_tokens: int,
+                    seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every strategy at every N on `records`: results rows, step-weight ablation rows, and the
+    per-strategy predictions at the largest N (for paired comparisons)."""
+    top = max(cfg.ns)
+    path = out_dir / f"{model}-{split}-samples.jsonl"
+    by_q, sample_s, score_s = _sample_and_score(policy, prm, records, path, top, temperature,
+                                                max_tokens, seed)
+    results, final = [], {}
+    for n in cfg.ns:
+        for strategy in ("pass", "sc", "bon", "weighted"):
+            preds = _predictions(by_q, strategy, n, prm)
+            uses_prm = strategy in ("bon", "weighted")
+            wall = (sample_s + (score_s if uses_prm else 0)) * n / top
+            results.append({**summarize(preds, model, strategy, n, split),
+                            **_compute(preds, uses_prm, wall), "temperature": temperature})
+            if n == top:
+                final[strategy] = preds
+    for n in cfg.beam_ns:
+        path = out_dir / f"{model}-{split}-beam{n}.jsonl"
+        preds, compute = beam_search(policy, prm, records, n, cfg.keep, temperature, cfg.step_tokens,
+                                     cfg.max_steps, seed)
+        with JsonlWriter(path.with_suffix(".tmp")) as writer:
+            writer.write_all(preds)
+        path.with_suffix(".tmp").replace(path)
+        results.append({**summarize(preds, model, "beam", n, split), **compute,
+                        "temperature": temperature})
+        if n == max(cfg.beam_ns):
+            final["beam"] = preds
+    ablation = []
+    for w in cfg.step_weights:
+        preds = _predictions(by_q, "bon", top, prm, step_weight=w)
+        row = summarize(preds, model, "bon", top, split)
+        ablation.append({"step_weight": w, "n": top, "accuracy": row["accuracy"],
+                         "ci_low": row["ci_low"], "ci_high": row["ci_high"]})
+    return results, ablation, final
+
+
+def _compute(preds: list[dict], uses_prm: bool, wall_s: float) -> dict:
+    return {"tokens_generated": sum(p["tokens"] for p in preds),
+            "prm_chains": sum(p["prm_chains"] for p in preds) if uses_prm else 0,
+            "wall_s": round(wall_s, 2), "wall_s_estimated": True}
+
+
+def search_predictions(strategy: str, policy: Policy, records: list[dict], n: int, out_dir: Path,
+                       name: str, split: str, prm: PRM | None = None, temperature: float = 1.0,
+                       max_tokens: int = 256, cfg: SearchConfig | None = None,
+                       seed: int = 0) -> tuple[list[dict], dict]:
+    """One strategy at one N (what `chainstep eval --strategy S --n N` runs): predictions and compute."""
+    cfg = cfg or SearchConfig()
+    if strategy in ("bon", "weighted", "beam") and prm is None:
+        raise ChainstepError(f"--strategy {strategy} needs a PRM (--prm DIR)")
+    if strategy == "beam":
+        return beam_search(policy, prm, records, n, cfg.keep, temperature, cfg.step_tokens,
+                           cfg.max_steps, seed)
+    if strategy not in ("sc", "pass", "bon", "weighted"):
+        raise ChainstepError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+    start = time.time()
+    samples = sample_responses(policy, records, out_dir / f"{name}-{split}-samples-t{temperature}.jsonl",
+                               SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
+    preds = []
+    for record in records:
+        rows = samples[record["id"]]
+        scores = prm.chain_scores(rows, [r["response"] for r in rows]) if prm and strategy in (
+            "bon", "weighted") else None
+        preds.append(select(strategy, rows, scores))
+    compute = _compute(preds, scores is not None, time.time() - start)
+    return preds, {**compute, "wall_s_estimated": False}

@@ -1,0 +1,127 @@
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from chainstep.client import ChatClient
+from chainstep.judge import HTTPJudge, JudgeError, ProgrammaticJudge, parse_ratings
+from chainstep.steps import Chain, Step
+from chainstep.teacher import ProgrammaticTeacher
+
+RECORD = {
+    "id": "q1", "question": "How many red and blue shapes are there in total?", "options": None,
+    "answer": "4", "image": None,
+    "meta": {"steps": [
+        {"name": "Count red", "key": "Red shapes", "value": "1"},
+        {"name": "Count green", "key": "Green shapes", "value": "2"},
+        {"name": "Count blue", "key": "Blue shapes", "value": "3"},
+        {"name": "Add", "key": "Red plus blue", "value": "1 + 3 = 4"},
+    ]},
+}
+
+
+def chain(*thoughts: str, answer: str = "4") -> Chain:
+    return Chain(tuple(Step(f"s{i}", t, "ok") for i, t in enumerate(thoughts)), answer)
+
+
+def test_teacher_chains_are_all_good(train_records):
+    teacher, judge = ProgrammaticTeacher(), ProgrammaticJudge()
+    for record in train_records:
+        assert set(judge.rate(record, teacher.chain(record))) == {"good"}
+
+
+def test_wrong_reading_is_bad_and_a_true_later_step_stays_good():
+    ratings = ProgrammaticJudge().rate(RECORD, chain(
+        "Red shapes: 2", "Green shapes: 2.", "From the image, blue shapes: 3", "Red plus blue: 1 + 3 = 4"))
+    assert ratings == ["bad", "good", "good", "good"]
+
+
+def test_an_error_carried_forward_is_neutral_a_new_one_bad():
+    carried = chain("Red shapes: 2", "Green shapes: 2", "Blue shapes: 3", "Red plus blue: 2 + 3 = 5")
+    assert ProgrammaticJudge().rate(RECORD, carried)[-1] == "neutral"
+    miscomputed = chain("Red shapes: 2", "Green shapes: 2", "Blue shapes: 3", "Red plus blue: 2 + 3 = 6")
+    assert ProgrammaticJudge().rate(RECORD, miscomputed)[-1] == "bad"
+    fresh = chain("Red shapes: 1", "Green shapes: 2", "Blue shapes: 3", "Red plus blue: 1 + 3 = 5")
+    assert ProgrammaticJudge().rate(RECORD, fresh)[-1] == "bad"
+
+
+def test_unknown_repeated_or_unreadable_claims_are_bad():
+    ratings = ProgrammaticJudge().rate(RECORD, chain(
+        "Red shapes: 1", "Red shapes: 1", "Purple shapes: 0", "I think so"))
+    assert ratings == ["good", "bad", "bad", "bad"]
+
+
+def test_parse_ratings():
+    assert parse_ratings("Step 1: Good\nstep 2 - neutral\nStep 3: BAD", 3) == ["good", "neutral", "bad"]
+    with pytest.raises(JudgeError, match="expected 1..3"):
+        parse_ratings("Step 1: Good\nStep 3: Bad", 3)
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint that fails `fail_first` times with `status`."""
+
+    replies: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        if len(self.server.requests) <= self.server.fail_first:
+            self.send_response(self.server.status)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "slow down"}}')
+            return
+        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": self.server.text}}],
+                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def endpoint():
+    def start(text: str, fail_first: int = 0, status: int = 429):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+        server.requests, server.fail_first, server.status, server.text = [], fail_first, status, text
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+    servers = []
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_http_judge_retries_then_rates(endpoint, train_records):
+    record = train_records[0]
+    steps = ProgrammaticTeacher().chain(record)
+    text = "\n".join(f"Step {i + 1}: Good" for i in range(len(steps.steps)))
+    server, url = endpoint(text, fail_first=2, status=429)
+    judge = HTTPJudge(ChatClient(url, "judge-model", max_retries=3))
+    assert judge.rate(record, steps) == ["good"] * len(steps.steps)
+    assert len(server.requests) == 3
+    content = server.requests[-1]["messages"][0]["content"]
+    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert record["question"] in content[1]["text"] and "Step 1:" in content[1]["text"]
+    assert judge.usage == {"prompt_tokens": 10, "completion_tokens": 5}
+
+
+def test_http_judge_gives_up_with_the_reason(endpoint, train_records):
+    from chainstep.client import RemoteError
+
+    server, url = endpoint("", fail_first=100, status=503)
+    judge = HTTPJudge(ChatClient(url, "judge-model", max_retries=1))
+    with pytest.raises(RemoteError) as err:
+        judge.rate(train_records[0], ProgrammaticTeacher().chain(train_records[0]))
+    assert err.value.reason == "http_503" and len(server.requests) == 2

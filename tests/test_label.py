@@ -1,0 +1,77 @@
+import random
+
+from chainstep.evaluate import sample_responses
+from chainstep.judge import ProgrammaticJudge
+from chainstep.label import LabelConfig, judge_labels, label, mc_labels, monte_carlo, perturb, step_prefixes
+from chainstep.records import read_jsonl
+from chainstep.sampling import Policy, SamplingParams
+from chainstep.steps import STEP_END, parse
+from chainstep.teacher import ProgrammaticTeacher
+
+
+def test_mc_rules_on_hand_made_rollouts():
+    values = [1.0, 0.25, 0.0, 0.5]
+    assert mc_labels(values, "hard") == [1, 1, 0, 1]
+    assert mc_labels(values, "soft", threshold=0.5) == [1, 0, 0, 1]
+    assert mc_labels(values, "soft", threshold=0.3) == [1, 0, 0, 1]
+
+
+def test_neutral_mapping():
+    ratings = ["good", "neutral", "bad"]
+    assert judge_labels(ratings, "bad") == [1, 0, 0]
+    assert judge_labels(ratings, "good") == [1, 1, 0]
+    assert judge_labels(ratings, "drop") == [1, None, 0]
+
+
+def test_step_prefixes_end_at_each_step(train_records):
+    text = ProgrammaticTeacher().explain(train_records[0])
+    prefixes = step_prefixes(text)
+    assert len(prefixes) == len(parse(text).steps)
+    assert all(p.endswith(STEP_END) and text.startswith(p) for p in prefixes)
+    assert [p.count(STEP_END) for p in prefixes] == list(range(1, len(prefixes) + 1))
+
+
+def test_perturbations_put_exactly_one_error_in(train_records):
+    teacher, judge = ProgrammaticTeacher(), ProgrammaticJudge()
+    for i, record in enumerate(train_records):
+        original = teacher.chain(record)
+        changed = perturb(record, original, random.Random(i))
+        bad_steps = judge.rate(record, changed).count("bad")
+        wrong_answer = changed.answer != original.answer
+        assert changed != original
+        assert bad_steps + wrong_answer in (1, 2)  # a wrong final step also changes the answer
+        assert bad_steps <= 1
+
+
+def test_monte_carlo_values_are_rollout_fractions(sft_model_dir, train_records):
+    policy = Policy.from_dir(sft_model_dir)
+    texts = [ProgrammaticTeacher().explain(r) for r in train_records[:3]]
+    values = monte_carlo(policy, list(zip(train_records[:3], texts)), k=4,
+                         params=SamplingParams(temperature=1.0, max_tokens=64, seed=0))
+    for text, vals in zip(texts, values):
+        assert len(vals) == len(parse(text).steps)
+        assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in vals)
+
+
+def test_label_writes_every_source_once_and_resumes(sft_model_dir, train_records, tmp_path):
+    policy = Policy.from_dir(sft_model_dir)
+    records = train_records[:4]
+    samples = sample_responses(policy, records, tmp_path / "samples.jsonl",
+                               SamplingParams(n=2, temperature=1.0, max_tokens=160, seed=0))
+    rows = [r for group in samples.values() for r in group]
+    # a teacher chain stands in for a parseable sample, so every source has work
+    rows[0] = {**rows[0], "response": ProgrammaticTeacher().explain(records[0]), "parsed": True,
+               "correct": True}
+    cfg = LabelConfig(rollouts=2, max_tokens=64, perturbed=1)
+    out = tmp_path / "labels.jsonl"
+    first = label(rows, records, out, cfg, policy)
+    again = label(rows, records, out, cfg, policy)
+    written = read_jsonl(out)
+    assert len({r["id"] for r in written}) == len(written)
+    assert first["perturb"] == 4 and "perturb" not in again and "mc" not in again
+    assert first["mc"] >= 1 and first["judge"] >= 1
+    for row in written:
+        steps = len(parse(row["response"]).steps)
+        assert len(row["labels"]) == steps + 1
+        if row["source"] == "mc":
+            assert len(row["values"]) == steps + 1

@@ -1,0 +1,170 @@
+import math
+
+import pytest
+import torch
+
+from chainstep import models
+from chainstep.errors import ChainstepError
+from chainstep.prm import (
+    PRM,
+    PRMConfig,
+    StepScores,
+    auroc,
+    chain_score,
+    collate_prm,
+    encode_prm_example,
+    evaluate_prm,
+    head_logits,
+    hidden_states,
+    merge_labels,
+    prm_loss,
+    ranking_auroc,
+    tag_ids,
+    tag_logits,
+    train_prm,
+)
+from chainstep.records import JsonlWriter, read_jsonl
+from chainstep.steps import ANSWER_END, STEP_END, parse
+from chainstep.teacher import ProgrammaticTeacher
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_model_dir):
+    return models.load(tiny_model_dir("llava"))
+
+
+def _rows(records, n=3):
+    teacher = ProgrammaticTeacher()
+    return [{**r, "response": teacher.explain(r)} for r in records[:n]]
+
+
+def test_targets_sit_on_the_tag_after_every_step_and_the_answer(llava, train_records):
+    _, processor = llava
+    row = _rows(train_records, 1)[0]
+    steps = len(parse(row["response"]).steps)
+    example = encode_prm_example(processor, row, row["response"], [1] * steps + [0])
+    where = example["prm_targets"].ge(0).nonzero().flatten().tolist()
+    before = processor.tokenizer.convert_ids_to_tokens([example["input_ids"][i - 1] for i in where])
+    assert before == [STEP_END] * steps + [ANSWER_END]
+    assert example["prm_targets"][where].tolist() == [1.0] * steps + [0.0]
+    with pytest.raises(ChainstepError, match=f"2 labels for {steps + 1} step tags"):
+        encode_prm_example(processor, row, row["response"], [1, 0])
+
+
+def test_training_and_scoring_read_the_same_positions(llava, train_records):
+    from chainstep.prm import _Collator
+
+    model, processor = llava
+    rows = [{**r, "labels": [1] * (len(parse(r["response"]).steps) + 1)} for r in _rows(train_records)]
+    train_batch = _Collator(processor, soft=False)(rows)
+    score_batch = collate_prm([encode_prm_example(processor, r, r["response"]) for r in rows],
+                              processor.tokenizer.pad_token_id)
+    assert torch.equal(train_batch["prm_targets"].ge(0), score_batch["prm_targets"].ge(0))
+    assert torch.equal(train_batch["input_ids"], score_batch["input_ids"])
+
+
+def test_tag_logits_equal_the_full_lm_head(llava, train_records):
+    model, processor = llava
+    rows = _rows(train_records, 2)
+    batch = collate_prm([encode_prm_example(processor, r, r["response"]) for r in rows],
+                        processor.tokenizer.pad_token_id)
+    where = batch.pop("prm_targets").ge(0)
+    good, bad = tag_ids(processor)[1:]
+    with torch.no_grad():
+        full = model(**batch).logits[where][:, [good, bad]]
+        fast = tag_logits(model, batch, where, (good, bad))
+    assert torch.allclose(full, fast, atol=1e-5)
+
+
+def test_loss_gradient_flows_from_tag_positions_only(llava, train_records):
+    model, processor = llava
+    rows = _rows(train_records, 2)
+    batch = collate_prm([encode_prm_example(processor, r, r["response"], [1] * 5) for r in rows],
+                        processor.tokenizer.pad_token_id)
+    targets = batch.pop("prm_targets")
+    where = targets.ge(0)
+    hidden = hidden_states(model, batch)
+    hidden.retain_grad()
+    loss = prm_loss(head_logits(model, hidden[where], tag_ids(processor)[1:]), targets[where])
+    loss.backward()
+    touched = hidden.grad.abs().sum(-1).gt(0)
+    assert torch.equal(touched, where)
+    model.zero_grad()
+
+
+def test_soft_targets_stay_soft():
+    logits = torch.zeros(1, 2, requires_grad=True)
+    prm_loss(logits, torch.tensor([0.3])).backward()
+    assert logits.grad[0, 0].item() == pytest.approx(0.5 - 0.3)  # d/dz of BCE = p - target
+    best = torch.tensor([[math.log(0.3 / 0.7), 0.0]], requires_grad=True)
+    prm_loss(best, torch.tensor([0.3])).backward()
+    assert best.grad.abs().max().item() < 1e-6
+
+
+def test_chain_score_formula():
+    s = StepScores([0.5, 1.0, 0.0, 0.5], answer=0.9)
+    assert chain_score(s) == pytest.approx(0.2 * 0.5 + 0.8 * 0.9)
+    assert chain_score(s, 0.5, "min") == pytest.approx(0.5 * 0.0 + 0.5 * 0.9)
+    assert chain_score(s, 1.0, "last") == pytest.approx(0.5)
+    assert chain_score(s, 0.2, "prod") == pytest.approx(0.8 * 0.9)
+    assert chain_score(StepScores([0.4, 0.6], None)) == pytest.approx(0.5)
+    with pytest.raises(ChainstepError):
+        PRMConfig(aggregate="median")
+
+
+def test_score_shapes_for_complete_and_partial_chains(llava, train_records):
+    model, processor = llava
+    prm = PRM(model, processor, batch_size=2)
+    rows = _rows(train_records, 3)
+    partial = rows[0]["response"].split(STEP_END)[0] + STEP_END
+    scores = prm.score(rows + rows[:1], [r["response"] for r in rows] + [partial])
+    for row, s in zip(rows, scores):
+        assert len(s.steps) == len(parse(row["response"]).steps) and 0 < s.answer < 1
+    assert len(scores[-1].steps) == 1 and scores[-1].answer is None
+    assert scores[-1].steps[0] == pytest.approx(scores[0].steps[0], abs=1e-5)  # causal: same prefix
+    assert prm.chains_scored == 4 and prm.forward_passes == 2
+
+
+def test_auroc_and_ranking():
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+    assert auroc([0.1, 0.2], [1, 1]) is None
+    by_q = {"a": [(0.9, 1), (0.2, 0), (0.5, 0)], "b": [(0.3, 1), (0.6, 0)], "c": [(0.4, 1)]}
+    assert ranking_auroc(by_q) == pytest.approx(2 / 3)
+
+
+def test_merge_agree_masks_disagreements():
+    base = {"image": "x", "question": "q", "response": "r", "question_id": "q1"}
+    rows = [{**base, "id": "s/mc", "sample_id": "s", "source": "mc", "labels": [1, 0, 1],
+             "values": [1, 0, 1]},
+            {**base, "id": "s/judge", "sample_id": "s", "source": "judge", "labels": [1, 1, 1]},
+            {**base, "id": "t/judge", "sample_id": "t", "source": "judge", "labels": [0, 1]},
+            {**base, "id": "p/perturb", "sample_id": "p", "source": "perturb", "labels": [0, 1]}]
+    assert merge_labels(rows, "union") == rows
+    merged = merge_labels(rows, "agree")
+    assert [r["labels"] for r in merged] == [[1, None, 1], [0, 1]]
+
+
+def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_records, tmp_path):
+    teacher = ProgrammaticTeacher()
+    path = tmp_path / "labels.jsonl"
+    with JsonlWriter(path) as writer:
+        for record in train_records[:16]:
+            text = teacher.explain(record)
+            steps = len(parse(text).steps)
+            for good, suffix in ((1, "a"), (0, "b")):
+                writer.write({**record, "id": f"{record['id']}{suffix}/judge",
+                              "sample_id": record["id"] + suffix,
+                              "question_id": record["id"], "source": "judge", "response": text,
+                              "labels": [good] * (steps + 1)})
+    cfg = PRMConfig(max_steps=6, per_device_train_batch_size=8, learning_rate=5e-3, save_steps=100,
+                    warmup_steps=0)
+    out = train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", cfg)
+    import json
+
+    meta = json.loads((out / "chainstep.json").read_text())
+    assert meta["role"] == "prm" and meta["chains"] == 32
+    metrics = evaluate_prm(PRM.from_dir(out), read_jsonl(path))
+    assert metrics["steps"] == sum(len(parse(r["response"]).steps) for r in read_jsonl(path))
+    assert metrics["majority_baseline"] == pytest.approx(0.5)
+    assert metrics["ranking_auroc"] == pytest.approx(0.5)  # identical chains tie

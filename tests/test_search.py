@@ -1,0 +1,76 @@
+import pytest
+
+from chainstep.prm import PRM
+from chainstep.sampling import Policy
+from chainstep.search import beam_search, best_of_n, majority_vote, select, weighted_vote
+from chainstep.steps import ANSWER_END, STEP_END
+
+
+def row(answer, correct=False, parsed=True, tokens=10, i=0):
+    return {"id": f"q#{i}", "question_id": "q", "predicted": answer, "parsed": parsed,
+            "correct": correct, "tokens": tokens, "family": "f", "steps": 3}
+
+
+def test_majority_vote_normalises_answers_and_skips_unparsed():
+    rows = [row("B", i=0), row("(a)", i=1), row("A.", i=2), row(None, parsed=False, i=3), row("B", i=4)]
+    assert majority_vote(rows)["id"] == "q#0"  # tie 2-2: the first row with a top answer
+    rows.append(row("a", i=5))
+    assert majority_vote(rows)["predicted"] == "(a)"
+    assert majority_vote([row(None, parsed=False)])["id"] == "q#0"
+
+
+def test_best_of_n_and_weighted_vote():
+    rows = [row("3", i=0), row("4", i=1), row("4", i=2)]
+    scores = [0.9, 0.5, 0.6]
+    assert best_of_n(rows, scores)["id"] == "q#0"
+    assert weighted_vote(rows, scores)["id"] == "q#2"  # 0.5 + 0.6 > 0.9
+
+
+def test_select_counts_the_compute_of_all_n():
+    rows = [row("3", tokens=5, i=0), row("4", correct=True, tokens=7, i=1)]
+    picked = select("pass", rows)
+    assert picked["correct"] and picked["id"] == "q" and picked["tokens"] == 12
+    assert select("bon", rows, [0.1, 0.2])["prm_chains"] == 2
+    assert select("sc", rows)["prm_chains"] == 0
+
+
+@pytest.fixture(scope="module")
+def searchers(sft_model_dir):
+    return Policy.from_dir(sft_model_dir), PRM.from_dir(sft_model_dir)
+
+
+def test_beam_search_extends_one_step_at_a_time(searchers, test_records):
+    policy, prm = searchers
+    seen = []
+    original = policy.generate
+
+    def spy(records, params=None, prefixes=None, progress=True):
+        out = original(records, params, prefixes, progress)
+        seen.append((prefixes, out, params))
+        return out
+
+    policy.generate = spy
+    try:
+        rows, compute = beam_search(policy, prm, test_records[:3], n=4, keep=1, step_tokens=64, max_steps=6)
+    finally:
+        policy.generate = original
+    for prefixes, out, params in seen:
+        assert params.n == 4
+        for prefix, group in zip(prefixes, out):
+            assert prefix == "" or prefix.endswith(STEP_END)  # beams continue from step boundaries
+            for gen in group:
+                if gen.finish_reason == "step":
+                    assert gen.text.endswith(STEP_END) and gen.text.count(STEP_END) == 1
+    assert len(rows) == 3
+    assert compute["tokens_generated"] == sum(r["tokens"] for r in rows)
+    assert compute["prm_chains"] == sum(r["prm_chains"] for r in rows)
+    assert compute["prm_chains"] == sum(len(p) * 4 for p, _, _ in seen)
+    assert compute["prm_forward_passes"] >= len(seen)
+    for r in rows:
+        assert r["response"] == "" or ANSWER_END in r["response"] or not r["parsed"]
+
+
+def test_beam_search_keeps_k_beams(searchers, test_records):
+    policy, prm = searchers
+    rows, compute = beam_search(policy, prm, test_records[:2], n=4, keep=2, step_tokens=64, max_steps=4)
+    assert len(rows) == 2 and compute["prm_chains"] > 0
