@@ -8,7 +8,8 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("command", [[], ["run"], ["tasks"], ["tasks", "make"], ["tasks", "show"],
                                      ["build-model"], ["add-tokens"], ["construct"], ["sft"],
-                                     ["eval"], ["report"]])
+                                     ["eval"], ["report"], ["sample"], ["label"], ["prm"],
+                                     ["prm", "train"], ["prm", "eval"]])
 def test_help_everywhere(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
@@ -34,3 +35,26 @@ def test_user_errors_have_no_traceback(tmp_path):
     assert result.returncode == 1
     assert "error:" in result.stderr and "terms=7 must be 2 or 3" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_search_strategies_need_what_they_use(sft_model_dir, suite_dir, tmp_path):
+    tasks = suite_dir / "tasks" / "test.jsonl"
+    result = runner.invoke(app, ["eval", str(sft_model_dir), str(tasks), "--out", str(tmp_path),
+                                 "--strategy", "bon", "--n", "2"])
+    assert result.exit_code == 1 and "needs a PRM (--prm DIR)" in result.output
+    result = runner.invoke(app, ["label", str(tmp_path / "s.jsonl"), str(tasks), "--out",
+                                 str(tmp_path / "l.jsonl")])
+    assert result.exit_code == 1 and "need --policy" in result.output
+
+
+def test_eval_with_a_prm_writes_a_search_row(sft_model_dir, suite_dir, tmp_path):
+    import json
+
+    tasks = suite_dir / "tasks" / "test.jsonl"
+    result = runner.invoke(app, ["eval", str(sft_model_dir), str(tasks), "--out", str(tmp_path),
+                                 "--strategy", "weighted", "--n", "2", "--prm", str(sft_model_dir),
+                                 "--max-tokens", "160", "--name", "m"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "metrics.json").read_text())["results"][0]
+    assert (row["model"], row["strategy"], row["n"], row["num_questions"]) == ("m", "weighted", 2, 10)
+    assert row["prm_chains"] == 20 and row["tokens_generated"] > 0

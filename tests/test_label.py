@@ -75,3 +75,20 @@ def test_label_writes_every_source_once_and_resumes(sft_model_dir, train_records
         assert len(row["labels"]) == steps + 1
         if row["source"] == "mc":
             assert len(row["values"]) == steps + 1
+
+
+def test_malformed_chains_are_labelled_bad_from_the_break_on(train_records):
+    from chainstep.label import judged_labels
+
+    record = train_records[0]
+    text = ProgrammaticTeacher().explain(record)
+    broken = text.replace("<|reasoning_step_thought_end|>", "", 2)  # breaks steps 1 and 2
+    labels, ratings = judged_labels(record, broken, ProgrammaticJudge(), "bad")
+    steps = len(parse(text).steps)
+    assert len(labels) == steps + 1 and labels == [0] * (steps + 1)
+    late = text.replace("<|reasoning_proceed|>\n", "", 1)  # the format breaks at step 2
+    labels, ratings = judged_labels(record, late, ProgrammaticJudge(), "bad")
+    assert labels == [1] + [0] * steps
+    assert ratings == ["good"] + ["malformed"] * (steps - 1)
+    good, _ = judged_labels(record, text, ProgrammaticJudge(), "bad")
+    assert good == [1] * (steps + 1)

@@ -14,7 +14,7 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     result = CliRunner().invoke(app, ["run", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    rows = {(r["model"], r["split"]): r for r in metrics["results"]}
+    rows = {(r["model"], r["split"]): r for r in metrics["results"] if r["split"] == "test"}
     assert set(rows) == {("sft", "test"), ("base", "test")}
     for row in rows.values():
         assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
@@ -22,14 +22,21 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert rows[("sft", "test")]["parse_failure_rate"] < 0.5
     assert rows[("sft", "test")]["avg_steps"] > 1
     assert metrics["comparisons"][0]["a"] == "sft"
+    searched = {(r["strategy"], r["n"]) for r in metrics["results"] if r["split"] == "test[:20]"}
+    assert searched == {(s, n) for s in ("pass", "sc", "bon", "weighted") for n in (1, 4)} | {
+        ("beam", 4), ("greedy", 1)}
+    assert 0 <= metrics["prm"]["step_accuracy"] <= 1 and metrics["prm"]["chains"] > 0
+    assert metrics["search"]["temperature"] == 1.0
+    assert len(metrics["search"]["step_weight_ablation"]) == 6
     html = (out / "report.html").read_text()
     assert "Table 1" in html and "sft" in html and "base" in html
+    assert "Process reward model" in html and "accuracy against N" in html
     assert (out / "models" / "sft" / "model.safetensors").exists()
     assert (out / "config.yaml").exists()
 
     again = CliRunner().invoke(app, ["run", "--quick", "--out", str(out)])
     assert again.exit_code == 0, again.output
-    assert again.output.count("done, skipping") == 7
+    assert again.output.count("done, skipping") == 12
 
     changed = CliRunner().invoke(app, ["run", "--quick", "--out", str(out),
                                        "--set", "sft.max_steps=3"])

@@ -60,3 +60,27 @@ def test_params_are_validated():
         SamplingParams(n=2)
     with pytest.raises(ChainstepError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "idefics3", "internvl", "qwen2_vl"])
+def test_shared_prefill_gives_the_same_samples(tiny_model_dir, sft_model_dir, test_records, arch):
+    """n samples from one shared prefill must equal n samples from n prefills (top_k=1 makes
+    sampling deterministic); prefixes of different lengths exercise left padding."""
+    from chainstep.sampling import SHARED_PREFIX_MODELS
+
+    path = sft_model_dir if arch == "llava" else tiny_model_dir(arch)
+    shared, plain = Policy.from_dir(path, batch_size=8), Policy.from_dir(path, batch_size=8)
+    plain.share_prefix = False
+    assert shared.shares_prefix == (arch in SHARED_PREFIX_MODELS)
+    params = SamplingParams(n=2, temperature=1.0, top_k=1, max_tokens=16)
+    prefixes = ["", "<|reasoning_start|>\n", "<|reasoning_start|>\n<|reasoning_step_start|>\n"]
+    a = [[g.text for g in gs] for gs in shared.generate(test_records[:3], params, prefixes)]
+    b = [[g.text for g in gs] for gs in plain.generate(test_records[:3], params, prefixes)]
+    assert a == b
+
+
+def test_image_and_chat_tokens_are_never_generated(policy):
+    tok = policy.processor.tokenizer
+    image = tok.convert_tokens_to_ids(policy.processor.image_token)
+    assert image in policy.suppress_ids
+    assert policy.eos_id not in policy.suppress_ids and policy.step_end_id not in policy.suppress_ids

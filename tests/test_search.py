@@ -74,3 +74,22 @@ def test_beam_search_keeps_k_beams(searchers, test_records):
     policy, prm = searchers
     rows, compute = beam_search(policy, prm, test_records[:2], n=4, keep=2, step_tokens=64, max_steps=4)
     assert len(rows) == 2 and compute["prm_chains"] > 0
+
+
+def test_sampled_strategies_score_with_the_task_records(searchers, test_records, tmp_path):
+    from chainstep.search import SearchConfig, evaluate_search, search_predictions
+
+    policy, prm = searchers
+    records = test_records[:3]
+    preds, compute = search_predictions("bon", policy, records, 2, tmp_path, "m", "test", prm,
+                                        max_tokens=160)
+    assert [p["id"] for p in preds] == [r["id"] for r in records]
+    assert compute["prm_chains"] == 6 and compute["tokens_generated"] == sum(p["tokens"] for p in preds)
+    cfg = SearchConfig(ns=(1, 2), beam_ns=(2,), step_weights=(0.0, 1.0), step_tokens=48, max_steps=5)
+    results, ablation, final = evaluate_search(policy, prm, records, cfg, tmp_path, 0.7, "m", "test", 160)
+    assert {(r["strategy"], r["n"]) for r in results} == {
+        (s, n) for s in ("pass", "sc", "bon", "weighted") for n in (1, 2)} | {("beam", 2)}
+    assert [a["step_weight"] for a in ablation] == [0.0, 1.0]
+    assert set(final) == {"pass", "sc", "bon", "weighted", "beam"}
+    pass_at = {r["n"]: r["accuracy"] for r in results if r["strategy"] == "pass"}
+    assert pass_at[2] >= pass_at[1]

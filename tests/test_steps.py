@@ -149,3 +149,14 @@ def test_extract_answer():
     assert extract_answer("no answer") is None
     assert extract_answer("<|answer_start|>3") is None
     assert extract_answer("<|answer_start|>  <|answer_end|>") is None
+
+
+def test_leading_steps_of_a_malformed_chain():
+    from chainstep.steps import leading_steps
+
+    chain = Chain((Step("a", "x: 1", "ok"), Step("b", "y: 2", "ok"), Step("c", "z: 3", "ok")), "3")
+    text = render(chain)
+    assert leading_steps(text) == list(chain.steps)
+    cut = text[:text.rfind("<|reasoning_step_thought_end|>")]  # the last step never closes
+    assert leading_steps(cut + "<|reasoning_step_end|>\n") == list(chain.steps[:2])
+    assert leading_steps("garbage") == []

@@ -32,7 +32,17 @@ from .errors import ChainstepError
 from .judge import Judge, JudgeError, ProgrammaticJudge
 from .records import JsonlWriter, done_ids
 from .sampling import Policy, SamplingParams
-from .steps import STEP_END, Chain, Step, extract_answer, parse, render
+from .steps import (
+    ANSWER_END,
+    STEP_END,
+    Chain,
+    FormatError,
+    Step,
+    extract_answer,
+    leading_steps,
+    parse,
+    render,
+)
 from .teacher import ProgrammaticTeacher
 
 SIZES = ("small", "medium", "large")
@@ -166,41 +176,59 @@ def label(samples: list[dict], records: list[dict], out_path: str | Path, cfg: L
     done = done_ids(out_path)
     judge = judge or ProgrammaticJudge()
     chains = [s for s in samples if s["parsed"]]
-    stats: Counter = Counter(unparsed_skipped=len(samples) - len(chains))
+    stats: Counter = Counter()
     rejects = out_path.with_name(out_path.stem + "_rejects.jsonl")
     with JsonlWriter(out_path) as writer, JsonlWriter(rejects) as rejected:
         if cfg.judge:
-            todo = [s for s in chains if f"{s['id']}/judge" not in done]
+            todo = [s for s in samples if f"{s['id']}/judge" not in done]
             _judge_rows(todo, by_id, judge, cfg, writer, rejected, stats)
         if cfg.perturbed:
             _perturbed_rows(records, cfg, done, writer, stats)
         if cfg.mc:
             if policy is None:
                 raise ChainstepError("Monte Carlo labels need the policy (label.mc=true)")
+            stats["mc_skipped_unparsed"] = len(samples) - len(chains)
             picked = chains[:cfg.mc_chains] if cfg.mc_chains else chains
             todo = [s for s in picked if f"{s['id']}/mc" not in done]
             _mc_rows(todo, by_id, policy, cfg, writer, stats)
     return dict(stats)
 
 
+def judged_labels(record: dict, response: str, judge: Judge, neutral: str) -> tuple[list, list[str]]:
+    """Labels for every tag of a response. The well-formed leading steps get the judge's
+    ratings; every tag from the first malformed step on is bad, and so is the answer of a chain
+    that does not parse: the PRM must learn that broken format loses."""
+    try:
+        chain = parse(response)
+        ratings = judge.rate(record, chain)
+        return judge_labels(ratings, neutral) + [int(is_correct(chain.answer, record["answer"]))], ratings
+    except FormatError:
+        pass
+    steps = leading_steps(response)
+    ratings = judge.rate(record, Chain(tuple(steps), "?")) if steps else []
+    tags = response.count(STEP_END) + response.count(ANSWER_END)
+    ratings += ["malformed"] * (response.count(STEP_END) - len(steps))
+    return judge_labels(ratings[:len(steps)], neutral) + [0] * (tags - len(steps)), ratings
+
+
 def _judge_rows(todo, by_id, judge, cfg, writer, rejected, stats) -> None:
     def rate(sample):
         try:
-            return judge.rate(by_id[sample["question_id"]], parse(sample["response"])), None
+            return judged_labels(by_id[sample["question_id"]], sample["response"], judge, cfg.neutral), None
         except (JudgeError, RemoteError) as err:
             return None, getattr(err, "reason", "unreadable_reply") + f": {err}"[:200]
 
     with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
-        for sample, (ratings, error) in track(zip(todo, pool.map(rate, todo)), total=len(todo),
-                                              description="judge labels"):
+        for sample, (result, error) in track(zip(todo, pool.map(rate, todo)), total=len(todo),
+                                             description="judge labels"):
             if error:
                 rejected.write({"id": f"{sample['id']}/judge", "reason": error})
                 stats["judge_failed"] += 1
                 continue
-            labels = judge_labels(ratings, cfg.neutral) + [int(sample["correct"])]
+            labels, ratings = result
             writer.write(_row(by_id[sample["question_id"]], sample["id"], "judge", sample["response"],
                               labels, ratings=ratings))
-            stats["judge"] += 1
+            stats["judge" if sample["parsed"] else "judge_malformed"] += 1
 
 
 def _perturbed_rows(records, cfg, done, writer, stats) -> None:

@@ -180,7 +180,8 @@ def label_chains(r: Run) -> dict:
 
 
 def _train_prm(r: Run) -> dict:
-    train_prm(r.models / "sft", r.data / "prm_labels.jsonl", r.models / "prm", r.cfg.prm)
+    start = r.models / "sft" if r.cfg.prm.init == "policy" else Path(r.cfg.prm.init)
+    train_prm(start, r.data / "prm_labels.jsonl", r.models / "prm", r.cfg.prm)
     meta = json.loads((r.models / "prm" / "chainstep.json").read_text())
     return {k: meta[k] for k in ("chains", "train_loss_first", "train_loss_last", "train_runtime_s")}
 

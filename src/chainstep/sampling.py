@@ -16,9 +16,13 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, ProcessorMixin
 
 from .errors import ChainstepError
-from .inputs import collate, encode_prompt
+from .inputs import PER_TOKEN_KEYS, collate, encode_prompt
 from .models import load
-from .steps import STEP_END
+from .steps import SPECIAL_TOKENS, STEP_END
+
+# Architectures whose n samples may start from one shared prefill (tested equal to the plain
+# path); others (Qwen2-VL's multimodal rotary positions) re-encode the prompt per sample.
+SHARED_PREFIX_MODELS = ("llava", "llava_next", "idefics3", "internvl")
 
 
 @dataclass
@@ -54,18 +58,25 @@ class Generation:
 class Policy:
     """A VLM that answers task records; `batch_size` counts sequences, prompts times n."""
 
-    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, batch_size: int = 32):
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, batch_size: int = 32,
+                 share_prefix: bool = True):
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
+        self.share_prefix = share_prefix
         tok = processor.tokenizer
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
         self.step_end_id = tok.convert_tokens_to_ids(STEP_END)
         if self.step_end_id is None or self.step_end_id == tok.unk_token_id:
             raise ChainstepError("the tokenizer lacks the step tokens; run `chainstep add-tokens`")
+        # added tokens that are not ours (image placeholders, chat markers) are never generated:
+        # an <image> in a response would break the image/token alignment wherever it is re-encoded
+        self.suppress_ids = sorted(i for i, t in tok.added_tokens_decoder.items()
+                                   if t.content not in SPECIAL_TOKENS and i != self.eos_id)
 
     @classmethod
-    def from_dir(cls, path: str | Path, batch_size: int = 32, device: str = "cpu") -> Policy:
+    def from_dir(cls, path: str | Path, batch_size: int = 32, device: str = "cpu",
+                 share_prefix: bool = True) -> Policy:
         model, processor = load(path, device=device)
-        return cls(model, processor, batch_size)
+        return cls(model, processor, batch_size, share_prefix)
 
     @torch.inference_mode()
     def generate(self, records: list[dict], params: SamplingParams | None = None,
@@ -91,15 +102,34 @@ class Policy:
         batch = collate(examples, self.pad_id, padding_side="left").to(self.model.device)
         stops = [self.eos_id] + ([self.step_end_id] if params.stop_at_step else [])
         sample = params.temperature > 0
-        out = self.model.generate(
-            **batch, max_new_tokens=params.max_tokens, do_sample=sample,
-            temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample else None, top_k=params.top_k if sample else None,
-            num_return_sequences=params.n, eos_token_id=stops, pad_token_id=self.pad_id,
-        )
+        knobs = dict(max_new_tokens=params.max_tokens, do_sample=sample,
+                     temperature=params.temperature if sample else None,
+                     top_p=params.top_p if sample else None, top_k=params.top_k if sample else None,
+                     eos_token_id=stops, pad_token_id=self.pad_id,
+                     suppress_tokens=self.suppress_ids or None)
+        if params.n > 1 and self.shares_prefix:
+            out = self._generate_shared(batch, params.n, knobs)
+        else:
+            out = self.model.generate(**batch, num_return_sequences=params.n, **knobs)
         new = out[:, batch["input_ids"].shape[1]:].tolist()
         gens = [self._finish(ids, stops) for ids in new]
         return [gens[i * params.n:(i + 1) * params.n] for i in range(len(records))]
+
+    @property
+    def shares_prefix(self) -> bool:
+        return self.share_prefix and self.model.config.model_type in SHARED_PREFIX_MODELS
+
+    def _generate_shared(self, batch, n: int, knobs: dict) -> torch.Tensor:
+        """n continuations of each prompt from one prefill: the prompt (image included) is
+        encoded once and its KV cache copied n times, instead of re-encoding it per sample."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        head = {k: (v[:, :-1] if k in PER_TOKEN_KEYS else v) for k, v in batch.items()}
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, :-1]  # as generate counts them: pads skipped
+        cache = self.model(**head, position_ids=positions, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)
+        return self.model.generate(input_ids=ids.repeat_interleave(n, 0),
+                                   attention_mask=mask.repeat_interleave(n, 0),
+                                   past_key_values=cache, **knobs)
 
     def _finish(self, ids: list[int], stops: list[int]) -> Generation:
         """Cut at the first stop id: EOS is dropped, a step end is kept (it is step text)."""

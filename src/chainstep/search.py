@@ -162,7 +162,7 @@ def _sample_and_score(policy: Policy, prm: PRM, records: list[dict], path, n: in
     sample_s = time.time() - start
     rows = [r for rec in records for r in samples[rec["id"]]]
     start = time.time()
-    scores = prm.score(rows, [r["response"] for r in rows])
+    scores = prm.score([rec for rec in records for _ in range(n)], [r["response"] for r in rows])
     score_s = time.time() - start
     by_q = {rec["id"]: (samples[rec["id"]], scores[i * n:(i + 1) * n]) for i, rec in enumerate(records)}
     return by_q, sample_s, score_s
@@ -259,7 +259,7 @@ def search_predictions(strategy: str, policy: Policy, records: list[dict], n: in
     preds = []
     for record in records:
         rows = samples[record["id"]]
-        scores = prm.chain_scores(rows, [r["response"] for r in rows]) if prm and strategy in (
+        scores = prm.chain_scores([record] * n, [r["response"] for r in rows]) if prm and strategy in (
             "bon", "weighted") else None
         preds.append(select(strategy, rows, scores))
     compute = _compute(preds, scores is not None, time.time() - start)

@@ -200,6 +200,22 @@ def parse(text: str) -> Chain:
     return Chain(tuple(steps), answer)
 
 
+def leading_steps(text: str) -> list[Step]:
+    """The well-formed steps a (possibly malformed) chain starts with: what a judge can still
+    rate before the point where the format breaks."""
+    ends, start = [], 0
+    while (at := text.find(STEP_END, start)) >= 0:
+        start = at + len(STEP_END)
+        ends.append(start)
+    closing = f"\n{REASONING_END}\n{ANSWER_LINE}\n{ANSWER_START}x{ANSWER_END}"
+    for end in reversed(ends):
+        try:
+            return list(parse(text[:end] + closing).steps)
+        except FormatError:
+            continue
+    return []
+
+
 def extract_answer(text: str) -> str | None:
     """The stripped text between the first answer start and the next answer end, else None."""
     start = text.find(ANSWER_START)
