@@ -41,10 +41,10 @@ def test_search_strategies_need_what_they_use(sft_model_dir, suite_dir, tmp_path
     tasks = suite_dir / "tasks" / "test.jsonl"
     result = runner.invoke(app, ["eval", str(sft_model_dir), str(tasks), "--out", str(tmp_path),
                                  "--strategy", "bon", "--n", "2"])
-    assert result.exit_code == 1 and "needs a PRM (--prm DIR)" in result.output
+    assert result.exit_code == 1 and "needs a PRM (--prm DIR)" in str(result.exception)
     result = runner.invoke(app, ["label", str(tmp_path / "s.jsonl"), str(tasks), "--out",
                                  str(tmp_path / "l.jsonl")])
-    assert result.exit_code == 1 and "need --policy" in result.output
+    assert result.exit_code == 1 and "need --policy" in str(result.exception)
 
 
 def test_eval_with_a_prm_writes_a_search_row(sft_model_dir, suite_dir, tmp_path):

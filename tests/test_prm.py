@@ -19,6 +19,7 @@ from chainstep.prm import (
     merge_labels,
     prm_loss,
     ranking_auroc,
+    ranking_pairs,
     tag_ids,
     tag_logits,
     train_prm,
@@ -130,7 +131,7 @@ def test_auroc_and_ranking():
     assert auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
     assert auroc([0.1, 0.2], [1, 1]) is None
     by_q = {"a": [(0.9, 1), (0.2, 0), (0.5, 0)], "b": [(0.3, 1), (0.6, 0)], "c": [(0.4, 1)]}
-    assert ranking_auroc(by_q) == pytest.approx(2 / 3)
+    assert ranking_auroc(by_q) == pytest.approx(2 / 3) and ranking_pairs(by_q) == 3
 
 
 def test_merge_agree_masks_disagreements():
@@ -168,3 +169,23 @@ def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_recor
     assert metrics["steps"] == sum(len(parse(r["response"]).steps) for r in read_jsonl(path))
     assert metrics["majority_baseline"] == pytest.approx(0.5)
     assert metrics["ranking_auroc"] == pytest.approx(0.5)  # identical chains tie
+
+
+def test_lora_prm_trains_and_merges(tiny_model_dir, train_records, tmp_path):
+    teacher = ProgrammaticTeacher()
+    path = tmp_path / "labels.jsonl"
+    with JsonlWriter(path) as writer:
+        for record in train_records[:8]:
+            text = teacher.explain(record)
+            writer.write({**record, "id": f"{record['id']}/judge", "sample_id": record["id"],
+                          "question_id": record["id"], "source": "judge", "response": text,
+                          "labels": [1] * (len(parse(text).steps) + 1)})
+    cfg = PRMConfig(max_steps=2, per_device_train_batch_size=4, lora=True, learning_rate=1e-2,
+                    save_steps=100)
+    out = train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", cfg)
+    assert not (out / "adapter_config.json").exists()
+    before, _ = models.load(tiny_model_dir("llava"))
+    after, _ = models.load(out)
+    changed = {n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters())
+               if not torch.equal(a, b)}
+    assert changed and all("language_model" in n for n in changed)

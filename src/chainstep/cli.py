@@ -36,7 +36,7 @@ SET_HELP = "Config override key.sub=value (repeatable), e.g. --set sft.max_steps
 @app.command()
 def run(
     out: Path = typer.Option(None, help="Run directory [default: runs/default or runs/quick]"),
-    quick: bool = typer.Option(False, "--quick", help="Small budgets: the same stages in ~2 min"),
+    quick: bool = typer.Option(False, "--quick", help="Small budgets: the same stages in ~3 min"),
     config: Path = typer.Option(None, help="YAML config (see configs/tiny.yaml)"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
@@ -174,10 +174,14 @@ def evaluate(
     from .prm import PRM
     from .records import load_tasks
     from .sampling import Policy, SamplingParams
-    from .search import search_predictions
+    from .search import STRATEGIES, search_predictions
 
     if style not in ("cos", "direct"):
         raise ChainstepError(f"--style {style!r}: choose cos or direct")
+    if strategy not in STRATEGIES:
+        raise ChainstepError(f"--strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
+    if strategy in ("bon", "weighted", "beam") and prm is None:
+        raise ChainstepError(f"--strategy {strategy} needs a PRM (--prm DIR)")
     name = name or model.name
     records = load_tasks(tasks)
     policy = Policy.from_dir(model, batch_size=batch_size)

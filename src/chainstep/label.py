@@ -64,7 +64,7 @@ class LabelConfig:
     threshold: float = 0.5
     neutral: str = "bad"  # what a neutral rating becomes: good, bad or drop
     mc_chains: int = 100  # MC-label at most this many sampled chains; 0 = all
-    perturbed: int = 1  # perturbed teacher chains per question, judge-labelled
+    perturbed: int = 0  # perturbed teacher chains per question, judge-labelled (hurt ranking here)
     temperature: float = 1.0  # rollout sampling temperature
     max_tokens: int = 256
     concurrency: int = 8  # judge requests in flight (HTTP judge)

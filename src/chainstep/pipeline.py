@@ -5,8 +5,8 @@ Each stage writes into the run directory and leaves a marker in `stages/` when i
 so re-running skips finished stages, and a stage killed mid-way resumes from its own files
 (JSONL records keyed by id, trainer checkpoints).
 
-    chainstep run --quick            # ~2 minutes on 2 CPU cores
-    chainstep run --out runs/main    # the default profile, ~8 minutes
+    chainstep run --quick            # ~3 minutes on 2 CPU cores
+    chainstep run --out runs/main    # the default profile, ~20 minutes
 """
 
 from __future__ import annotations

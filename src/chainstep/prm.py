@@ -312,11 +312,17 @@ def evaluate_prm(prm: PRM, rows: list[dict]) -> dict:
         "bad_step_f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
         "first_error_accuracy": sum(first_hits) / len(first_hits) if first_hits else None,
         "ranking_auroc": ranking_auroc(by_question),
+        "ranking_pairs": ranking_pairs(by_question),
     }
 
 
 def _first_bad(flags: list[bool]) -> int:
     return next((i for i, bad in enumerate(flags) if bad), -1)
+
+
+def ranking_pairs(by_question: dict[str, list[tuple[float, int]]]) -> int:
+    """How many (right, wrong) chain pairs within a question `ranking_auroc` averages over."""
+    return sum(sum(c for _, c in chains) * sum(1 - c for _, c in chains) for chains in by_question.values())
 
 
 def ranking_auroc(by_question: dict[str, list[tuple[float, int]]]) -> float | None:
