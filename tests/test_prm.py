@@ -189,3 +189,22 @@ def test_lora_prm_trains_and_merges(tiny_model_dir, train_records, tmp_path):
     changed = {n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters())
                if not torch.equal(a, b)}
     assert changed and all("language_model" in n for n in changed)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_scoring_continuations_on_a_shared_prefix_equals_scoring_them_whole(tiny_model_dir, train_records,
+                                                                             arch):
+    model, processor = models.load(tiny_model_dir(arch))
+    prm = PRM(model, processor, batch_size=4)
+    texts = [ProgrammaticTeacher().explain(r) for r in train_records[:3]]
+    prefixes = ["", texts[1].split(STEP_END)[0] + STEP_END,
+                STEP_END.join(texts[2].split(STEP_END)[:3]) + STEP_END]
+    groups = [[t[len(p):], t[len(p):len(p) + 40]] for p, t in zip(prefixes, texts)]
+    shared = prm.score_continuations(train_records[:3], prefixes, groups)
+    whole = prm.score([r for r in train_records[:3] for _ in range(2)],
+                      [p + c for p, g in zip(prefixes, groups) for c in g])
+    for got, want in zip([s for g in shared for s in g], whole):
+        assert got.steps == pytest.approx(want.steps, abs=1e-4)
+        assert (got.answer is None) == (want.answer is None)
+        if want.answer is not None:
+            assert got.answer == pytest.approx(want.answer, abs=1e-4)

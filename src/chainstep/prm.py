@@ -23,7 +23,8 @@ from .errors import ChainstepError
 from .inputs import collate, encode_prompt, extend_text
 from .models import load
 from .records import read_jsonl
-from .steps import ANSWER_END, BAD_TAG, GOOD_TAG, STEP_TAG, tag_response
+from .sampling import SHARED_PREFIX_MODELS
+from .steps import ANSWER_END, BAD_TAG, GOOD_TAG, STEP_END, STEP_TAG, tag_response
 from .train_sft import ResumableTrainer, SFTConfig, fit, prepare_model, training_arguments
 
 AGGREGATES = ("mean", "min", "last", "prod")
@@ -264,6 +265,74 @@ class PRM:
 
     def chain_scores(self, records: list[dict], responses: list[str]) -> list[float]:
         return [chain_score(s, self.step_weight, self.aggregate) for s in self.score(records, responses)]
+
+    @torch.inference_mode()
+    def score_continuations(self, records: list[dict], prefixes: list[str],
+                            continuations: list[list[str]]) -> list[list[StepScores]]:
+        """Scores of prefix + each of its continuations (step search), the prompt and prefix
+        encoded once per record and their KV cache shared by the continuations; the same numbers
+        as `score` on the joined texts. Falls back to `score` where sharing is not supported."""
+        sizes = {len(group) for group in continuations}
+        if self.model.config.model_type not in SHARED_PREFIX_MODELS or len(sizes) != 1 or \
+                any(p and not p.endswith(STEP_END) for p in prefixes):
+            flat = self.score([r for r, g in zip(records, continuations) for _ in g],
+                              [p + c for p, g in zip(prefixes, continuations) for c in g])
+            return _regroup(flat, [len(g) for g in continuations])
+        n = sizes.pop()
+        per = max(1, self.batch_size // n)
+        out: list[list[StepScores]] = []
+        for start in range(0, len(records), per):
+            chunk = slice(start, start + per)
+            out += self._score_shared(records[chunk], prefixes[chunk], continuations[chunk], n)
+        self.chains_scored += n * len(records)
+        return out
+
+    def _score_shared(self, records, prefixes, groups, n: int) -> list[list[StepScores]]:
+        tok, tag_id = self.processor.tokenizer, tag_ids(self.processor)[0]
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        tagged = [tag_response(p) for p in prefixes]
+        batch = collate([encode_prompt(self.processor, r, t) for r, t in zip(records, tagged)],
+                        tok.pad_token_id, padding_side="left").to(self.model.device)
+        mask = batch["attention_mask"]
+        out = inner.model(**batch, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        prefix_steps = []
+        for b, text in enumerate(tagged):
+            where = (batch["input_ids"][b] == tag_id).nonzero().flatten()[-text.count(STEP_TAG):] \
+                if STEP_TAG in text else []
+            prefix_steps.append(self._probs(out.last_hidden_state[b, where]) if len(where) else [])
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        texts = [tag_response(c) for group in groups for c in group]
+        ids = [tok(t, add_special_tokens=False)["input_ids"] or [tok.pad_token_id] for t in texts]
+        longest = max(map(len, ids))
+        cand = torch.full((len(ids), longest), tok.pad_token_id, dtype=torch.long)
+        cand_mask = torch.zeros_like(cand)
+        for i, row in enumerate(ids):
+            cand[i, :len(row)], cand_mask[i, :len(row)] = torch.tensor(row), 1
+        cand, cand_mask = cand.to(mask.device), cand_mask.to(mask.device)
+        start = mask.sum(-1).repeat_interleave(n)[:, None]
+        full_mask = torch.cat([mask.repeat_interleave(n, 0), cand_mask], 1)
+        hidden = inner.model(input_ids=cand, attention_mask=full_mask,
+                             position_ids=start + torch.arange(longest, device=mask.device),
+                             past_key_values=cache, use_cache=True).last_hidden_state
+        self.forward_passes += 2
+        scores = []
+        for i, text in enumerate(texts):
+            values = prefix_steps[i // n] + self._probs(hidden[i][(cand[i] == tag_id) & cand_mask[i].bool()])
+            answer = values.pop() if ANSWER_END in text and values else None
+            scores.append(StepScores(values, answer))
+        return _regroup(scores, [n] * len(records))
+
+    def _probs(self, hidden: torch.Tensor) -> list[float]:
+        return torch.softmax(head_logits(self.model, hidden, self.label_ids).float(), -1)[:, 0].tolist()
+
+
+def _regroup(flat: list, sizes: list[int]) -> list[list]:
+    out, at = [], 0
+    for size in sizes:
+        out.append(flat[at:at + size])
+        at += size
+    return out
 
 
 def auroc(scores: list[float], labels: list[int]) -> float | None:

@@ -124,7 +124,9 @@ def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int
                       for (qid, prefix), group in zip(active, gens) for g in group]
         for (qid, _), group in zip(active, gens):
             tokens[qid] += sum(g.num_tokens for g in group)
-        scores = prm.chain_scores([by_id[q] for q, _, _ in candidates], [t for _, t, _ in candidates])
+        step_scores = prm.score_continuations([by_id[q] for q, _ in active], [p for _, p in active],
+                                              [[g.text for g in group] for group in gens])
+        scores = [chain_score(s, prm.step_weight, prm.aggregate) for group in step_scores for s in group]
         grouped = defaultdict(list)
         for (qid, text, done), score in zip(candidates, scores):
             grouped[qid].append((score, text, done))
