@@ -22,7 +22,7 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert rows[("sft", "test")]["parse_failure_rate"] < 0.5
     assert rows[("sft", "test")]["avg_steps"] > 1
     assert metrics["comparisons"][0]["a"] == "sft"
-    searched = {(r["strategy"], r["n"]) for r in metrics["results"] if r["split"] == "test[:20]"}
+    searched = {(r["strategy"], r["n"]) for r in metrics["results"] if r["split"] == "test[:16]"}
     assert searched == {(s, n) for s in ("pass", "sc", "bon", "weighted") for n in (1, 4)} | {
         ("beam", 4), ("greedy", 1)}
     assert 0 <= metrics["prm"]["step_accuracy"] <= 1 and metrics["prm"]["chains"] > 0

@@ -146,18 +146,22 @@ def test_merge_agree_masks_disagreements():
     assert [r["labels"] for r in merged] == [[1, None, 1], [0, 1]]
 
 
-def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_records, tmp_path):
+def _label_file(path, records, verdicts=((1, "a"), (0, "b"))):
+    """Teacher chains labelled all good or all bad, one row per (record, verdict)."""
     teacher = ProgrammaticTeacher()
-    path = tmp_path / "labels.jsonl"
     with JsonlWriter(path) as writer:
-        for record in train_records[:16]:
+        for record in records:
             text = teacher.explain(record)
-            steps = len(parse(text).steps)
-            for good, suffix in ((1, "a"), (0, "b")):
+            for good, suffix in verdicts:
                 writer.write({**record, "id": f"{record['id']}{suffix}/judge",
-                              "sample_id": record["id"] + suffix,
-                              "question_id": record["id"], "source": "judge", "response": text,
-                              "labels": [good] * (steps + 1)})
+                              "sample_id": record["id"] + suffix, "question_id": record["id"],
+                              "source": "judge", "response": text,
+                              "labels": [good] * (len(parse(text).steps) + 1)})
+    return path
+
+
+def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_records, tmp_path):
+    path = _label_file(tmp_path / "labels.jsonl", train_records[:16])
     cfg = PRMConfig(max_steps=6, per_device_train_batch_size=8, learning_rate=5e-3, save_steps=100,
                     warmup_steps=0)
     out = train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", cfg)
@@ -172,14 +176,7 @@ def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_recor
 
 
 def test_lora_prm_trains_and_merges(tiny_model_dir, train_records, tmp_path):
-    teacher = ProgrammaticTeacher()
-    path = tmp_path / "labels.jsonl"
-    with JsonlWriter(path) as writer:
-        for record in train_records[:8]:
-            text = teacher.explain(record)
-            writer.write({**record, "id": f"{record['id']}/judge", "sample_id": record["id"],
-                          "question_id": record["id"], "source": "judge", "response": text,
-                          "labels": [1] * (len(parse(text).steps) + 1)})
+    path = _label_file(tmp_path / "labels.jsonl", train_records[:8], verdicts=((1, ""),))
     cfg = PRMConfig(max_steps=2, per_device_train_batch_size=4, lora=True, learning_rate=1e-2,
                     save_steps=100)
     out = train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", cfg)

@@ -59,11 +59,11 @@ class RunConfig:
 
 QUICK: dict[str, object] = {
     "suite.train": 400, "suite.val": 40, "suite.test": 100,
-    "sft.max_steps": 110, "sft.save_steps": 55, "base_sft.max_steps": 40,
+    "sft.max_steps": 100, "sft.save_steps": 50, "base_sft.max_steps": 30,
     "model.vocab_size": 512,
     "label.questions": 32, "label.val_questions": 12, "label.mc_chains": 8,
     "prm.max_steps": 20, "prm.save_steps": 10,
-    "search.questions": 20, "search.ns": [1, 4], "search.beam_ns": [4],
+    "search.questions": 16, "search.ns": [1, 4], "search.beam_ns": [4],
     "search.temperatures": [1.0], "search.val_questions": 8,
 }
 
