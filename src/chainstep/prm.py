@@ -356,6 +356,7 @@ def evaluate_prm(prm: PRM, rows: list[dict]) -> dict:
     each question is.
     """
     scores = prm.score(rows, [r["response"] for r in rows])
+    families = {r["question_id"]: r.get("family") or r.get("meta", {}).get("family") or "all" for r in rows}
     step_p, step_y, first_hits, by_question = [], [], [], {}
     for row, s in zip(rows, scores):
         labels = row["labels"][:len(s.steps)]
@@ -382,6 +383,9 @@ def evaluate_prm(prm: PRM, rows: list[dict]) -> dict:
         "first_error_accuracy": sum(first_hits) / len(first_hits) if first_hits else None,
         "ranking_auroc": ranking_auroc(by_question),
         "ranking_pairs": ranking_pairs(by_question),
+        "per_family_ranking_auroc": {
+            family: ranking_auroc({q: c for q, c in by_question.items() if families[q] == family})
+            for family in sorted(set(families.values()))},
     }
 
 
