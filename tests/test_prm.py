@@ -5,13 +5,13 @@ import torch
 
 from chainstep import models
 from chainstep.errors import ChainstepError
+from chainstep.inputs import collate
 from chainstep.prm import (
     PRM,
     PRMConfig,
     StepScores,
     auroc,
     chain_score,
-    collate_prm,
     encode_prm_example,
     evaluate_prm,
     head_logits,
@@ -58,8 +58,8 @@ def test_training_and_scoring_read_the_same_positions(llava, train_records):
     model, processor = llava
     rows = [{**r, "labels": [1] * (len(parse(r["response"]).steps) + 1)} for r in _rows(train_records)]
     train_batch = _Collator(processor, soft=False)(rows)
-    score_batch = collate_prm([encode_prm_example(processor, r, r["response"]) for r in rows],
-                              processor.tokenizer.pad_token_id)
+    score_batch = collate([encode_prm_example(processor, r, r["response"]) for r in rows],
+                          processor.tokenizer.pad_token_id)
     assert torch.equal(train_batch["prm_targets"].ge(0), score_batch["prm_targets"].ge(0))
     assert torch.equal(train_batch["input_ids"], score_batch["input_ids"])
 
@@ -67,8 +67,8 @@ def test_training_and_scoring_read_the_same_positions(llava, train_records):
 def test_tag_logits_equal_the_full_lm_head(llava, train_records):
     model, processor = llava
     rows = _rows(train_records, 2)
-    batch = collate_prm([encode_prm_example(processor, r, r["response"]) for r in rows],
-                        processor.tokenizer.pad_token_id)
+    batch = collate([encode_prm_example(processor, r, r["response"]) for r in rows],
+                    processor.tokenizer.pad_token_id)
     where = batch.pop("prm_targets").ge(0)
     good, bad = tag_ids(processor)[1:]
     with torch.no_grad():
@@ -80,8 +80,8 @@ def test_tag_logits_equal_the_full_lm_head(llava, train_records):
 def test_loss_gradient_flows_from_tag_positions_only(llava, train_records):
     model, processor = llava
     rows = _rows(train_records, 2)
-    batch = collate_prm([encode_prm_example(processor, r, r["response"], [1] * 5) for r in rows],
-                        processor.tokenizer.pad_token_id)
+    batch = collate([encode_prm_example(processor, r, r["response"], [1] * 5) for r in rows],
+                    processor.tokenizer.pad_token_id)
     targets = batch.pop("prm_targets")
     where = targets.ge(0)
     hidden = hidden_states(model, batch)

@@ -13,6 +13,7 @@ from transformers import BatchFeature, ProcessorMixin
 from .records import load_image, prompt_text
 
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+TARGET_KEYS = ("labels", "prm_targets")  # per-token training targets, padded with -100
 
 
 def chat_prompt(processor: ProcessorMixin, record: dict) -> str:
@@ -62,13 +63,13 @@ def encode_example(processor: ProcessorMixin, record: dict, response: str,
 
 def collate(examples: list[dict[str, torch.Tensor]], pad_id: int,
             padding_side: str = "right") -> BatchFeature:
-    """Pad per-token tensors (labels with -100), concatenate image tensors along dim 0."""
+    """Pad per-token tensors (targets with -100), concatenate image tensors along dim 0."""
     longest = max(e["input_ids"].shape[0] for e in examples)
     batch = {}
     for key in examples[0]:
         values = [e[key] for e in examples]
-        if key in PER_TOKEN_KEYS or key == "labels":
-            fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
+        if key in PER_TOKEN_KEYS or key in TARGET_KEYS:
+            fill = pad_id if key == "input_ids" else -100 if key in TARGET_KEYS else 0
             batch[key] = torch.stack([_pad(v, longest, fill, padding_side) for v in values])
         else:
             batch[key] = torch.cat(values, dim=0)

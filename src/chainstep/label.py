@@ -171,6 +171,8 @@ def _row(record: dict, sample_id: str, source: str, response: str, labels: list,
 def label(samples: list[dict], records: list[dict], out_path: str | Path, cfg: LabelConfig,
           policy: Policy | None = None, judge: Judge | None = None) -> dict:
     """Write label rows for `samples` (graded responses) into `out_path`; resumable by id."""
+    if cfg.mc and policy is None:
+        raise ChainstepError("Monte Carlo labels need the policy (label.mc=true)")
     out_path = Path(out_path)
     by_id = {r["id"]: r for r in records}
     done = done_ids(out_path)
@@ -185,8 +187,6 @@ def label(samples: list[dict], records: list[dict], out_path: str | Path, cfg: L
         if cfg.perturbed:
             _perturbed_rows(records, cfg, done, writer, stats)
         if cfg.mc:
-            if policy is None:
-                raise ChainstepError("Monte Carlo labels need the policy (label.mc=true)")
             stats["mc_skipped_unparsed"] = len(samples) - len(chains)
             picked = chains[:cfg.mc_chains] if cfg.mc_chains else chains
             todo = [s for s in picked if f"{s['id']}/mc" not in done]

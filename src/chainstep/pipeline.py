@@ -166,7 +166,7 @@ def _mean(values) -> float:
 
 
 def label_chains(r: Run) -> dict:
-    """MC + judge labels on train chains plus perturbed teacher chains; val chains get judge
+    """MC + judge labels on train chains (plus perturbed teacher chains if asked); val chains get judge
     labels (exact on the synthetic suite) and a few MC labels for the report's trace viewer."""
     cfg, policy = r.cfg.label, _policy(r)
     train = load_tasks(r.tasks / "train.jsonl")

@@ -22,9 +22,9 @@ from transformers import PreTrainedModel, ProcessorMixin, set_seed
 from .errors import ChainstepError
 from .inputs import collate, encode_prompt, extend_text
 from .models import load
-from .records import read_jsonl
+from .records import JsonlWriter, read_jsonl
 from .sampling import SHARED_PREFIX_MODELS
-from .steps import ANSWER_END, BAD_TAG, GOOD_TAG, STEP_END, STEP_TAG, tag_response
+from .steps import ANSWER_END, BAD_TAG, GOOD_TAG, STEP_END, STEP_TAG, parse, tag_response
 from .train_sft import ResumableTrainer, SFTConfig, fit, prepare_model, training_arguments
 
 AGGREGATES = ("mean", "min", "last", "prod")
@@ -120,15 +120,6 @@ def encode_prm_example(processor: ProcessorMixin, record: dict, response: str,
     return example
 
 
-def collate_prm(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    targets = [e.pop("prm_targets") for e in examples]
-    batch = collate(examples, pad_id)
-    longest = batch["input_ids"].shape[1]
-    batch["prm_targets"] = torch.stack([torch.cat([t, t.new_full((longest - len(t),), -100.0)])
-                                        for t in targets])
-    return batch
-
-
 def hidden_states(model: PreTrainedModel, batch: dict) -> torch.Tensor:
     """The decoder's final (normed) hidden states, [B, L, H]."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -176,7 +167,7 @@ class _Collator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         examples = [encode_prm_example(self.processor, r, r["response"], training_targets(r, self.soft))
                     for r in rows]
-        return collate_prm(examples, self.processor.tokenizer.pad_token_id)
+        return collate(examples, self.processor.tokenizer.pad_token_id)
 
 
 def training_targets(row: dict, soft: bool) -> list[float | None]:
@@ -191,11 +182,8 @@ def merge_labels(rows: list[dict], how: str = "union") -> list[dict]:
     the steps they disagree on masked."""
     if how == "union":
         return rows
-    by_sample: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        by_sample.setdefault(row["sample_id"], {})[row["source"]] = row
     merged = []
-    for sources in by_sample.values():
+    for sources in _by_sample(rows).values():
         if "mc" in sources and "judge" in sources:
             mc, judge = sources["mc"], sources["judge"]
             labels = [a if a == b else None for a, b in zip(mc["labels"], judge["labels"])]
@@ -251,9 +239,9 @@ class PRM:
         for start in range(0, len(records), self.batch_size):
             recs, texts = records[start:start + self.batch_size], responses[start:start + self.batch_size]
             examples = [encode_prm_example(self.processor, r, t) for r, t in zip(recs, texts)]
-            batch = collate_prm(examples, self.processor.tokenizer.pad_token_id).to(self.model.device)
+            batch = collate(examples, self.processor.tokenizer.pad_token_id).to(self.model.device)
             where = batch.pop("prm_targets").ge(0)
-            probs = torch.softmax(tag_logits(self.model, batch, where, self.label_ids).float(), -1)[:, 0]
+            probs = self._good(hidden_states(self.model, batch)[where])
             counts = where.sum(dim=1).tolist()
             for text, chunk in zip(texts, torch.split(probs, counts)):
                 values = chunk.tolist()
@@ -299,7 +287,7 @@ class PRM:
         for b, text in enumerate(tagged):
             where = (batch["input_ids"][b] == tag_id).nonzero().flatten()[-text.count(STEP_TAG):] \
                 if STEP_TAG in text else []
-            prefix_steps.append(self._probs(out.last_hidden_state[b, where]) if len(where) else [])
+            prefix_steps.append(self._good(out.last_hidden_state[b, where]).tolist() if len(where) else [])
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)
         texts = [tag_response(c) for group in groups for c in group]
@@ -318,13 +306,15 @@ class PRM:
         self.forward_passes += 2
         scores = []
         for i, text in enumerate(texts):
-            values = prefix_steps[i // n] + self._probs(hidden[i][(cand[i] == tag_id) & cand_mask[i].bool()])
+            at_tags = (cand[i] == tag_id) & cand_mask[i].bool()
+            values = prefix_steps[i // n] + self._good(hidden[i][at_tags]).tolist()
             answer = values.pop() if ANSWER_END in text and values else None
             scores.append(StepScores(values, answer))
         return _regroup(scores, [n] * len(records))
 
-    def _probs(self, hidden: torch.Tensor) -> list[float]:
-        return torch.softmax(head_logits(self.model, hidden, self.label_ids).float(), -1)[:, 0].tolist()
+    def _good(self, hidden: torch.Tensor) -> torch.Tensor:
+        """P(good) from [K, H] hidden states at tag positions."""
+        return torch.softmax(head_logits(self.model, hidden, self.label_ids).float(), -1)[:, 0]
 
 
 def _regroup(flat: list, sizes: list[int]) -> list[list]:
@@ -429,9 +419,6 @@ def label_agreement(rows: list[dict]) -> float | None:
 def write_traces(prm: PRM, rows: list[dict], path: str | Path, limit: int = 12) -> Path:
     """Chains labelled by both MC and the judge, with the PRM's score for every step: the
     report's step-trace viewer."""
-    from .records import JsonlWriter
-    from .steps import parse
-
     both = [s for s in _by_sample(rows).values() if {"mc", "judge"} <= s.keys()][:limit]
     scores = prm.score([s["judge"] for s in both], [s["judge"]["response"] for s in both])
     path = Path(path)

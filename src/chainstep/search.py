@@ -155,26 +155,31 @@ def _final(params: SamplingParams) -> SamplingParams:
                           seed=params.seed)
 
 
-def _sample_and_score(policy: Policy, prm: PRM, records: list[dict], path, n: int,
+def _sample_and_score(policy: Policy, prm: PRM | None, records: list[dict], path, n: int,
                       temperature: float, max_tokens: int, seed: int):
-    """N graded samples per record (resumable file) and their PRM scores, with wall times."""
+    """N graded samples per record (resumable file) and their PRM scores (None without a PRM),
+    with wall times; all chains are scored in one batched pass."""
     start = time.time()
     samples = sample_responses(policy, records, path, SamplingParams(
         n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
     sample_s = time.time() - start
     rows = [r for rec in records for r in samples[rec["id"]]]
     start = time.time()
-    scores = prm.score([rec for rec in records for _ in range(n)], [r["response"] for r in rows])
+    scores = prm.score([rec for rec in records for _ in range(n)], [r["response"] for r in rows]) \
+        if prm else [None] * len(rows)
     score_s = time.time() - start
     by_q = {rec["id"]: (samples[rec["id"]], scores[i * n:(i + 1) * n]) for i, rec in enumerate(records)}
     return by_q, sample_s, score_s
 
 
-def _predictions(by_q: dict, strategy: str, n: int, prm: PRM, step_weight: float | None = None):
-    w = prm.step_weight if step_weight is None else step_weight
+def _predictions(by_q: dict, strategy: str, n: int, prm: PRM | None,
+                 step_weight: float | None = None) -> list[dict]:
     preds = []
     for rows, scores in by_q.values():
-        chain = [chain_score(s, w, prm.aggregate) for s in scores[:n]]
+        chain = None
+        if prm is not None:
+            w = prm.step_weight if step_weight is None else step_weight
+            chain = [chain_score(s, w, prm.aggregate) for s in scores[:n]]
         preds.append(select(strategy, rows[:n], chain))
     return preds
 
@@ -213,7 +218,7 @@ def evaluate_search(policy: Policy, prm: PRM, records: list[dict], cfg: SearchCo
             uses_prm = strategy in ("bon", "weighted")
             wall = (sample_s + (score_s if uses_prm else 0)) * n / top
             results.append({**summarize(preds, model, strategy, n, split),
-                            **_compute(preds, uses_prm, wall), "temperature": temperature})
+                            **_compute(preds, wall, estimated=True), "temperature": temperature})
             if n == top:
                 final[strategy] = preds
     for n in cfg.beam_ns:
@@ -236,10 +241,10 @@ def evaluate_search(policy: Policy, prm: PRM, records: list[dict], cfg: SearchCo
     return results, ablation, final
 
 
-def _compute(preds: list[dict], uses_prm: bool, wall_s: float) -> dict:
+def _compute(preds: list[dict], wall_s: float, estimated: bool) -> dict:
     return {"tokens_generated": sum(p["tokens"] for p in preds),
-            "prm_chains": sum(p["prm_chains"] for p in preds) if uses_prm else 0,
-            "wall_s": round(wall_s, 2), "wall_s_estimated": True}
+            "prm_chains": sum(p["prm_chains"] for p in preds),
+            "wall_s": round(wall_s, 2), "wall_s_estimated": estimated}
 
 
 def search_predictions(strategy: str, policy: Policy, records: list[dict], n: int, out_dir: Path,
@@ -256,13 +261,8 @@ def search_predictions(strategy: str, policy: Policy, records: list[dict], n: in
     if strategy not in ("sc", "pass", "bon", "weighted"):
         raise ChainstepError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
     start = time.time()
-    samples = sample_responses(policy, records, out_dir / f"{name}-{split}-samples-t{temperature}.jsonl",
-                               SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
-    preds = []
-    for record in records:
-        rows = samples[record["id"]]
-        scores = prm.chain_scores([record] * n, [r["response"] for r in rows]) if prm and strategy in (
-            "bon", "weighted") else None
-        preds.append(select(strategy, rows, scores))
-    compute = _compute(preds, scores is not None, time.time() - start)
-    return preds, {**compute, "wall_s_estimated": False}
+    path = out_dir / f"{name}-{split}-samples-t{temperature}.jsonl"
+    scorer = prm if strategy in ("bon", "weighted") else None
+    by_q, _, _ = _sample_and_score(policy, scorer, records, path, n, temperature, max_tokens, seed)
+    preds = _predictions(by_q, strategy, n, scorer)
+    return preds, _compute(preds, time.time() - start, estimated=False)
