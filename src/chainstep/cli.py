@@ -285,6 +285,69 @@ def prm_eval(
     console.print(evaluate_prm(PRM.from_dir(prm), rows))
 
 
+dpo_app = typer.Typer(help="Iterative DPO on PRM-scored pairs.", no_args_is_help=True)
+app.add_typer(dpo_app, name="dpo")
+
+
+@dpo_app.command("run")
+def dpo_run(
+    sft_model: Path = typer.Argument(..., help="SFT policy: every round restarts from it"),
+    tasks: Path = typer.Argument(..., help="Training task records (the first dpo.questions are used)"),
+    out: Path = typer.Option(..., help="Folder for data/ (samples, pairs) and models/dpo-r{k}"),
+    prm: Path = typer.Option(None, help="PRM directory (not needed with --set pair_source=outcome)"),
+    set_: list[str] = typer.Option([], "--set", help="DPO override, e.g. --set rounds=2 --set threshold=0.2"),
+):
+    """Sample, score, pair and train for dpo.rounds rounds; finished rounds are skipped on a re-run."""
+    from .config import from_dict, parse_overrides
+    from .dpo import DPOConfig, iterative_dpo
+    from .records import load_tasks
+
+    cfg = from_dict(DPOConfig, parse_overrides(set_), "dpo.")
+    records = load_tasks(tasks)
+    records = records[:cfg.questions] if cfg.questions else records
+    for name, stats in iterative_dpo(sft_model, prm, records, out, cfg).items():
+        console.print(f"{name}: {stats}")
+
+
+@dpo_app.command("train")
+def dpo_train(
+    model: Path = typer.Argument(..., help="Policy and reference start here"),
+    pairs: Path = typer.Argument(..., help="pairs.jsonl (question_id, chosen, rejected)"),
+    tasks: Path = typer.Argument(..., help="The task records the pairs answer"),
+    out: Path = typer.Option(..., help="Output model directory"),
+    set_: list[str] = typer.Option([], "--set", help="DPO override, e.g. --set beta=0.1"),
+):
+    """One DPO training run on a pairs file. Launch under accelerate or torchrun for DDP:
+    accelerate launch --multi_gpu --num_processes 2 -m chainstep dpo train ..."""
+    from .config import from_dict, parse_overrides
+    from .dpo import DPOConfig, train_dpo
+    from .records import load_tasks
+
+    cfg = from_dict(DPOConfig, parse_overrides(set_), "dpo.")
+    train_dpo(model, pairs, {r["id"]: r for r in load_tasks(tasks)}, out, cfg)
+    console.print(f"saved -> {out}")
+
+
+@app.command()
+def grpo(
+    sft_model: Path = typer.Argument(..., help="Starting policy"),
+    tasks: Path = typer.Argument(..., help="Training task records (the first grpo.questions are used)"),
+    out: Path = typer.Option(..., help="Output model directory"),
+    prm: Path = typer.Option(None, help="PRM directory (the reward with --set reward=prm)"),
+    set_: list[str] = typer.Option([], "--set", help="GRPO override, e.g. --set reward=outcome "
+                                   "--set advantages=step"),
+):
+    """GRPO with the PRM chain score (or the outcome) as reward; resumes after a kill."""
+    from .config import from_dict, parse_overrides
+    from .grpo import GRPOConfig, train_grpo
+    from .records import load_tasks
+
+    cfg = from_dict(GRPOConfig, parse_overrides(set_), "grpo.")
+    records = load_tasks(tasks)
+    train_grpo(sft_model, prm, records[:cfg.questions] if cfg.questions else records, out, cfg)
+    console.print(f"saved -> {out}")
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory")):
     """Rewrite report.html from a run directory's files."""

@@ -15,7 +15,9 @@ from pathlib import Path
 import yaml
 
 from .construct import FilterConfig
+from .dpo import DPOConfig
 from .errors import ChainstepError
+from .grpo import GRPOConfig
 from .label import LabelConfig
 from .prm import PRMConfig
 from .search import SearchConfig
@@ -54,6 +56,8 @@ class RunConfig:
     label: LabelConfig = field(default_factory=LabelConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     threads: int = 2  # torch threads; 2 = all cores on the reference machine
 
 

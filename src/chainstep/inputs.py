@@ -12,7 +12,7 @@ from transformers import BatchFeature, ProcessorMixin
 
 from .records import load_image, prompt_text
 
-PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "completion_mask")
 TARGET_KEYS = ("labels", "prm_targets")  # per-token training targets, padded with -100
 
 

@@ -1,5 +1,5 @@
 """`chainstep run`: tasks -> teacher data -> SFT (CoS and direct answer) -> evaluation ->
-sampled chains -> step labels -> PRM -> PRM-guided search -> report.
+sampled chains -> step labels -> PRM -> PRM-guided search -> iterative DPO and GRPO -> report.
 
 Each stage writes into the run directory and leaves a marker in `stages/` when it finishes,
 so re-running skips finished stages, and a stage killed mid-way resumes from its own files
@@ -23,14 +23,16 @@ from rich.console import Console
 from . import models
 from .config import RunConfig, dump_config, to_dict
 from .construct import construct
+from .dpo import iterative_dpo, pair_source_ablation
 from .errors import ChainstepError
 from .evaluate import paired_comparison, predict, sample_responses, summarize, update_metrics
+from .grpo import train_grpo, variant
 from .label import label
 from .prm import PRM, evaluate_prm, label_agreement, train_prm, write_traces
 from .records import load_tasks, read_jsonl
 from .report import write_report
 from .sampling import Policy, SamplingParams
-from .search import choose_temperature, evaluate_search
+from .search import beam_search, choose_temperature, evaluate_search
 from .synthetic import make_tasks
 from .teacher import ProgrammaticTeacher
 from .train_sft import train_sft
@@ -91,6 +93,9 @@ def run(cfg: RunConfig, out: str | Path) -> Path:
     r.stage("prm", lambda: _train_prm(r))
     r.stage("prm_eval", lambda: evaluate_verifier(r))
     r.stage("search", lambda: search(r))
+    r.stage("dpo", lambda: improve_dpo(r))
+    r.stage("grpo", lambda: improve_grpo(r))
+    r.stage("policy_eval", lambda: evaluate_improved(r))
     r.stage("report", lambda: {"report": str(write_report(r.dir))})
     return r.dir
 
@@ -226,3 +231,96 @@ def search(r: Run) -> dict:
                            "step_weight_ablation": ablation, "split": split})
     return {"temperature": temperature, **{f"{row['strategy']}@{row['n']}": round(row["accuracy"], 3)
                                            for row in results if row["n"] in (1, top)}}
+
+
+def _train_questions(r: Run, skip: int, count: int) -> list[dict]:
+    """Train questions after the first `skip` (those earlier stages used), so the PRM never
+    scores chains of questions it was trained on."""
+    train = load_tasks(r.tasks / "train.jsonl")
+    chosen = train[skip:skip + count]
+    if len(chosen) < count:
+        raise ChainstepError(f"the train split has {len(train)} questions; {skip + count} are needed "
+                             "(raise suite.train or lower dpo.questions / grpo.questions)")
+    return chosen
+
+
+def improve_dpo(r: Run) -> dict:
+    """Iterative DPO on PRM-scored pairs, then round 1 with the other pair sources."""
+    cfg = r.cfg.dpo
+    records = _train_questions(r, r.cfg.label.questions, cfg.questions)
+    args = (r.models / "sft", r.models / "prm", records, r.dir, cfg, r.cfg.eval.batch_size)
+    rounds = iterative_dpo(*args)
+    ablation = pair_source_ablation(*args)
+    update_metrics(r.metrics, dpo={"rounds": rounds, "ablation": ablation, "pair_source": cfg.pair_source,
+                                   "threshold": cfg.threshold, "questions": len(records)})
+    return {name: {"pairs": s["pairs"], "mean_gap": s["mean_gap"]}
+            for name, s in {**rounds, **ablation}.items()}
+
+
+def improve_grpo(r: Run) -> dict:
+    """GRPO from the SFT model with each reward in `grpo.runs` (PRM, outcome, PRM with step advantages)."""
+    cfg = r.cfg.grpo
+    records = _train_questions(r, r.cfg.label.questions + r.cfg.dpo.questions, cfg.questions)
+    info = {}
+    for run in cfg.runs:
+        out = train_grpo(r.models / "sft", r.models / "prm", records, r.models / f"grpo-{run}",
+                         variant(cfg, run), r.cfg.eval.batch_size)
+        meta = json.loads((out / "chainstep.json").read_text())
+        info[f"grpo-{run}"] = {k: meta[k] for k in ("train_loss_last", "train_runtime_s")}
+    return info
+
+
+def improved_models(cfg: RunConfig) -> list[str]:
+    return ([f"dpo-r{k}" for k in range(1, cfg.dpo.rounds + 1)] + [f"dpo-r1-{s}" for s in cfg.dpo.ablation]
+            + [f"grpo-{run}" for run in cfg.grpo.runs])
+
+
+def evaluate_improved(r: Run) -> dict:
+    """Greedy test accuracy of every DPO/GRPO model, the comparisons the paper's claims rest
+    on, and beam search on the final DPO model."""
+    params = SamplingParams(max_tokens=r.cfg.eval.max_tokens)
+    results, comparisons, info = [], [], {}
+    for split in r.cfg.eval.splits:
+        records = load_tasks(r.tasks / f"{split}.jsonl")
+        preds = {"sft": read_jsonl(r.eval / f"sft-{split}.jsonl")}
+        for name in improved_models(r.cfg):
+            policy = _policy(r, name)
+            preds[name] = predict(policy, records, r.eval / f"{name}-{split}.jsonl", "cos", params)
+            results.append(summarize(preds[name], name, split=split))
+            info[f"{name}/{split}"] = round(results[-1]["accuracy"], 3)
+        for a, b in _claims(r.cfg):
+            if a in preds and b in preds:
+                comparisons.append({**paired_comparison(preds[a], preds[b], a, b), "split": split})
+    beam, comparison = _final_beam(r, f"dpo-r{r.cfg.dpo.rounds}")
+    results.append(beam)
+    comparisons.append(comparison)
+    info["final beam"] = round(beam["accuracy"], 3)
+    update_metrics(r.metrics, results, comparisons)
+    return info
+
+
+def _claims(cfg: RunConfig) -> list[tuple[str, str]]:
+    last = f"dpo-r{cfg.dpo.rounds}"
+    pairs = [("dpo-r1", "sft"), (last, "sft"), (last, "dpo-r1")]
+    pairs += [("dpo-r1", f"dpo-r1-{s}") for s in cfg.dpo.ablation]
+    runs = [f"grpo-{run}" for run in cfg.grpo.runs]
+    pairs += [(a, "sft") for a in runs] + [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]]
+    return list(dict.fromkeys(pairs))
+
+
+def _final_beam(r: Run, model: str) -> tuple[dict, dict]:
+    """Step beam search with the PRM on the final policy, on the search stage's questions, and
+    its paired comparison with that policy's greedy answers."""
+    cfg = r.cfg.search
+    test = load_tasks(r.tasks / "test.jsonl")
+    records = _first(test, cfg.questions)
+    split = "test" if len(records) == len(test) else f"test[:{len(records)}]"
+    temperature = json.loads(r.metrics.read_text()).get("search", {}).get("temperature", 1.0)
+    n = max(cfg.beam_ns)
+    preds, compute = beam_search(_policy(r, model), _prm(r), records, n, cfg.keep, temperature,
+                                 cfg.step_tokens, cfg.max_steps, seed=0)
+    greedy = {p["id"]: p for p in read_jsonl(r.eval / f"{model}-test.jsonl")}
+    row = {**summarize(preds, model, "beam", n, split), **compute, "temperature": temperature}
+    comparison = paired_comparison(preds, [greedy[x["id"]] for x in records], f"{model}/beam@{n}",
+                                   f"{model}/greedy")
+    return row, {**comparison, "split": split}

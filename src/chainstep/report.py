@@ -15,7 +15,8 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .records import iter_jsonl, load_tasks
 
-MODEL_ORDER = ("base", "sft", "dpo-r1", "dpo-r2", "dpo-r3", "grpo-prm", "grpo-outcome")
+MODEL_ORDER = ("base", "sft", "dpo-r1", "dpo-r2", "dpo-r3", "grpo-prm", "grpo-outcome", "grpo-prm-step")
+ABLATION_PREFIX = "dpo-r1-"
 
 
 def _pct(value) -> str:
@@ -82,6 +83,40 @@ def scaling_plot(rows: list[dict], greedy: float | None) -> str:
     return _png(fig)
 
 
+def length_plot(points: list[tuple[int, dict]]) -> str:
+    """Average steps and tokens of greedy answers against the DPO round (0 = SFT)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, steps_ax = plt.subplots(figsize=(5.5, 3.2))
+    rounds = [k for k, _ in points]
+    steps_ax.plot(rounds, [row["avg_steps"] for _, row in points], "o-", color="tab:blue")
+    steps_ax.set_ylabel("steps", color="tab:blue")
+    steps_ax.set_xlabel("DPO round (0 = SFT)")
+    steps_ax.set_xticks(rounds)
+    tokens_ax = steps_ax.twinx()
+    tokens_ax.plot(rounds, [row["avg_tokens"] for _, row in points], "s--", color="tab:orange")
+    tokens_ax.set_ylabel("tokens", color="tab:orange")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _dpo_sections(metrics: dict, greedy: dict[str, dict]) -> dict:
+    dpo = metrics.get("dpo")
+    if not dpo:
+        return {"dpo": None}
+    rounds = [(name, stats, greedy.get(name)) for name, stats in dpo["rounds"].items()]
+    points = [(0, greedy["sft"])] if "sft" in greedy else []
+    points += [(k, row) for k, (_, _, row) in enumerate(rounds, start=1) if row]
+    ablation = [(dpo["pair_source"], dpo["rounds"].get("dpo-r1"), greedy.get("dpo-r1"))]
+    ablation += [(name.removeprefix(ABLATION_PREFIX), stats, greedy.get(name))
+                 for name, stats in dpo["ablation"].items()]
+    return {"dpo": dpo, "dpo_rounds": rounds, "ablation": ablation if dpo["ablation"] else None,
+            "length_plot": length_plot(points) if len(points) > 1 else None}
+
+
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -126,8 +161,10 @@ def _prm_traces(run_dir: Path) -> list[dict]:
 def write_report(run_dir: str | Path, split: str = "test") -> Path:
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    rows = sorted((r for r in metrics["results"] if r["split"] == split
-                   and r["strategy"] == "greedy"), key=lambda r: _order(r["model"]))
+    greedy_rows = {r["model"]: r for r in metrics["results"] if r["split"] == split
+                   and r["strategy"] == "greedy"}
+    rows = sorted((r for name, r in greedy_rows.items() if not name.startswith(ABLATION_PREFIX)),
+                  key=lambda r: _order(r["model"]))
     families = sorted({f for r in rows for f in r["per_family"]})
     timings = [(p.stem, json.loads(p.read_text()).get("seconds", 0))
                for p in sorted((run_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime)]
@@ -135,7 +172,10 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
                       autoescape=select_autoescape(["html", "j2"]))
     search = metrics.get("search", {})
     search_rows = sorted((r for r in metrics["results"] if r["split"] == search.get("split")
-                          and r["strategy"] != "greedy"), key=lambda r: (r["strategy"], r["n"]))
+                          and r["strategy"] != "greedy" and r["model"] == "sft"),
+                         key=lambda r: (r["strategy"], r["n"]))
+    final_beam = next((r for r in metrics["results"]
+                       if r["strategy"] == "beam" and r["model"] != "sft"), None)
     greedy = next((r for r in metrics["results"] if r["split"] == search.get("split")
                    and r["strategy"] == "greedy" and r["model"] == "sft"), None)
     prm_traces = _prm_traces(run_dir)
@@ -149,7 +189,8 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
         trace_model=trace_model, traces=_traces(run_dir, trace_model, split),
         prm=metrics.get("prm"), search=search, search_rows=search_rows, greedy=greedy,
         scaling=scaling_plot(search_rows, greedy and greedy["accuracy"]) if search_rows else None,
-        prm_traces=prm_traces, colour=_score_colour, pct=_pct, ci=_ci,
+        prm_traces=prm_traces, colour=_score_colour, pct=_pct, ci=_ci, final_beam=final_beam,
+        **_dpo_sections(metrics, greedy_rows),
     )
     path = run_dir / "report.html"
     path.write_text(html)

@@ -55,6 +55,20 @@ class Generation:
     finish_reason: str  # "stop" (end of sequence), "step" (step end), or "length"
 
 
+def foreign_token_ids(tokenizer) -> list[int]:
+    """Added tokens that are not ours (image placeholders, chat markers): never generated, since
+    an <image> in a response would break the image/token alignment wherever it is re-encoded."""
+    return sorted(i for i, t in tokenizer.added_tokens_decoder.items()
+                  if t.content not in SPECIAL_TOKENS and i != tokenizer.eos_token_id)
+
+
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """Response text up to the first EOS, step markers kept."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
 class Policy:
     """A VLM that answers task records; `batch_size` counts sequences, prompts times n."""
 
@@ -67,10 +81,7 @@ class Policy:
         self.step_end_id = tok.convert_tokens_to_ids(STEP_END)
         if self.step_end_id is None or self.step_end_id == tok.unk_token_id:
             raise ChainstepError("the tokenizer lacks the step tokens; run `chainstep add-tokens`")
-        # added tokens that are not ours (image placeholders, chat markers) are never generated:
-        # an <image> in a response would break the image/token alignment wherever it is re-encoded
-        self.suppress_ids = sorted(i for i, t in tok.added_tokens_decoder.items()
-                                   if t.content not in SPECIAL_TOKENS and i != self.eos_id)
+        self.suppress_ids = foreign_token_ids(tok)
 
     @classmethod
     def from_dir(cls, path: str | Path, batch_size: int = 32, device: str = "cpu",

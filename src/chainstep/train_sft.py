@@ -77,10 +77,10 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-class ResumableTrainer(Trainer):
-    """Resumes weights through `from_pretrained`. `save_pretrained` writes some models (Llava,
-    ...) under their legacy key names, which the Trainer's raw state-dict load skips with only a
-    warning: the run would go on from the initial weights with the later optimizer state."""
+class ResumeWeights:
+    """Trainer mixin that resumes weights through `from_pretrained`. `save_pretrained` writes some
+    models (Llava, ...) under their legacy key names, which the Trainer's raw state-dict load skips
+    with only a warning: the run would go on from the initial weights with the later optimizer state."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model or self.model
@@ -89,6 +89,10 @@ class ResumableTrainer(Trainer):
         dtype = next(model.parameters()).dtype
         saved = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
         model.load_state_dict(saved.state_dict())
+
+
+class ResumableTrainer(ResumeWeights, Trainer):
+    pass
 
 
 def prepare_model(model_dir: Path, cfg: SFTConfig):
@@ -103,7 +107,12 @@ def prepare_model(model_dir: Path, cfg: SFTConfig):
 
 
 def training_arguments(cfg: SFTConfig, checkpoints: Path, **extra) -> TrainingArguments:
-    return TrainingArguments(
+    return TrainingArguments(**training_kwargs(cfg, checkpoints), **extra)
+
+
+def training_kwargs(cfg: SFTConfig, checkpoints: Path) -> dict:
+    """The TrainingArguments every stage shares (TRL's configs extend them)."""
+    return dict(
         output_dir=str(checkpoints), max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
@@ -112,7 +121,7 @@ def training_arguments(cfg: SFTConfig, checkpoints: Path, **extra) -> TrainingAr
         logging_steps=max(1, cfg.max_steps // 20), report_to=[],
         seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, remove_unused_columns=False, activation_checkpointing=False,
-        disable_tqdm=False, **extra,
+        disable_tqdm=False,
     )
 
 
@@ -123,6 +132,8 @@ def fit(trainer: ResumableTrainer, cfg: SFTConfig, processor, model_dir: Path, o
     result = trainer.train(resume_from_checkpoint=last)
     model = trainer.model.merge_and_unload() if cfg.lora else trainer.model
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if not trainer.is_world_process_zero():
+        return out_dir
     return save(model, processor, out_dir, meta={
         "from_scratch": not _is_pretrained(model_dir), "trained_from": str(model_dir), **meta,
         "train_loss_first": losses[0] if losses else None,

@@ -1,0 +1,271 @@
+"""Iterative DPO on PRM-scored pairs (the paper's policy-improvement stage).
+
+Each round samples chains from the latest policy, scores them (PRM step+answer by default),
+pairs the best and worst chains of a question when their score gap exceeds a threshold, and
+trains with TRL's DPOTrainer (sigmoid loss plus an NLL term on the chosen chain). Every round
+restarts both policy and reference from the SFT checkpoint; only the data comes from the
+latest policy, so a bad round cannot compound.
+
+    chainstep dpo runs/x/models/sft --prm runs/x/models/prm --tasks runs/x/tasks/train.jsonl \\
+        --out runs/x/dpo
+    accelerate launch --multi_gpu --num_processes 2 -m chainstep.cli dpo-train ...   # DDP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import ProcessorMixin, set_seed
+from trl import DPOConfig as TRLDPOConfig
+from trl import DPOTrainer
+
+from .errors import ChainstepError
+from .evaluate import sample_responses
+from .inputs import collate, encode_example
+from .models import load
+from .prm import PRM, chain_score
+from .records import JsonlWriter, read_jsonl
+from .sampling import Policy, SamplingParams
+from .train_sft import ResumeWeights, SFTConfig, fit, prepare_model, training_kwargs
+
+PAIR_SOURCES = ("prm", "prm_answer", "outcome")
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    """Rounds, pair building and DPO knobs; training knobs as in SFTConfig."""
+
+    rounds: int = 3
+    questions: int = 128  # train questions sampled per round (taken after those the PRM saw)
+    samples: int = 8  # chains per question per round (paper: 16)
+    temperature: float = 1.0
+    max_tokens: int = 256
+    pair_source: str = "prm"  # prm (0.2 step + 0.8 answer), prm_answer, outcome (ground truth)
+    ablation: tuple[str, ...] = ("outcome", "prm_answer")  # other sources `chainstep run` tries in round 1
+    threshold: float = 0.3  # minimum score gap between chosen and rejected
+    pairs_per_question: int = 2  # i-th best vs i-th worst, while the gap holds
+    beta: float = 0.1
+    sft_weight: float = 1.0  # NLL on the chosen chain (TRL loss_type ["sigmoid", "sft"])
+    step_weight: float = 0.2  # PRM chain score = w * mean(steps) + (1 - w) * answer
+    max_steps: int = 60
+    per_device_train_batch_size: int = 8
+    learning_rate: float = 2e-4
+    warmup_steps: int = 5
+    save_steps: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if any(s not in PAIR_SOURCES for s in (self.pair_source, *self.ablation)):
+            raise ChainstepError(f"dpo.pair_source and dpo.ablation must be among {PAIR_SOURCES}")
+        if self.rounds < 1 or self.samples < 2:
+            raise ChainstepError("dpo.rounds must be >= 1 and dpo.samples >= 2 (pairs need two chains)")
+        if self.threshold < 0:
+            raise ChainstepError(f"dpo.threshold={self.threshold} must be >= 0")
+
+
+def sample_scores(rows: list[dict], records: list[dict], source: str, prm: PRM | None,
+                  step_weight: float = 0.2) -> list[float]:
+    """One score per sampled chain: the PRM chain score, the PRM answer score alone, or the
+    ground-truth outcome (1 right, 0 wrong)."""
+    if source == "outcome":
+        return [float(r["correct"]) for r in rows]
+    if prm is None:
+        raise ChainstepError(f"pair source {source!r} needs a PRM")
+    by_id = {r["id"]: r for r in records}
+    weight = step_weight if source == "prm" else 0.0
+    scores = prm.score([by_id[r["question_id"]] for r in rows], [r["response"] for r in rows])
+    return [chain_score(s, weight, "mean") for s in scores]
+
+
+def build_pairs(rows: list[dict], scores: list[float], threshold: float,
+                pairs_per_question: int = 1) -> list[dict]:
+    """Per question, the i-th best chain against the i-th worst while their gap exceeds
+    `threshold` (strictly) and they differ in text; ties keep sampling order."""
+    by_question: dict[str, list[tuple[float, dict]]] = {}
+    for row, score in zip(rows, scores):
+        by_question.setdefault(row["question_id"], []).append((score, row))
+    pairs = []
+    for qid, scored in by_question.items():
+        ranked = sorted(scored, key=lambda x: -x[0])
+        for i in range(min(pairs_per_question, len(ranked) // 2)):
+            (hi, chosen), (lo, rejected) = ranked[i], ranked[-1 - i]
+            if hi - lo <= threshold or chosen["response"] == rejected["response"]:
+                break
+            pairs.append({"id": f"{qid}#p{i}", "question_id": qid, "chosen": chosen["response"],
+                          "rejected": rejected["response"], "chosen_id": chosen["id"],
+                          "rejected_id": rejected["id"], "chosen_score": hi, "rejected_score": lo,
+                          "chosen_correct": chosen["correct"], "rejected_correct": rejected["correct"],
+                          "chosen_tokens": chosen["tokens"], "rejected_tokens": rejected["tokens"]})
+    return pairs
+
+
+def pair_stats(pairs: list[dict], questions: int) -> dict:
+    """What the log and report show about a round's pairs."""
+    def mean(key):
+        return sum(p[key] for p in pairs) / len(pairs) if pairs else None
+
+    return {"pairs": len(pairs), "questions": questions,
+            "questions_with_pairs": len({p["question_id"] for p in pairs}),
+            "mean_gap": (mean("chosen_score") - mean("rejected_score")) if pairs else None,
+            "chosen_tokens": mean("chosen_tokens"), "rejected_tokens": mean("rejected_tokens"),
+            "chosen_correct": mean("chosen_correct"), "rejected_correct": mean("rejected_correct")}
+
+
+class PreferenceCollator:
+    """[chosen..., rejected...] through the same encoder as SFT and generation, so the tokens
+    DPO trains on are exactly those the policy produces; `completion_mask` marks the response."""
+
+    def __init__(self, processor: ProcessorMixin, max_length: int | None = None):
+        self.processor, self.max_length = processor, max_length
+        self.examples_seen = 0
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        records = [json.loads(r["record"]) for r in rows]
+        examples = [encode_example(self.processor, rec, row[side], self.max_length)
+                    for side in ("chosen", "rejected") for rec, row in zip(records, rows)]
+        for e in examples:
+            e["completion_mask"] = e.pop("labels").ne(-100).long()
+        batch = collate(examples, self.processor.tokenizer.pad_token_id)
+        self.examples_seen += len(rows)
+        return batch
+
+
+class PreferenceTrainer(ResumeWeights, DPOTrainer):
+    pass
+
+
+def dpo_arguments(cfg: DPOConfig, checkpoints: Path) -> TRLDPOConfig:
+    return TRLDPOConfig(**training_kwargs(cfg, checkpoints), beta=cfg.beta,
+                        loss_type=["sigmoid", "sft"], loss_weights=[1.0, cfg.sft_weight],
+                        max_length=None, gradient_checkpointing=False, precompute_ref_log_probs=False)
+
+
+def train_dpo(model_dir: str | Path, pairs_path: str | Path, records: dict[str, dict],
+              out_dir: str | Path, cfg: DPOConfig | None = None) -> Path:
+    """DPO from `model_dir` (policy and reference both start there) on a pairs file."""
+    cfg = cfg or DPOConfig()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    set_seed(cfg.seed)
+    pairs = read_jsonl(pairs_path, required=("id", "question_id", "chosen", "rejected"))
+    if not pairs:
+        raise ChainstepError(f"{pairs_path} holds no pairs; lower dpo.threshold or sample more chains")
+    missing = [p["question_id"] for p in pairs if p["question_id"] not in records]
+    if missing:
+        raise ChainstepError(f"{pairs_path}: question {missing[0]} is not in the task records given")
+    rows = [{"image": records[p["question_id"]]["image"], "record": json.dumps(records[p["question_id"]]),
+             "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    model, processor = prepare_model(model_dir, cfg)
+    ref = None if cfg.lora else load(model_dir)[0]
+    checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
+    collator = PreferenceCollator(processor, cfg.max_length)
+    trainer = PreferenceTrainer(model=model, ref_model=ref, args=dpo_arguments(cfg, checkpoints),
+                                data_collator=collator, train_dataset=Dataset.from_list(rows),
+                                processing_class=processor)
+    fit(trainer, cfg, processor, model_dir, out_dir,
+        {"pairs": str(pairs_path), "num_pairs": len(pairs), "dpo": asdict(cfg),
+         "world_size": trainer.args.world_size})
+    _record_rank(checkpoints, trainer, collator)
+    return out_dir
+
+
+def _record_rank(checkpoints: Path, trainer, collator: PreferenceCollator) -> None:
+    """Each process notes the pairs it trained on: proof that every rank took part."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    rank = trainer.args.process_index
+    (checkpoints / f"rank{rank}.json").write_text(json.dumps(
+        {"rank": rank, "world_size": trainer.args.world_size, "pairs_seen": collator.examples_seen,
+         "pid": os.getpid()}))
+
+
+def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[dict], out: Path,
+              name: str, cfg: DPOConfig, batch_size: int = 64, samples_name: str | None = None) -> dict:
+    """Sample from `policy_dir`, build pairs, train from `sft_dir` into `out/models/name`.
+    Every file is resumable: samples by id, pairs rewritten whole, the trainer from checkpoints.
+    Rounds given the same `samples_name` share one samples file (the pair-source ablation)."""
+    samples_path = out / "data" / f"{samples_name or name}-samples.jsonl"
+    pairs_path = out / "data" / f"{name}-pairs.jsonl"
+    params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                            seed=cfg.seed)
+    samples = sample_responses(Policy.from_dir(policy_dir, batch_size=batch_size), records,
+                               samples_path, params)
+    rows = [row for r in records for row in samples[r["id"]]]
+    pairs = build_pairs(rows, sample_scores(rows, records, cfg.pair_source, prm, cfg.step_weight),
+                        cfg.threshold, cfg.pairs_per_question)
+    write_pairs(pairs, pairs_path)
+    stats = pair_stats(pairs, len(records))
+    stats["sampled"] = {"chains": len(rows), "correct": _mean(r["correct"] for r in rows),
+                        "parsed": _mean(r["parsed"] for r in rows),
+                        "tokens": _mean(r["tokens"] for r in rows),
+                        "steps": _mean(r["steps"] for r in rows if r["steps"] is not None)}
+    if pairs:
+        train_dpo(sft_dir, pairs_path, {r["id"]: r for r in records}, out / "models" / name, cfg)
+    return stats
+
+
+def write_pairs(pairs: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    with JsonlWriter(tmp) as writer:
+        writer.write_all(pairs)
+    tmp.replace(path)
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def iterative_dpo(sft_dir: str | Path, prm_dir: str | Path | None, records: list[dict],
+                  out: str | Path, cfg: DPOConfig | None = None, batch_size: int = 64) -> dict[str, dict]:
+    """`cfg.rounds` rounds; round k samples from round k-1's model (the SFT model first) and
+    writes `out/models/dpo-r{k}`. Finished rounds are skipped on a re-run."""
+    cfg = cfg or DPOConfig()
+    sft_dir, out = Path(sft_dir), Path(out)
+    prm = _load_prm(prm_dir, cfg.pair_source, batch_size)
+    policy, stats = sft_dir, {}
+    for k in range(1, cfg.rounds + 1):
+        name = f"dpo-r{k}"
+        stats[name] = _round_once(policy, sft_dir, prm, records, out, name, cfg, batch_size)
+        policy = out / "models" / name
+    return stats
+
+
+def pair_source_ablation(sft_dir: str | Path, prm_dir: str | Path | None, records: list[dict],
+                         out: str | Path, cfg: DPOConfig, batch_size: int = 64) -> dict[str, dict]:
+    """Round 1 again with each source in `cfg.ablation`, on round 1's own samples, so the
+    sources differ only in how pairs are picked: `out/models/dpo-r1-{source}`."""
+    sft_dir, out = Path(sft_dir), Path(out)
+    stats = {}
+    for source in cfg.ablation:
+        prm = _load_prm(prm_dir, source, batch_size)
+        name = f"dpo-r1-{source}"
+        stats[name] = _round_once(sft_dir, sft_dir, prm, records, out, name,
+                                  replace(cfg, pair_source=source), batch_size, samples_name="dpo-r1")
+    return stats
+
+
+def _load_prm(prm_dir, source: str, batch_size: int) -> PRM | None:
+    if source == "outcome":
+        return None
+    if prm_dir is None:
+        raise ChainstepError(f"pair source {source!r} needs a PRM (--prm DIR)")
+    return PRM.from_dir(prm_dir, batch_size=batch_size)
+
+
+def _round_once(policy, sft_dir, prm, records, out: Path, name: str, cfg: DPOConfig, batch_size: int,
+                samples_name: str | None = None) -> dict:
+    marker = out / "data" / f"{name}-stats.json"
+    if marker.exists():
+        stats = json.loads(marker.read_text())
+    else:
+        stats = dpo_round(policy, sft_dir, prm, records, out, name, cfg, batch_size, samples_name)
+        marker.write_text(json.dumps(stats, indent=2))
+    if not (out / "models" / name).exists():
+        raise ChainstepError(f"{name}: no pairs passed dpo.threshold={cfg.threshold}; "
+                             "lower it or sample more chains per question")
+    return stats

@@ -1,0 +1,193 @@
+"""GRPO with a PRM reward (TRL's GRPOTrainer), an outcome-reward baseline, and step-level
+advantages.
+
+TRL gives one scalar per completion. With `advantages="step"` each step's tokens instead get
+the group-normalised PRM score of that step (the answer's tokens the answer score), the process
+supervision of the GRPO paper: a wrong step is pushed down even inside a chain that ended right.
+
+    chainstep grpo runs/x/models/sft --prm runs/x/models/prm --tasks runs/x/tasks/train.jsonl \\
+        --out runs/x/models/grpo-prm
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import set_seed
+from trl import GRPOConfig as TRLGRPOConfig
+from trl import GRPOTrainer
+
+from .errors import ChainstepError
+from .evaluate import score_response
+from .prm import PRM, StepScores, chain_score
+from .records import load_image, prompt_text
+from .sampling import decode_response, foreign_token_ids
+from .steps import STEP_END
+from .train_sft import ResumeWeights, SFTConfig, fit, prepare_model, training_kwargs
+
+REWARDS = ("prm", "outcome")
+ADVANTAGES = ("chain", "step")
+
+
+@dataclass
+class GRPOConfig(SFTConfig):
+    """Reward, advantage and sampling knobs; training knobs as in SFTConfig."""
+
+    reward: str = "prm"  # prm: PRM chain score; outcome: 1 if the answer is right
+    advantages: str = "chain"  # chain: one per completion (TRL); step: per-step PRM advantages
+    format_weight: float = 0.0  # weight of a 0/1 reward for a parseable step chain
+    runs: tuple[str, ...] = ("prm", "outcome", "prm-step")  # what `chainstep run` trains: reward[-step]
+    questions: int = 64  # train questions (taken after those the PRM and DPO saw)
+    num_generations: int = 8  # completions per prompt (the group)
+    temperature: float = 1.0
+    max_tokens: int = 192
+    beta: float = 0.0  # KL to the start model; 0 loads no reference model
+    step_weight: float = 0.2
+    max_steps: int = 24
+    per_device_train_batch_size: int = 16  # completions per step: 2 prompts x 8
+    learning_rate: float = 1e-4
+    warmup_steps: int = 2
+    save_steps: int = 8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reward not in REWARDS:
+            raise ChainstepError(f"grpo.reward={self.reward!r} must be one of {REWARDS}")
+        if self.advantages not in ADVANTAGES:
+            raise ChainstepError(f"grpo.advantages={self.advantages!r} must be one of {ADVANTAGES}")
+        if self.advantages == "step" and self.reward != "prm":
+            raise ChainstepError("grpo.advantages=step needs grpo.reward=prm (step scores come from the PRM)")
+        for run in self.runs:
+            if run.removesuffix("-step") not in REWARDS:
+                raise ChainstepError(f"grpo.runs: {run!r} is not one of prm, outcome, prm-step")
+        if self.per_device_train_batch_size % self.num_generations:
+            raise ChainstepError("grpo.per_device_train_batch_size must be a multiple of "
+                                 "grpo.num_generations")
+
+
+class Reward:
+    """A GRPO reward function over TRL's keyword arguments; completions are decoded from their
+    ids with the step markers kept (TRL's own text drops special tokens)."""
+
+    def __init__(self, name: str, records: dict[str, dict], tokenizer):
+        self.__name__, self.records, self.tokenizer = name, records, tokenizer
+
+    def __call__(self, prompts, completions, completion_ids, record_id, **kwargs) -> list[float]:
+        texts = [decode_response(self.tokenizer, list(ids)) for ids in completion_ids]
+        return self.rewards([self.records[i] for i in record_id], texts)
+
+    def rewards(self, records: list[dict], texts: list[str]) -> list[float]:
+        raise NotImplementedError
+
+
+class OutcomeReward(Reward):
+    def rewards(self, records, texts):
+        return [float(score_response(t, r)["correct"]) for r, t in zip(records, texts)]
+
+
+class FormatReward(Reward):
+    def rewards(self, records, texts):
+        return [float(score_response(t, r)["parsed"]) for r, t in zip(records, texts)]
+
+
+class PRMReward(Reward):
+    """The PRM chain score; the step scores of the last batch are kept for step advantages."""
+
+    def __init__(self, name, records, tokenizer, prm: PRM, step_weight: float = 0.2):
+        super().__init__(name, records, tokenizer)
+        self.prm, self.step_weight = prm, step_weight
+        self.last: list[StepScores] = []
+
+    def rewards(self, records, texts):
+        self.last = self.prm.score(records, texts)
+        return [chain_score(s, self.step_weight, "mean") for s in self.last]
+
+
+def step_advantages(scores: list[StepScores], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    step_end_id: int, group: int) -> torch.Tensor:
+    """[B, T] advantages: a token's is the score of its own step (a step owns its end marker;
+    what follows the last step is scored by the answer tag), minus the mean over every step of
+    its group, over their std."""
+    ends = completion_ids.eq(step_end_id).long()
+    segment = (ends.cumsum(1) - ends).tolist()
+    values = [s.steps + [s.answer if s.answer is not None else (s.steps[-1] if s.steps else 0.0)]
+              for s in scores]
+    out = torch.zeros(completion_ids.shape, dtype=torch.float32)
+    for start in range(0, len(scores), group):
+        pooled = torch.tensor([v for vals in values[start:start + group] for v in vals])
+        mean, std = pooled.mean(), pooled.std(unbiased=False)
+        for i in range(start, min(start + group, len(scores))):
+            per = torch.tensor(values[i])
+            index = torch.tensor(segment[i]).clamp(max=len(per) - 1)
+            out[i] = (per[index] - mean) / (std + 1e-4)
+    return out.to(completion_mask.device) * completion_mask
+
+
+class StepGRPOTrainer(ResumeWeights, GRPOTrainer):
+    """GRPOTrainer whose advantages become per-token when a PRM reward is given for it."""
+
+    def __init__(self, *args, step_reward: PRMReward | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_reward = step_reward
+        self.step_end_id = self.processing_class.tokenizer.convert_tokens_to_ids(STEP_END)
+        if step_reward is not None and self.accelerator.num_processes > 1:
+            raise ChainstepError("step-level advantages need whole groups in one process; run on one")
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self.step_reward is not None:
+            ids, mask = out["completion_ids"], out["completion_mask"]
+            out["advantages"] = step_advantages(self.step_reward.last, ids, mask, self.step_end_id,
+                                                self.num_generations)
+        return out
+
+
+def variant(cfg: GRPOConfig, run: str) -> GRPOConfig:
+    """The config of one `grpo.runs` entry ("prm", "outcome", "prm-step")."""
+    return replace(cfg, reward=run.removesuffix("-step"),
+                   advantages="step" if run.endswith("-step") else "chain")
+
+
+def prompt_dataset(records: list[dict]) -> Dataset:
+    """Chat prompts with their image, as GRPOTrainer reads them; `record_id` reaches the rewards."""
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": prompt_text(r)}],
+                               "image": load_image(r), "record_id": r["id"]} for r in records])
+
+
+def grpo_arguments(cfg: GRPOConfig, checkpoints: Path, tokenizer, rewards: int) -> TRLGRPOConfig:
+    suppress = foreign_token_ids(tokenizer)
+    return TRLGRPOConfig(
+        **training_kwargs(cfg, checkpoints), num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
+        beta=cfg.beta, gradient_checkpointing=False, log_completions=False,
+        reward_weights=[1.0] + [cfg.format_weight] * (rewards - 1),
+        generation_kwargs={"suppress_tokens": suppress} if suppress else None)
+
+
+def train_grpo(model_dir: str | Path, prm_dir: str | Path | None, records: list[dict],
+               out_dir: str | Path, cfg: GRPOConfig | None = None, batch_size: int = 64) -> Path:
+    """GRPO from `model_dir` on `records`' prompts; returns the saved model directory."""
+    cfg = cfg or GRPOConfig()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not records:
+        raise ChainstepError("GRPO needs at least one training question")
+    set_seed(cfg.seed)
+    model, processor = prepare_model(model_dir, cfg)
+    by_id, tok = {r["id"]: r for r in records}, processor.tokenizer
+    if cfg.reward == "prm":
+        if prm_dir is None:
+            raise ChainstepError("grpo.reward=prm needs a PRM (--prm DIR)")
+        main = PRMReward("prm", by_id, tok, PRM.from_dir(prm_dir, batch_size=batch_size), cfg.step_weight)
+    else:
+        main = OutcomeReward("outcome", by_id, tok)
+    funcs = [main] + ([FormatReward("format", by_id, tok)] if cfg.format_weight else [])
+    checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
+    trainer = StepGRPOTrainer(
+        model=model, reward_funcs=funcs, args=grpo_arguments(cfg, checkpoints, tok, len(funcs)),
+        train_dataset=prompt_dataset(records), processing_class=processor,
+        step_reward=main if cfg.advantages == "step" else None)
+    fit(trainer, cfg, processor, model_dir, out_dir, {"grpo": asdict(cfg), "questions": len(records)})
+    return out_dir
