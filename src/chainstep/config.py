@@ -51,7 +51,7 @@ class RunConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    base_sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=250))
+    base_sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=150))
     eval: EvalConfig = field(default_factory=EvalConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
@@ -69,6 +69,10 @@ QUICK: dict[str, object] = {
     "prm.max_steps": 20, "prm.save_steps": 10,
     "search.questions": 16, "search.ns": [1, 4], "search.beam_ns": [4],
     "search.temperatures": [1.0], "search.val_questions": 8,
+    "dpo.questions": 8, "dpo.samples": 4, "dpo.threshold": 0.0, "dpo.max_steps": 2, "dpo.save_steps": 2,
+    "dpo.per_device_train_batch_size": 4,
+    "grpo.questions": 4, "grpo.num_generations": 4, "grpo.per_device_train_batch_size": 8,
+    "grpo.max_steps": 1, "grpo.save_steps": 1, "grpo.max_tokens": 64,
 }
 
 

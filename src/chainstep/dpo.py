@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from rich.console import Console
 from transformers import ProcessorMixin, set_seed
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
@@ -34,6 +35,7 @@ from .sampling import Policy, SamplingParams
 from .train_sft import ResumeWeights, SFTConfig, fit, prepare_model, training_kwargs
 
 PAIR_SOURCES = ("prm", "prm_answer", "outcome")
+console = Console(stderr=True)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class DPOConfig(SFTConfig):
     """Rounds, pair building and DPO knobs; training knobs as in SFTConfig."""
 
     rounds: int = 3
-    questions: int = 128  # train questions sampled per round (taken after those the PRM saw)
+    questions: int = 64  # train questions sampled per round (taken after those the PRM saw)
     samples: int = 8  # chains per question per round (paper: 16)
     temperature: float = 1.0
     max_tokens: int = 256
@@ -52,7 +54,7 @@ class DPOConfig(SFTConfig):
     beta: float = 0.1
     sft_weight: float = 1.0  # NLL on the chosen chain (TRL loss_type ["sigmoid", "sft"])
     step_weight: float = 0.2  # PRM chain score = w * mean(steps) + (1 - w) * answer
-    max_steps: int = 60
+    max_steps: int = 40
     per_device_train_batch_size: int = 8
     learning_rate: float = 2e-4
     warmup_steps: int = 5
@@ -203,6 +205,7 @@ def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[di
                         "parsed": _mean(r["parsed"] for r in rows),
                         "tokens": _mean(r["tokens"] for r in rows),
                         "steps": _mean(r["steps"] for r in rows if r["steps"] is not None)}
+    stats["policy"], stats["trained"] = str(policy_dir), bool(pairs)
     if pairs:
         train_dpo(sft_dir, pairs_path, {r["id"]: r for r in records}, out / "models" / name, cfg)
     return stats
@@ -223,7 +226,8 @@ def _mean(values) -> float | None:
 def iterative_dpo(sft_dir: str | Path, prm_dir: str | Path | None, records: list[dict],
                   out: str | Path, cfg: DPOConfig | None = None, batch_size: int = 64) -> dict[str, dict]:
     """`cfg.rounds` rounds; round k samples from round k-1's model (the SFT model first) and
-    writes `out/models/dpo-r{k}`. Finished rounds are skipped on a re-run."""
+    writes `out/models/dpo-r{k}`. Finished rounds are skipped on a re-run. A round without a
+    pair over the threshold trains nothing (`trained: false`); the next samples from the same policy."""
     cfg = cfg or DPOConfig()
     sft_dir, out = Path(sft_dir), Path(out)
     prm = _load_prm(prm_dir, cfg.pair_source, batch_size)
@@ -231,7 +235,8 @@ def iterative_dpo(sft_dir: str | Path, prm_dir: str | Path | None, records: list
     for k in range(1, cfg.rounds + 1):
         name = f"dpo-r{k}"
         stats[name] = _round_once(policy, sft_dir, prm, records, out, name, cfg, batch_size)
-        policy = out / "models" / name
+        if stats[name]["trained"]:
+            policy = out / "models" / name
     return stats
 
 
@@ -265,7 +270,7 @@ def _round_once(policy, sft_dir, prm, records, out: Path, name: str, cfg: DPOCon
     else:
         stats = dpo_round(policy, sft_dir, prm, records, out, name, cfg, batch_size, samples_name)
         marker.write_text(json.dumps(stats, indent=2))
-    if not (out / "models" / name).exists():
-        raise ChainstepError(f"{name}: no pairs passed dpo.threshold={cfg.threshold}; "
-                             "lower it or sample more chains per question")
+    if not stats["trained"]:
+        console.print(f"[yellow]{name}: no pair passed dpo.threshold={cfg.threshold}; nothing trained "
+                      "(lower the threshold or sample more chains per question)[/yellow]")
     return stats

@@ -40,13 +40,13 @@ class GRPOConfig(SFTConfig):
     advantages: str = "chain"  # chain: one per completion (TRL); step: per-step PRM advantages
     format_weight: float = 0.0  # weight of a 0/1 reward for a parseable step chain
     runs: tuple[str, ...] = ("prm", "outcome", "prm-step")  # what `chainstep run` trains: reward[-step]
-    questions: int = 64  # train questions (taken after those the PRM and DPO saw)
+    questions: int = 32  # train questions (taken after those the PRM and DPO saw)
     num_generations: int = 8  # completions per prompt (the group)
     temperature: float = 1.0
     max_tokens: int = 192
     beta: float = 0.0  # KL to the start model; 0 loads no reference model
     step_weight: float = 0.2
-    max_steps: int = 24
+    max_steps: int = 12
     per_device_train_batch_size: int = 16  # completions per step: 2 prompts x 8
     learning_rate: float = 1e-4
     warmup_steps: int = 2

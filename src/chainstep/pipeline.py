@@ -284,6 +284,9 @@ def evaluate_improved(r: Run) -> dict:
         records = load_tasks(r.tasks / f"{split}.jsonl")
         preds = {"sft": read_jsonl(r.eval / f"sft-{split}.jsonl")}
         for name in improved_models(r.cfg):
+            if not (r.models / name).exists():
+                info[f"{name}/{split}"] = "not trained (no pairs)"
+                continue
             policy = _policy(r, name)
             preds[name] = predict(policy, records, r.eval / f"{name}-{split}.jsonl", "cos", params)
             results.append(summarize(preds[name], name, split=split))
@@ -291,10 +294,13 @@ def evaluate_improved(r: Run) -> dict:
         for a, b in _claims(r.cfg):
             if a in preds and b in preds:
                 comparisons.append({**paired_comparison(preds[a], preds[b], a, b), "split": split})
-    beam, comparison = _final_beam(r, f"dpo-r{r.cfg.dpo.rounds}")
-    results.append(beam)
-    comparisons.append(comparison)
-    info["final beam"] = round(beam["accuracy"], 3)
+    final = next((f"dpo-r{k}" for k in range(r.cfg.dpo.rounds, 0, -1) if (r.models / f"dpo-r{k}").exists()),
+                 None)
+    if final:
+        beam, comparison = _final_beam(r, final)
+        results.append(beam)
+        comparisons.append(comparison)
+        info[f"{final}/beam"] = round(beam["accuracy"], 3)
     update_metrics(r.metrics, results, comparisons)
     return info
 
