@@ -15,28 +15,40 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {(r["model"], r["split"]): r for r in metrics["results"] if r["split"] == "test"}
-    assert set(rows) == {("sft", "test"), ("base", "test")}
+    improved = {"dpo-r1", "dpo-r2", "dpo-r3", "dpo-r1-outcome", "dpo-r1-prm_answer", "grpo-prm",
+                "grpo-outcome", "grpo-prm-step"}
+    trained = {m for m in improved if (out / "models" / m / "model.safetensors").exists()}
+    assert {"dpo-r1", "grpo-prm", "grpo-outcome", "grpo-prm-step"} <= trained
+    assert set(rows) == {(m, "test") for m in {"sft", "base"} | trained}
     for row in rows.values():
         assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
-        assert row["num_questions"] == 100
+        assert row["num_questions"] == 50
     assert rows[("sft", "test")]["parse_failure_rate"] < 0.5
     assert rows[("sft", "test")]["avg_steps"] > 1
     assert metrics["comparisons"][0]["a"] == "sft"
-    searched = {(r["strategy"], r["n"]) for r in metrics["results"] if r["split"] == "test[:16]"}
+    searched = {(r["strategy"], r["n"]) for r in metrics["results"]
+                if r["split"] == "test[:8]" and r["model"] == "sft"}
     assert searched == {(s, n) for s in ("pass", "sc", "bon", "weighted") for n in (1, 4)} | {
         ("beam", 4), ("greedy", 1)}
+    assert {(r["model"], r["strategy"]) for r in metrics["results"] if r["model"].startswith("dpo-r3")
+            and r["split"] == "test[:8]"} == {("dpo-r3", "beam")}
+    assert [s["pairs"] > 0 for s in metrics["dpo"]["rounds"].values()] == [True] * 3
+    assert set(metrics["dpo"]["ablation"]) == {"dpo-r1-outcome", "dpo-r1-prm_answer"}
+    claims = {(c["a"], c["b"]) for c in metrics["comparisons"]}
+    assert {("dpo-r1", "sft"), ("grpo-prm", "grpo-outcome"), ("grpo-prm", "grpo-prm-step")} <= claims
     assert 0 <= metrics["prm"]["step_accuracy"] <= 1 and metrics["prm"]["chains"] > 0
     assert metrics["search"]["temperature"] == 1.0
     assert len(metrics["search"]["step_weight_ablation"]) == 6
     html = (out / "report.html").read_text()
     assert "Table 1" in html and "sft" in html and "base" in html
     assert "Process reward model" in html and "accuracy against N" in html
+    assert "Iterative DPO" in html and "reasoning length per round" in html
     assert (out / "models" / "sft" / "model.safetensors").exists()
     assert (out / "config.yaml").exists()
 
     again = CliRunner().invoke(app, ["run", "--quick", "--out", str(out)])
     assert again.exit_code == 0, again.output
-    assert again.output.count("done, skipping") == 12
+    assert again.output.count("done, skipping") == 15
 
     changed = CliRunner().invoke(app, ["run", "--quick", "--out", str(out),
                                        "--set", "sft.max_steps=3"])

@@ -51,7 +51,7 @@ class RunConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    base_sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=150))
+    base_sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=100))
     eval: EvalConfig = field(default_factory=EvalConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
@@ -62,12 +62,12 @@ class RunConfig:
 
 
 QUICK: dict[str, object] = {
-    "suite.train": 400, "suite.val": 40, "suite.test": 100,
+    "suite.train": 400, "suite.val": 40, "suite.test": 50,
     "sft.max_steps": 100, "sft.save_steps": 50, "base_sft.max_steps": 30,
     "model.vocab_size": 512,
     "label.questions": 32, "label.val_questions": 12, "label.mc_chains": 8,
-    "prm.max_steps": 20, "prm.save_steps": 10,
-    "search.questions": 16, "search.ns": [1, 4], "search.beam_ns": [4],
+    "prm.max_steps": 12, "prm.save_steps": 6,
+    "search.questions": 8, "search.ns": [1, 4], "search.beam_ns": [4],
     "search.temperatures": [1.0], "search.val_questions": 8,
     "dpo.questions": 8, "dpo.samples": 4, "dpo.threshold": 0.0, "dpo.max_steps": 2, "dpo.save_steps": 2,
     "dpo.per_device_train_batch_size": 4,

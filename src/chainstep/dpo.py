@@ -43,22 +43,22 @@ class DPOConfig(SFTConfig):
     """Rounds, pair building and DPO knobs; training knobs as in SFTConfig."""
 
     rounds: int = 3
-    questions: int = 64  # train questions sampled per round (taken after those the PRM saw)
-    samples: int = 8  # chains per question per round (paper: 16)
+    questions: int = 48  # train questions sampled per round (taken after those the PRM saw)
+    samples: int = 6  # chains per question per round (paper: 16)
     temperature: float = 1.0
     max_tokens: int = 256
     pair_source: str = "prm"  # prm (0.2 step + 0.8 answer), prm_answer, outcome (ground truth)
     ablation: tuple[str, ...] = ("outcome", "prm_answer")  # other sources `chainstep run` tries in round 1
-    threshold: float = 0.3  # minimum score gap between chosen and rejected
+    threshold: float = 0.05  # minimum score gap between chosen and rejected
     pairs_per_question: int = 2  # i-th best vs i-th worst, while the gap holds
     beta: float = 0.1
     sft_weight: float = 1.0  # NLL on the chosen chain (TRL loss_type ["sigmoid", "sft"])
     step_weight: float = 0.2  # PRM chain score = w * mean(steps) + (1 - w) * answer
-    max_steps: int = 40
+    max_steps: int = 24
     per_device_train_batch_size: int = 8
-    learning_rate: float = 2e-4
+    learning_rate: float = 5e-4
     warmup_steps: int = 5
-    save_steps: int = 20
+    save_steps: int = 12
     seed: int = 0
 
     def __post_init__(self):

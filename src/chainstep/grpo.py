@@ -46,11 +46,11 @@ class GRPOConfig(SFTConfig):
     max_tokens: int = 192
     beta: float = 0.0  # KL to the start model; 0 loads no reference model
     step_weight: float = 0.2
-    max_steps: int = 12
+    max_steps: int = 8
     per_device_train_batch_size: int = 16  # completions per step: 2 prompts x 8
     learning_rate: float = 1e-4
     warmup_steps: int = 2
-    save_steps: int = 8
+    save_steps: int = 4
 
     def __post_init__(self):
         super().__post_init__()

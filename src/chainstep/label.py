@@ -53,7 +53,7 @@ _NUMBER = re.compile(r"-?\d+$")
 class LabelConfig:
     """Which labellers run and how their verdicts become 0/1 labels."""
 
-    questions: int = 240  # training questions whose policy samples get labelled; 0 = all
+    questions: int = 160  # training questions whose policy samples get labelled; 0 = all
     samples: int = 4  # chains sampled per question (paper: 16)
     sample_temperature: float = 1.0
     val_questions: int = 60  # held-out questions for the PRM evaluation
@@ -63,7 +63,7 @@ class LabelConfig:
     rule: str = "hard"  # hard: any rollout right; soft: fraction >= threshold
     threshold: float = 0.5
     neutral: str = "bad"  # what a neutral rating becomes: good, bad or drop
-    mc_chains: int = 60  # MC-label at most this many sampled chains; 0 = all
+    mc_chains: int = 48  # MC-label at most this many sampled chains; 0 = all
     perturbed: int = 0  # perturbed teacher chains per question, judge-labelled (hurt ranking here)
     temperature: float = 1.0  # rollout sampling temperature
     max_tokens: int = 256

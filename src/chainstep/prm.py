@@ -35,7 +35,7 @@ class PRMConfig(SFTConfig):
     """PRM training knobs (as SFT's) plus how chain scores are formed."""
 
     init: str = "policy"  # start from the SFT policy, or a model dir (e.g. a larger SFT'd model)
-    max_steps: int = 150
+    max_steps: int = 100
     learning_rate: float = 5e-4
     soft_labels: bool = False  # train on MC values instead of 0/1 (others truncate these silently)
     merge: str = "union"  # label sources: union (every labelled chain) or agree (steps both agree on)
