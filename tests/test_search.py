@@ -2,7 +2,15 @@ import pytest
 
 from chainstep.prm import PRM
 from chainstep.sampling import Policy
-from chainstep.search import beam_search, best_of_n, majority_vote, select, weighted_vote
+from chainstep.search import (
+    SearchConfig,
+    beam_search,
+    best_of_n,
+    choose_temperature,
+    majority_vote,
+    select,
+    weighted_vote,
+)
 from chainstep.steps import ANSWER_END, STEP_END
 
 
@@ -77,7 +85,7 @@ def test_beam_search_keeps_k_beams(searchers, test_records):
 
 
 def test_sampled_strategies_score_with_the_task_records(searchers, test_records, tmp_path):
-    from chainstep.search import SearchConfig, evaluate_search, search_predictions
+    from chainstep.search import evaluate_search, search_predictions
 
     policy, prm = searchers
     records = test_records[:3]
@@ -93,3 +101,9 @@ def test_sampled_strategies_score_with_the_task_records(searchers, test_records,
     assert set(final) == {"pass", "sc", "bon", "weighted", "beam"}
     pass_at = {r["n"]: r["accuracy"] for r in results if r["strategy"] == "pass"}
     assert pass_at[2] >= pass_at[1]
+
+
+def test_a_single_temperature_is_used_without_a_sweep(tmp_path):
+    cfg = SearchConfig(temperatures=(0.7,))
+    assert choose_temperature(None, None, [], cfg, tmp_path, max_tokens=8) == (0.7, [])
+    assert not any(tmp_path.iterdir())  # nothing sampled
