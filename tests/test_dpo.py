@@ -112,11 +112,12 @@ def _pairs_file(tmp_path, records, count=4):
 def test_train_dpo_moves_the_policy_towards_chosen(sft_model_dir, train_records, tmp_path):
     records = train_records[:4]
     path = _pairs_file(tmp_path, records)
-    cfg = DPOConfig(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=100)
+    cfg = DPOConfig(max_steps=5, epochs=3, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=100)
     out = train_dpo(sft_model_dir, path, {r["id"]: r for r in records}, tmp_path / "dpo", cfg)
     meta = json.loads((out / "chainstep.json").read_text())
     assert meta["num_pairs"] == 4 and meta["trained_from"] == str(sft_model_dir)
     assert meta["train_loss_last"] < meta["train_loss_first"]
+    assert meta["dpo"]["max_steps"] == 3  # 3 epochs of 4 pairs at batch 4 come before 5 steps
     before, _ = load(sft_model_dir)
     after, _ = load(out)
     diff = sum((a - b).abs().sum() for a, b in zip(after.parameters(), before.parameters()))

@@ -14,6 +14,7 @@ latest policy, so a bad round cannot compound.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -54,7 +55,8 @@ class DPOConfig(SFTConfig):
     beta: float = 0.1
     sft_weight: float = 1.0  # NLL on the chosen chain (TRL loss_type ["sigmoid", "sft"])
     step_weight: float = 0.2  # PRM chain score = w * mean(steps) + (1 - w) * answer
-    max_steps: int = 24
+    max_steps: int = 24  # at most; fewer when `epochs` over the pairs is reached first
+    epochs: float = 2.0  # passes over a round's pairs: more overfits a few dozen pairs and breaks the format
     per_device_train_batch_size: int = 8
     learning_rate: float = 5e-4
     warmup_steps: int = 5
@@ -67,6 +69,8 @@ class DPOConfig(SFTConfig):
             raise ChainstepError(f"dpo.pair_source and dpo.ablation must be among {PAIR_SOURCES}")
         if self.rounds < 1 or self.samples < 2:
             raise ChainstepError("dpo.rounds must be >= 1 and dpo.samples >= 2 (pairs need two chains)")
+        if self.epochs <= 0:
+            raise ChainstepError(f"dpo.epochs={self.epochs} must be positive")
         if self.threshold < 0:
             raise ChainstepError(f"dpo.threshold={self.threshold} must be >= 0")
 
@@ -162,6 +166,8 @@ def train_dpo(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
         raise ChainstepError(f"{pairs_path}: question {missing[0]} is not in the task records given")
     rows = [{"image": records[p["question_id"]]["image"], "record": json.dumps(records[p["question_id"]]),
              "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    steps = math.ceil(cfg.epochs * len(pairs) / (cfg.per_device_train_batch_size * _world_size()))
+    cfg = replace(cfg, max_steps=max(1, min(cfg.max_steps, steps)))
     model, processor = prepare_model(model_dir, cfg)
     ref = None if cfg.lora else load(model_dir)[0]
     checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
@@ -174,6 +180,10 @@ def train_dpo(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
          "world_size": trainer.args.world_size})
     _record_rank(checkpoints, trainer, collator)
     return out_dir
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _record_rank(checkpoints: Path, trainer, collator: PreferenceCollator) -> None:

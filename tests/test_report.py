@@ -1,0 +1,35 @@
+"""report.html from a run directory's metrics: Table 1, the DPO sections, edge cases."""
+
+import json
+
+from chainstep.evaluate import summarize
+from chainstep.report import write_report
+
+
+def _preds(model_right: list[bool]) -> list[dict]:
+    return [{"id": f"q{i}", "family": "count_sum" if i % 2 else "measure", "correct": ok, "parsed": ok,
+             "steps": 3 if ok else None, "tokens": 40 + i} for i, ok in enumerate(model_right)]
+
+
+def _round(pairs: int) -> dict:
+    return {"pairs": pairs, "questions": 8, "questions_with_pairs": min(pairs, 8), "mean_gap": 0.1,
+            "chosen_tokens": 100.0, "rejected_tokens": 120.0, "chosen_correct": 0.5, "rejected_correct": 0.1,
+            "sampled": {"chains": 48, "correct": 0.2, "parsed": 0.8, "tokens": 110.0, "steps": 3.0}}
+
+
+def test_report_with_dpo_rounds_ablation_and_a_zero_accuracy_model(tmp_path):
+    results = [summarize(_preds([True, False] * 5), "sft"),
+               summarize(_preds([True] * 6 + [False] * 4), "dpo-r1"),
+               summarize(_preds([False] * 10), "dpo-r2"),  # 0%: its Wilson bound rounds just above 0
+               summarize(_preds([True, False] * 5), "dpo-r1-outcome")]
+    metrics = {"results": results, "comparisons": [],
+               "dpo": {"rounds": {"dpo-r1": _round(6), "dpo-r2": _round(0)},
+                       "ablation": {"dpo-r1-outcome": _round(4)}, "pair_source": "prm", "threshold": 0.05}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "stages").mkdir()
+    html = write_report(tmp_path).read_text()
+    table1 = html[html.index("Table 1"):html.index("Iterative DPO")]
+    assert "dpo-r2" in table1 and "dpo-r1-outcome" not in table1  # ablation rows have their own table
+    ablation = html[html.index("Pair-source ablation"):html.index("Paired comparisons")]
+    assert "outcome" in ablation and "60.0" in html
+    assert "reasoning length per round" in html
