@@ -52,6 +52,7 @@ def test_wilson_interval():
     assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
     assert wilson(0, 20)[0] == 0.0 and wilson(0, 20)[1] > 0.1
     assert wilson(20, 20)[1] == pytest.approx(1.0)
+    assert wilson(0, 300)[0] == 0.0 and wilson(300, 300)[1] == 1.0  # exact, not off by rounding
 
 
 def test_mcnemar_exact():

@@ -45,8 +45,7 @@ def accuracy_plot(rows: list[dict], families: list[str]) -> str:
         accs = [row["per_family"].get(f, 0) for f in families] + [row["accuracy"]]
         cis = [row["per_family_ci"].get(f, [0, 0]) for f in families] + \
             [[row["ci_low"], row["ci_high"]]]
-        err = [[max(0.0, a - lo) for a, (lo, _) in zip(accs, cis)],
-               [max(0.0, hi - a) for a, (_, hi) in zip(accs, cis)]]  # rounding can put 0% below its bound
+        err = [[a - lo for a, (lo, _) in zip(accs, cis)], [hi - a for a, (_, hi) in zip(accs, cis)]]
         ax.bar(xs, accs, width, yerr=err, capsize=2, label=row["model"])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families) + 1)],
                   families + ["average"], fontsize=8)
