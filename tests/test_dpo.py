@@ -25,9 +25,9 @@ from chainstep.prm import PRM
 from chainstep.steps import Chain, Step, render
 
 
-def _row(qid, j, correct=False, text=None, tokens=10):
+def _row(qid, j, correct=False, text=None, tokens=10, parsed=True):
     return {"id": f"{qid}#{j}", "question_id": qid, "response": text or f"{qid} chain {j}",
-            "correct": correct, "tokens": tokens}
+            "correct": correct, "tokens": tokens, "parsed": parsed}
 
 
 def test_pairs_best_against_worst_above_threshold_only():
@@ -53,6 +53,14 @@ def test_several_pairs_per_question_stop_when_the_gap_closes():
     scores = [0.9, 0.8, 0.5, 0.45, 0.2, 0.1]
     pairs = build_pairs(rows, scores, threshold=0.3, pairs_per_question=3)
     assert [(p["chosen_id"], p["rejected_id"]) for p in pairs] == [("q#0", "q#5"), ("q#1", "q#4")]
+
+
+def test_a_chosen_chain_must_parse():
+    rows = [_row("q", 0, parsed=False), _row("q", 1), _row("q", 2), _row("q", 3, parsed=False)]
+    pairs = build_pairs(rows, [0.9, 0.6, 0.3, 0.1], threshold=0.1, pairs_per_question=2)
+    assert [(p["chosen_id"], p["rejected_id"]) for p in pairs] == [("q#1", "q#3")]  # then they cross
+    only_broken = [_row("r", 0, parsed=False), _row("r", 1, parsed=False)]
+    assert build_pairs(only_broken, [0.9, 0.1], threshold=0.0) == []
 
 
 def test_identical_texts_are_never_paired():

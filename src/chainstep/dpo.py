@@ -58,7 +58,7 @@ class DPOConfig(SFTConfig):
     max_steps: int = 24  # at most; fewer when `epochs` over the pairs is reached first
     epochs: float = 2.0  # passes over a round's pairs: more overfits a few dozen pairs and breaks the format
     per_device_train_batch_size: int = 8
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-4
     warmup_steps: int = 5
     save_steps: int = 12
     seed: int = 0
@@ -91,16 +91,21 @@ def sample_scores(rows: list[dict], records: list[dict], source: str, prm: PRM |
 
 def build_pairs(rows: list[dict], scores: list[float], threshold: float,
                 pairs_per_question: int = 1) -> list[dict]:
-    """Per question, the i-th best chain against the i-th worst while their gap exceeds
-    `threshold` (strictly) and they differ in text; ties keep sampling order."""
+    """Per question, the i-th best well-formed chain against the i-th worst chain while their
+    gap exceeds `threshold` (strictly) and they differ in text; ties keep sampling order. A
+    chosen chain must parse: the NLL term on it would otherwise teach a broken format."""
     by_question: dict[str, list[tuple[float, dict]]] = {}
     for row, score in zip(rows, scores):
         by_question.setdefault(row["question_id"], []).append((score, row))
     pairs = []
     for qid, scored in by_question.items():
-        ranked = sorted(scored, key=lambda x: -x[0])
-        for i in range(min(pairs_per_question, len(ranked) // 2)):
-            (hi, chosen), (lo, rejected) = ranked[i], ranked[-1 - i]
+        ranked = sorted(range(len(scored)), key=lambda j: -scored[j][0])
+        best = [j for j in ranked if scored[j][1].get("parsed", True)]
+        for i in range(min(pairs_per_question, len(best))):
+            top, bottom = best[i], ranked[-1 - i]
+            if ranked.index(top) >= ranked.index(bottom):
+                break
+            (hi, chosen), (lo, rejected) = scored[top], scored[bottom]
             if hi - lo <= threshold or chosen["response"] == rejected["response"]:
                 break
             pairs.append({"id": f"{qid}#p{i}", "question_id": qid, "chosen": chosen["response"],
