@@ -63,9 +63,9 @@ class RunConfig:
 
 QUICK: dict[str, object] = {
     "suite.train": 400, "suite.val": 40, "suite.test": 50,
-    "sft.max_steps": 100, "sft.save_steps": 50, "base_sft.max_steps": 30,
+    "sft.max_steps": 90, "sft.save_steps": 45, "base_sft.max_steps": 20,
     "model.vocab_size": 512,
-    "label.questions": 32, "label.val_questions": 12, "label.mc_chains": 8,
+    "label.questions": 24, "label.val_questions": 12, "label.mc_chains": 8,
     "prm.max_steps": 12, "prm.save_steps": 6,
     "search.questions": 8, "search.ns": [1, 4], "search.beam_ns": [4],
     "search.temperatures": [1.0], "search.val_questions": 8,
