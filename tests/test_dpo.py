@@ -132,19 +132,35 @@ def test_train_dpo_moves_the_policy_towards_chosen(sft_model_dir, train_records,
     assert diff > 0
 
 
+def _write_samples(records, path, n=3):
+    """A round's samples written ahead (sampling resumes by id, so none are drawn): pairs then
+    do not depend on what the tiny test policy happens to write."""
+    rows = []
+    for r in records:
+        for j, answer in enumerate([r["answer"], "no such answer", None][:n]):
+            text = render(Chain([Step("Read", f"Value: {j}", "ok")], answer)) if answer else "broken"
+            rows.append({"id": f"{r['id']}#{j}", "question_id": r["id"], "response": text,
+                         "correct": j == 0, "parsed": answer is not None, "steps": 1, "tokens": 20 + j})
+    write_pairs(rows, path)
+
+
 def test_every_round_restarts_from_sft_and_samples_the_latest_policy(sft_model_dir, train_records, tmp_path):
-    cfg = DPOConfig(rounds=2, samples=3, threshold=0.0, max_steps=1, per_device_train_batch_size=2,
-                    save_steps=100, max_tokens=96)
-    stats = iterative_dpo(sft_model_dir, sft_model_dir, train_records[:4], tmp_path, cfg, batch_size=16)
+    records = train_records[:4]
+    for k in (1, 2):
+        _write_samples(records, tmp_path / "data" / f"dpo-r{k}-samples.jsonl")
+    cfg = DPOConfig(rounds=2, samples=3, pair_source="outcome", max_steps=1, per_device_train_batch_size=2,
+                    save_steps=100)
+    stats = iterative_dpo(sft_model_dir, None, records, tmp_path, cfg, batch_size=16)
     assert stats["dpo-r1"]["policy"] == str(sft_model_dir)
     assert stats["dpo-r2"]["policy"] == str(tmp_path / "models" / "dpo-r1")
     for name in ("dpo-r1", "dpo-r2"):
-        assert stats[name]["trained"] and stats[name]["pairs"] > 0
+        assert stats[name]["trained"] and stats[name]["pairs"] == 4
+        assert stats[name]["chosen_correct"] == 1 and stats[name]["rejected_correct"] == 0
         meta = json.loads((tmp_path / "models" / name / "chainstep.json").read_text())
         assert meta["trained_from"] == str(sft_model_dir)  # policy and reference reset to SFT
     weights = tmp_path / "models" / "dpo-r2" / "model.safetensors"
     stamp = weights.stat().st_mtime
-    again = iterative_dpo(sft_model_dir, sft_model_dir, train_records[:4], tmp_path, cfg, batch_size=16)
+    again = iterative_dpo(sft_model_dir, None, records, tmp_path, cfg, batch_size=16)
     assert again == stats and weights.stat().st_mtime == stamp  # finished rounds are skipped
 
 

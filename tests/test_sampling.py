@@ -79,8 +79,10 @@ def test_shared_prefill_gives_the_same_samples(tiny_model_dir, sft_model_dir, te
     assert a == b
 
 
-def test_image_and_chat_tokens_are_never_generated(policy):
+def test_image_chat_and_prm_tag_tokens_are_never_generated(policy):
     tok = policy.processor.tokenizer
     image = tok.convert_tokens_to_ids(policy.processor.image_token)
     assert image in policy.suppress_ids
+    # a generated `ки` once shifted every PRM label of its chain (quick run, 90 SFT steps)
+    assert {tok.convert_tokens_to_ids(t) for t in ("ки", "к+и", "к-и")} <= set(policy.suppress_ids)
     assert policy.eos_id not in policy.suppress_ids and policy.step_end_id not in policy.suppress_ids

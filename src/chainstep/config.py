@@ -69,7 +69,9 @@ QUICK: dict[str, object] = {
     "prm.max_steps": 12, "prm.save_steps": 6,
     "search.questions": 8, "search.ns": [1, 4], "search.beam_ns": [4],
     "search.temperatures": [1.0], "search.val_questions": 8,
-    "dpo.questions": 8, "dpo.samples": 4, "dpo.threshold": 0.0, "dpo.max_steps": 2, "dpo.save_steps": 2,
+    "dpo.questions": 8, "dpo.samples": 4, "dpo.threshold": 0.0,
+    # the quick model's chains rarely parse at T=1.0, and a chosen chain must parse
+    "dpo.temperature": 0.5, "dpo.max_steps": 2, "dpo.save_steps": 2,
     "dpo.per_device_train_batch_size": 4,
     "grpo.questions": 4, "grpo.num_generations": 4, "grpo.per_device_train_batch_size": 8,
     "grpo.max_steps": 1, "grpo.save_steps": 1, "grpo.max_tokens": 64,

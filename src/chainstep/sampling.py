@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from .errors import ChainstepError
 from .inputs import PER_TOKEN_KEYS, collate, encode_prompt
 from .models import load
-from .steps import SPECIAL_TOKENS, STEP_END
+from .steps import BAD_TAG, GOOD_TAG, SPECIAL_TOKENS, STEP_END, STEP_TAG
 
 # Architectures whose n samples may start from one shared prefill (tested equal to the plain
 # path); others (Qwen2-VL's multimodal rotary positions) re-encode the prompt per sample.
@@ -56,10 +56,12 @@ class Generation:
 
 
 def foreign_token_ids(tokenizer) -> list[int]:
-    """Added tokens that are not ours (image placeholders, chat markers): never generated, since
-    an <image> in a response would break the image/token alignment wherever it is re-encoded."""
+    """Tokens a policy never writes: added tokens that are not step markers (an <image> in a
+    response would break the image/token alignment wherever it is re-encoded), and the PRM's
+    tags (a `ки` in a response would shift every step label of it)."""
+    tags = {STEP_TAG, GOOD_TAG, BAD_TAG}
     return sorted(i for i, t in tokenizer.added_tokens_decoder.items()
-                  if t.content not in SPECIAL_TOKENS and i != tokenizer.eos_token_id)
+                  if (t.content not in SPECIAL_TOKENS or t.content in tags) and i != tokenizer.eos_token_id)
 
 
 def decode_response(tokenizer, ids: list[int]) -> str:
