@@ -62,17 +62,17 @@ class RunConfig:
 
 
 QUICK: dict[str, object] = {
-    "suite.train": 400, "suite.val": 40, "suite.test": 50,
-    "sft.max_steps": 90, "sft.save_steps": 45, "base_sft.max_steps": 20,
+    "suite.train": 400, "suite.val": 40, "suite.test": 30,
+    "sft.max_steps": 80, "sft.save_steps": 40, "base_sft.max_steps": 12,
     "model.vocab_size": 512,
-    "label.questions": 24, "label.val_questions": 12, "label.mc_chains": 8,
-    "prm.max_steps": 12, "prm.save_steps": 6,
-    "search.questions": 8, "search.ns": [1, 4], "search.beam_ns": [4],
+    "label.questions": 24, "label.samples": 3, "label.val_questions": 8, "label.mc_chains": 8,
+    "prm.max_steps": 8, "prm.save_steps": 4,
+    "search.questions": 6, "search.ns": [1, 4], "search.beam_ns": [2],
     "search.temperatures": [1.0], "search.val_questions": 8,
-    "dpo.questions": 8, "dpo.samples": 4, "dpo.threshold": 0.0,
+    "dpo.questions": 6, "dpo.samples": 4, "dpo.threshold": 0.0,
     # the quick model's chains rarely parse at T=1.0, and a chosen chain must parse
     "dpo.temperature": 0.5, "dpo.max_steps": 2, "dpo.save_steps": 2,
-    "dpo.per_device_train_batch_size": 4,
+    "dpo.per_device_train_batch_size": 4, "dpo.ablation": ["outcome"],
     "grpo.questions": 4, "grpo.num_generations": 4, "grpo.per_device_train_batch_size": 8,
     "grpo.max_steps": 1, "grpo.save_steps": 1, "grpo.max_tokens": 64,
 }
