@@ -260,11 +260,12 @@ def pair_source_ablation(sft_dir: str | Path, prm_dir: str | Path | None, record
     """Round 1 again with each source in `cfg.ablation`, on round 1's own samples, so the
     sources differ only in how pairs are picked: `out/models/dpo-r1-{source}`."""
     sft_dir, out = Path(sft_dir), Path(out)
+    scored = next((source for source in cfg.ablation if source != "outcome"), None)
+    prm = _load_prm(prm_dir, scored, batch_size) if scored else None  # loaded once for all sources
     stats = {}
     for source in cfg.ablation:
-        prm = _load_prm(prm_dir, source, batch_size)
         name = f"dpo-r1-{source}"
-        stats[name] = _round_once(sft_dir, sft_dir, prm, records, out, name,
+        stats[name] = _round_once(sft_dir, sft_dir, prm if source != "outcome" else None, records, out, name,
                                   replace(cfg, pair_source=source), batch_size, samples_name="dpo-r1")
     return stats
 

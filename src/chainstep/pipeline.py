@@ -208,14 +208,19 @@ def evaluate_verifier(r: Run) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
+def _search_questions(r: Run) -> tuple[list[dict], str]:
+    """The test questions search runs on, and their split name ("test[:32]" for a slice)."""
+    test = load_tasks(r.tasks / "test.jsonl")
+    records = _first(test, r.cfg.search.questions)
+    return records, "test" if len(records) == len(test) else f"test[:{len(records)}]"
+
+
 def search(r: Run) -> dict:
     """SC / BoN / weighted vote / beam search at each N on (a slice of) the test split."""
     cfg, policy, prm = r.cfg.search, _policy(r), _prm(r)
     val = _first(load_tasks(r.tasks / "val.jsonl"), cfg.val_questions)
     temperature, sweep = choose_temperature(policy, prm, val, cfg, r.eval, r.cfg.eval.max_tokens)
-    test = load_tasks(r.tasks / "test.jsonl")
-    records = _first(test, cfg.questions)
-    split = "test" if len(records) == len(test) else f"test[:{len(records)}]"
+    records, split = _search_questions(r)
     results, ablation, final = evaluate_search(policy, prm, records, cfg, r.eval, temperature, "sft",
                                                split, r.cfg.eval.max_tokens)
     greedy = [p for p in read_jsonl(r.eval / "sft-test.jsonl") if p["id"] in {x["id"] for x in records}]
@@ -318,9 +323,7 @@ def _final_beam(r: Run, model: str) -> tuple[dict, dict]:
     """Step beam search with the PRM on the final policy, on the search stage's questions, and
     its paired comparison with that policy's greedy answers."""
     cfg = r.cfg.search
-    test = load_tasks(r.tasks / "test.jsonl")
-    records = _first(test, cfg.questions)
-    split = "test" if len(records) == len(test) else f"test[:{len(records)}]"
+    records, split = _search_questions(r)
     temperature = json.loads(r.metrics.read_text()).get("search", {}).get("temperature", 1.0)
     n = max(cfg.beam_ns)
     preds, compute = beam_search(_policy(r, model), _prm(r), records, n, cfg.keep, temperature,
