@@ -1,5 +1,8 @@
 """Session fixtures: a small synthetic suite and tiny random VLMs saved to disk, built once."""
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,48 @@ def sft_model_dir(tmp_path_factory, tiny_model_dir, suite_dir) -> Path:
                     save_steps=1000)
     return train_sft(tiny_model_dir("llava"), suite_dir / "data" / "sft.jsonl",
                      tmp_path_factory.mktemp("sft") / "model", cfg)
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint that fails `fail_first` times with `status`."""
+
+    replies: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        if len(self.server.requests) <= self.server.fail_first:
+            self.send_response(self.server.status)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "slow down"}}')
+            return
+        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": self.server.text}}],
+                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def endpoint():
+    def start(text: str, fail_first: int = 0, status: int = 429):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+        server.requests, server.fail_first, server.status, server.text = [], fail_first, status, text
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+    servers = []
+    yield start
+    for server in servers:
+        server.shutdown()

@@ -29,3 +29,13 @@ def is_correct(predicted: str | None, reference: str) -> bool:
     """Exact match after normalisation; a missing prediction is wrong."""
     pred = normalize(predicted)
     return pred is not None and pred == normalize(reference)
+
+
+def matches(predicted: str | None, record: dict) -> bool:
+    """`predicted` answers `record` under its task's matcher: a benchmark's own rule for benchmark
+    records (`chainstep.benchmarks`), exact match after normalisation otherwise."""
+    from .benchmarks import BENCHMARKS, score
+
+    if predicted is not None and record.get("source") in BENCHMARKS:
+        return score(record["source"], predicted, record) > 0
+    return is_correct(predicted, record["answer"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.progress import track
 
-from .answers import is_correct
+from .answers import matches
 from .records import JsonlWriter, done_ids, load_tasks
 from .steps import ANSWER_END, ANSWER_START, Chain, FormatError, parse
 from .teacher import Teacher
@@ -36,7 +36,7 @@ def check_chain(text: str, record: dict, cfg: FilterConfig) -> tuple[Chain | Non
         chain = parse(text)
     except FormatError as err:
         return None, f"format:{err.code}"
-    if not is_correct(chain.answer, record["answer"]):
+    if not matches(chain.answer, record):
         return None, "answer_mismatch"
     if len(chain.steps) < cfg.min_steps:
         return None, "too_few_steps"

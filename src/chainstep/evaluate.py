@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .answers import is_correct
+from .benchmarks import BENCHMARKS, grade
 from .records import JsonlWriter, iter_jsonl
 from .sampling import Generation, Policy, SamplingParams
 from .steps import FormatError, extract_answer, parse
@@ -23,8 +24,11 @@ from .steps import FormatError, extract_answer, parse
 Z95 = 1.959963984540054
 
 
-def score_response(text: str, record: dict, style: str = "cos") -> dict:
-    """Grade one response. `cos` needs a parseable chain; `direct` needs an answer span."""
+def score_response(text: str, record: dict, style: str = "cos", extractor=None) -> dict:
+    """Grade one response. `cos` needs a parseable chain; `direct` needs an answer span.
+    Benchmark records are graded by their benchmark's own rule, which also reads free text."""
+    if record.get("source") in BENCHMARKS:
+        return grade(record["source"], text, record, extractor)
     steps = None
     if style == "cos":
         try:
@@ -43,15 +47,16 @@ def family_of(record: dict) -> str:
     return record.get("meta", {}).get("family") or record.get("source") or "all"
 
 
-def response_row(record: dict, gen: Generation, style: str = "cos", row_id: str | None = None) -> dict:
+def response_row(record: dict, gen: Generation, style: str = "cos", row_id: str | None = None,
+                 extractor=None) -> dict:
     """One graded response, as predictions and samples files hold it."""
     return {"id": row_id or record["id"], "question_id": record["id"], "family": family_of(record),
             "answer": record["answer"], "response": gen.text, "tokens": gen.num_tokens,
-            "finish_reason": gen.finish_reason, **score_response(gen.text, record, style)}
+            "finish_reason": gen.finish_reason, **score_response(gen.text, record, style, extractor)}
 
 
 def predict(policy: Policy, records: list[dict], out_path: str | Path, style: str = "cos",
-            params: SamplingParams | None = None) -> list[dict]:
+            params: SamplingParams | None = None, extractor=None) -> list[dict]:
     """Greedy (by default) predictions, appended to `out_path` and resumed by id."""
     out_path = Path(out_path)
     done = {p["id"]: p for p in iter_jsonl(out_path)} if out_path.exists() else {}
@@ -61,7 +66,7 @@ def predict(policy: Policy, records: list[dict], out_path: str | Path, style: st
         for start in range(0, len(todo), 256):
             chunk = todo[start:start + 256]
             for record, gens in zip(chunk, policy.generate(chunk, params)):
-                row = response_row(record, gens[0], style)
+                row = response_row(record, gens[0], style, extractor=extractor)
                 writer.write(row)
                 done[row["id"]] = row
     return [done[r["id"]] for r in records]

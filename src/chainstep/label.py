@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rich.progress import track
 
-from .answers import is_correct
+from .answers import matches
 from .client import RemoteError
 from .construct import example_row
 from .errors import ChainstepError
@@ -112,7 +112,7 @@ def monte_carlo(policy: Policy, items: list[tuple[dict, str]], k: int,
         prefixes=[flat[i][1] for i in order], progress=False)
     values = [0.0] * len(flat)
     for i, group in zip(order, gens):
-        values[i] = sum(is_correct(extract_answer(g.text), flat[i][0]["answer"]) for g in group) / k
+        values[i] = sum(matches(extract_answer(g.text), flat[i][0]) for g in group) / k
     out, at = [], 0
     for _, response in items:
         count = len(step_prefixes(response))
@@ -201,7 +201,7 @@ def judged_labels(record: dict, response: str, judge: Judge, neutral: str) -> tu
     try:
         chain = parse(response)
         ratings = judge.rate(record, chain)
-        return judge_labels(ratings, neutral) + [int(is_correct(chain.answer, record["answer"]))], ratings
+        return judge_labels(ratings, neutral) + [int(matches(chain.answer, record))], ratings
     except FormatError:
         pass
     steps = leading_steps(response)
@@ -243,7 +243,7 @@ def _perturbed_rows(records, cfg, done, writer, stats) -> None:
             rng = random.Random(f"{cfg.seed}:{sample_id}")
             chain = perturb(record, teacher.chain(record), rng)
             labels = judge_labels(judge.rate(record, chain), cfg.neutral)
-            labels.append(int(is_correct(chain.answer, record["answer"])))
+            labels.append(int(matches(chain.answer, record)))
             writer.write(_row(record, sample_id, "perturb", render(chain), labels))
             stats["perturb"] += 1
 

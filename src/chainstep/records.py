@@ -112,9 +112,11 @@ def load_image(record: dict) -> Image.Image:
 
 
 def prompt_text(record: dict) -> str:
-    """The question as the policy sees it: options appended as (A) ... (B) ..."""
+    """The question as the policy sees it: options appended as (A) ... (B) ..., then the record's
+    fixed instruction if it has one (benchmarks: what form the answer takes)."""
     text = record["question"]
     if record.get("options"):
         text += " Options: " + " ".join(f"({chr(65 + i)}) {o}"
                                         for i, o in enumerate(record["options"]))
-    return text
+    instruction = (record.get("meta") or {}).get("instruction")
+    return f"{text}\n{instruction}" if instruction else text
