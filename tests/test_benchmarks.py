@@ -301,3 +301,61 @@ def test_every_benchmark_has_a_budget_and_the_paper_numbers():
     for name, bench in BENCHMARKS.items():
         assert bench.max_tokens >= 512
         assert all(name in row for row in benchmarks.PAPER_TABLE1.values())
+
+
+# ---------------------------------------------------------------- full eval with a tiny model
+
+
+def with_images(name: str, tmp_path: Path, count: int) -> Path:
+    """The first `count` real records that ship with their image, as a JSONL of absolute paths."""
+    path = shared(SAMPLES[name])
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [{**r, "image": str(path.parent / r["image"])} for r in rows if r["image"]][:count]
+    out = tmp_path / f"{name}.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_a_tiny_model_runs_the_full_benchmark_eval(sft_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from chainstep.cli import app
+    from chainstep.records import prompt_text
+
+    data = with_images("mmmu", tmp_path, 3)
+    out = tmp_path / "eval"
+    args = ["eval", str(sft_model_dir), "--benchmark", "mmmu", "--data", str(data), "--out", str(out),
+            "--max-tokens", "48"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    [row] = json.loads((out / "metrics.json").read_text())["results"]
+    assert (row["benchmark"], row["split"], row["num_questions"]) == ("mmmu", "mmmu", 3)
+    assert row["max_tokens"] == 48
+    assert row["extraction"] == "rules" and row["instructions"] == [benchmarks.INSTRUCTIONS["choice"]]
+    records = {r["id"]: r for r in load("mmmu", data)}
+    assert set(row["per_family"]) == {r["meta"]["family"] for r in records.values()}
+    preds = [json.loads(line) for line in (out / f"{sft_model_dir.name}-mmmu.jsonl").read_text().splitlines()]
+    assert len(preds) == 3
+    for pred in preds:  # every prediction graded by MMMU's own rule
+        assert pred["correct"] == score("mmmu", pred["response"], records[pred["id"]])
+        assert prompt_text(records[pred["id"]]).endswith(benchmarks.INSTRUCTIONS["choice"])
+
+    sc = CliRunner().invoke(app, ["eval", str(sft_model_dir), "--benchmark", "ai2d", "--data",
+                                  str(with_images("ai2d", tmp_path, 2)), "--out", str(out),
+                                  "--strategy", "sc", "--n", "2", "--max-tokens", "32"])
+    assert sc.exit_code == 0, sc.output
+    rows = json.loads((out / "metrics.json").read_text())["results"]
+    assert {(r["split"], r["strategy"], r["n"]) for r in rows} == {("mmmu", "greedy", 1), ("ai2d", "sc", 2)}
+
+
+def test_benchmark_eval_refuses_records_without_images(tmp_path):
+    from typer.testing import CliRunner
+
+    from chainstep.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "model"), "--benchmark", "mathvista", "--data",
+                                      str(shared(SAMPLES["mathvista"])), "--out", str(tmp_path)])
+    assert isinstance(result.exception, ChainstepError)
+    assert "25 of 25 MathVista records" in str(result.exception)
+    assert "no image (first: id 1)" in str(result.exception)
+    assert not (tmp_path / "metrics.json").exists()

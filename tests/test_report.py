@@ -33,3 +33,25 @@ def test_report_with_dpo_rounds_ablation_and_a_zero_accuracy_model(tmp_path):
     ablation = html[html.index("Pair-source ablation"):html.index("Paired comparisons")]
     assert "outcome" in ablation and "60.0" in html
     assert "reasoning length per round" in html
+
+
+def test_benchmark_results_in_the_paper_table_layout_with_categories(tmp_path):
+    settings = {"max_tokens": 1024, "extraction": "rules", "instructions": ["Reason step by step."]}
+    results = []
+    for k, name in enumerate(("mathvista", "mmstar", "mmmu", "m3cot", "ai2d", "chartqa")):
+        right = [True] * (k + 1) + [False] * 3
+        preds = [{**p, "family": f"{name}-cat{i % 2}"} for i, p in enumerate(_preds(right))]
+        results.append({**summarize(preds, "sft", split=name), "benchmark": name, **settings})
+    results.append({**summarize(_preds([True, False]), "sft", "sc", 4, split="mmmu"), "benchmark": "mmmu",
+                    **settings})
+    (tmp_path / "metrics.json").write_text(json.dumps({"results": results}))
+    html = write_report(tmp_path).read_text()
+    layout = html[html.index("the paper's Table 1 layout"):html.index("MathVista — sft")]
+    titles = ("MathVista", "MMStar", "MMMU", "M3CoT", "AI2D", "ChartQA")
+    assert "".join(f"<th>{t}</th>" for t in titles) in layout
+    assert "paper: InternVL2.5-MPO-8B" in layout and "69.4" in layout  # the published average
+    average = sum((k + 1) / (k + 4) for k in range(6)) / 6
+    assert f"{100 * average:.1f}" in layout  # our row has all six, so it has an average
+    assert "sft (sc, N=4)" in layout
+    assert "mmmu-cat0" in html and "max tokens 1024" in html
+    assert "Table 1 — greedy decoding" not in html  # no synthetic-suite rows in this run

@@ -154,7 +154,10 @@ def sft(
 @app.command("eval")
 def evaluate(
     model: Path = typer.Argument(..., help="Model directory"),
-    tasks: Path = typer.Argument(..., help="Task records (e.g. tasks/test.jsonl)"),
+    tasks: Path = typer.Argument(None, help="Task records (e.g. tasks/test.jsonl); or --benchmark"),
+    benchmark: str = typer.Option(None, help="mathvista, mmstar, mmmu, m3cot, ai2d or chartqa"),
+    data: Path = typer.Option(None, help="The benchmark's local files: a folder or one file"),
+    limit: int = typer.Option(None, help="Only the first N records"),
     out: Path = typer.Option(Path("eval"), help="Folder for predictions and metrics.json"),
     name: str = typer.Option(None, help="Model name in metrics.json [default: folder name]"),
     style: str = typer.Option("cos", help="cos (step chains) or direct (answer only)"),
@@ -163,16 +166,22 @@ def evaluate(
     prm: Path = typer.Option(None, help="PRM directory (bon, weighted, beam)"),
     temperature: float = typer.Option(1.0, help="Sampling temperature for n > 1 strategies"),
     step_weight: float = typer.Option(0.2, help="Chain score = w * mean(steps) + (1 - w) * answer"),
-    max_tokens: int = 256, batch_size: int = 64,
+    max_tokens: int = typer.Option(None, help="Token budget [default: 256; a benchmark's own]"),
+    extract_url: str = typer.Option(None, help="OpenAI-compatible endpoint that extracts answers "
+                                    "(MathVista's official way, VLMEvalKit's multiple-choice fallback)"),
+    extract_model: str = typer.Option("gpt-4o-mini", help="Model name at --extract-url"),
+    batch_size: int = 64,
 ):
-    """Evaluate with 95% intervals and compute counts.
+    """Evaluate with 95% intervals and compute counts, on task records or one of the paper's benchmarks.
 
     Examples: chainstep eval runs/quick/models/sft tasks/test.jsonl;
-    chainstep eval runs/quick/models/sft tasks/test.jsonl --strategy beam --n 8 --prm runs/quick/models/prm
+    chainstep eval runs/quick/models/sft tasks/test.jsonl --strategy beam --n 8 --prm runs/quick/models/prm;
+    chainstep eval runs/final/models/sft --benchmark mathvista --data ~/data/MathVista --out runs/final
     """
+    from .benchmarks import LLMExtractor
+    from .client import ChatClient
     from .evaluate import predict, summarize, update_metrics
     from .prm import PRM
-    from .records import load_tasks
     from .sampling import Policy, SamplingParams
     from .search import STRATEGIES, search_predictions
 
@@ -182,19 +191,58 @@ def evaluate(
         raise ChainstepError(f"--strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
     if strategy in ("bon", "weighted", "beam") and prm is None:
         raise ChainstepError(f"--strategy {strategy} needs a PRM (--prm DIR)")
+    records, split, settings = _eval_records(tasks, benchmark, data, out, limit, max_tokens)
     name = name or model.name
-    records = load_tasks(tasks)
+    extractor = None
+    if extract_url:
+        if not benchmark:
+            raise ChainstepError("--extract-url applies to --benchmark evaluations")
+        extractor = LLMExtractor(ChatClient(extract_url, extract_model, max_tokens=32))
+        settings["extraction"] = f"llm:{extract_model}"
     policy = Policy.from_dir(model, batch_size=batch_size)
     if strategy == "greedy":
-        preds = predict(policy, records, out / f"{name}-{tasks.stem}.jsonl", style,
-                        SamplingParams(max_tokens=max_tokens))
+        preds = predict(policy, records, out / f"{name}-{split}.jsonl", style,
+                        SamplingParams(max_tokens=settings["max_tokens"]), extractor)
         compute = {}
     else:
         scorer = PRM.from_dir(prm, step_weight=step_weight, batch_size=batch_size) if prm else None
-        preds, compute = search_predictions(strategy, policy, records, n, out, name, tasks.stem, scorer,
-                                            temperature, max_tokens)
-    update_metrics(out / "metrics.json", [{**summarize(preds, name, strategy, n, tasks.stem), **compute}])
+        preds, compute = search_predictions(strategy, policy, records, n, out, name, split, scorer,
+                                            temperature, settings["max_tokens"], extractor=extractor)
+    row = {**summarize(preds, name, strategy, n, split), **compute, **settings}
+    update_metrics(out / "metrics.json", [row])
     _print_results(out / "metrics.json")
+    if benchmark:
+        table = Table(title=f"{benchmark} by category ({split}, {strategy})")
+        table.add_column("category")
+        table.add_column("accuracy")
+        for family, acc in row["per_family"].items():
+            low, high = row["per_family_ci"][family]
+            table.add_row(family, f"{100 * acc:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
+        console.print(table)
+
+
+def _eval_records(tasks: Path | None, benchmark: str | None, data: Path | None, out: Path,
+                  limit: int | None, max_tokens: int | None) -> tuple[list[dict], str, dict]:
+    """Records, split name and the settings a result must carry to be reproduced."""
+    from .benchmarks import get, load
+    from .records import load_tasks
+
+    if (tasks is None) == (benchmark is None):
+        raise ChainstepError("give either TASKS (a records file) or --benchmark NAME --data PATH")
+    if tasks is not None:
+        records = load_tasks(tasks)[:limit]
+        return records, tasks.stem, {"max_tokens": max_tokens or 256}
+    bench = get(benchmark)
+    if data is None:
+        raise ChainstepError(f"--benchmark {bench.name} needs --data PATH: {bench.layouts}")
+    records = load(bench.name, data, out / "images" / bench.name)[:limit]
+    missing = [r["id"] for r in records if r["image"] is None]
+    if missing:
+        raise ChainstepError(f"{len(missing)} of {len(records)} {bench.title} records under {data} have "
+                             f"no image (first: id {missing[0]}); expected {bench.layouts}")
+    return records, bench.name, {
+        "benchmark": bench.name, "benchmark_split": bench.split, "max_tokens": max_tokens or bench.max_tokens,
+        "instructions": sorted({r["meta"]["instruction"] for r in records}), "extraction": "rules"}
 
 
 @app.command()

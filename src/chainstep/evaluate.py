@@ -73,7 +73,8 @@ def predict(policy: Policy, records: list[dict], out_path: str | Path, style: st
 
 
 def sample_responses(policy: Policy, records: list[dict], out_path: str | Path,
-                     params: SamplingParams, style: str = "cos") -> dict[str, list[dict]]:
+                     params: SamplingParams, style: str = "cos",
+                     extractor=None) -> dict[str, list[dict]]:
     """`params.n` graded samples per record (ids `QID#j`), appended and resumed by id;
     returns question id -> its samples in order."""
     out_path = Path(out_path)
@@ -86,7 +87,7 @@ def sample_responses(policy: Policy, records: list[dict], out_path: str | Path,
             for record, gens in zip(chunk, policy.generate(chunk, params)):
                 for row_id, gen in zip(ids[record["id"]], gens):
                     if row_id not in done:
-                        done[row_id] = response_row(record, gen, style, row_id)
+                        done[row_id] = response_row(record, gen, style, row_id, extractor)
                         writer.write(done[row_id])
     return {qid: [done[i] for i in row_ids] for qid, row_ids in ids.items()}
 

@@ -158,6 +158,25 @@ def _prm_traces(run_dir: Path) -> list[dict]:
     return [{**t, "image": _image_url(t["image"])} for t in iter_jsonl(path) if Path(t["image"]).exists()]
 
 
+def benchmark_section(results: list[dict]) -> dict:
+    """The paper's Table 1 layout for benchmark results (one row per model and strategy), the
+    published numbers beside it, and each benchmark's per-category breakdown."""
+    from .benchmarks import BENCHMARKS, PAPER_TABLE1
+
+    rows = [r for r in results if r.get("benchmark")]
+    table: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        label = r["model"] if r["strategy"] == "greedy" else f"{r['model']} ({r['strategy']}, N={r['n']})"
+        table.setdefault(label, {})[r["benchmark"]] = r
+    names = list(BENCHMARKS)
+    ours = [(label, cells, sum(cells[b]["accuracy"] for b in names) / len(names)
+             if all(b in cells for b in names) else None) for label, cells in table.items()]
+    paper = [(label, numbers, sum(numbers.values()) / len(numbers))
+             for label, numbers in PAPER_TABLE1.items()]
+    return {"bench_names": names, "bench_titles": {b: BENCHMARKS[b].title for b in names},
+            "bench_rows": ours, "paper_rows": paper, "bench_results": rows}
+
+
 def write_report(run_dir: str | Path, split: str = "test") -> Path:
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -190,7 +209,7 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
         prm=metrics.get("prm"), search=search, search_rows=search_rows, greedy=greedy,
         scaling=scaling_plot(search_rows, greedy and greedy["accuracy"]) if search_rows else None,
         prm_traces=prm_traces, colour=_score_colour, pct=_pct, ci=_ci, final_beam=final_beam,
-        **_dpo_sections(metrics, greedy_rows),
+        **_dpo_sections(metrics, greedy_rows), **benchmark_section(metrics["results"]),
     )
     path = run_dir / "report.html"
     path.write_text(html)

@@ -101,7 +101,7 @@ def select(strategy: str, rows: list[dict], scores: list[float] | None = None) -
 
 def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int = 1,
                 temperature: float = 1.0, step_tokens: int = 96, max_steps: int = 10,
-                seed: int | None = None) -> tuple[list[dict], dict]:
+                seed: int | None = None, extractor=None) -> tuple[list[dict], dict]:
     """Step-level beam search; returns graded rows (one per record) and its compute."""
     if n < keep:
         raise ChainstepError(f"beam search needs n >= keep (n={n}, keep={keep})")
@@ -138,7 +138,7 @@ def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int
     rows = []
     for record in records:
         score, text = max(finished[record["id"]], default=(0.0, ""))
-        row = response_row(record, Generation(text, tokens[record["id"]], "stop"))
+        row = response_row(record, Generation(text, tokens[record["id"]], "stop"), extractor=extractor)
         rows.append({**row, "prm_chains": chains[record["id"]], "prm_score": score})
     compute = {"tokens_generated": sum(tokens.values()), "prm_chains": sum(chains.values()),
                "prm_forward_passes": prm.forward_passes - calls_before,
@@ -156,12 +156,12 @@ def _final(params: SamplingParams) -> SamplingParams:
 
 
 def _sample_and_score(policy: Policy, prm: PRM | None, records: list[dict], path, n: int,
-                      temperature: float, max_tokens: int, seed: int):
+                      temperature: float, max_tokens: int, seed: int, extractor=None):
     """N graded samples per record (resumable file) and their PRM scores (None without a PRM),
     with wall times; all chains are scored in one batched pass."""
     start = time.time()
     samples = sample_responses(policy, records, path, SamplingParams(
-        n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
+        n=n, temperature=temperature, max_tokens=max_tokens, seed=seed), extractor=extractor)
     sample_s = time.time() - start
     rows = [r for rec in records for r in samples[rec["id"]]]
     start = time.time()
@@ -252,19 +252,21 @@ def _compute(preds: list[dict], wall_s: float, estimated: bool) -> dict:
 def search_predictions(strategy: str, policy: Policy, records: list[dict], n: int, out_dir: Path,
                        name: str, split: str, prm: PRM | None = None, temperature: float = 1.0,
                        max_tokens: int = 256, cfg: SearchConfig | None = None,
-                       seed: int = 0) -> tuple[list[dict], dict]:
-    """One strategy at one N (what `chainstep eval --strategy S --n N` runs): predictions and compute."""
+                       seed: int = 0, extractor=None) -> tuple[list[dict], dict]:
+    """One strategy at one N (what `chainstep eval --strategy S --n N` runs): predictions and compute.
+    `extractor` (benchmarks only) reads answers the rules cannot, before voting or selection."""
     cfg = cfg or SearchConfig()
     if strategy in ("bon", "weighted", "beam") and prm is None:
         raise ChainstepError(f"--strategy {strategy} needs a PRM (--prm DIR)")
     if strategy == "beam":
         return beam_search(policy, prm, records, n, cfg.keep, temperature, cfg.step_tokens,
-                           cfg.max_steps, seed)
+                           cfg.max_steps, seed, extractor)
     if strategy not in ("sc", "pass", "bon", "weighted"):
         raise ChainstepError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
     start = time.time()
     path = out_dir / f"{name}-{split}-samples-t{temperature}.jsonl"
     scorer = prm if strategy in ("bon", "weighted") else None
-    by_q, _, _ = _sample_and_score(policy, scorer, records, path, n, temperature, max_tokens, seed)
+    by_q, _, _ = _sample_and_score(policy, scorer, records, path, n, temperature, max_tokens, seed,
+                                   extractor)
     preds = _predictions(by_q, strategy, n, scorer)
     return preds, _compute(preds, time.time() - start, estimated=False)
