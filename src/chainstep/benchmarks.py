@@ -343,7 +343,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               judge_mathvista),
     Benchmark("mmstar", "MMStar", "val",
               "HF Lin-Chen/MMStar (val-*.parquet), VLMEvalKit MMStar.tsv, or JSONL records",
-              ("**/val-*.parquet", "**/MMStar.tsv"), "category", 768, judge_mmstar),
+              ("**/val-*.parquet", "**/mmstar*.parquet", "**/MMStar.tsv"), "category", 768,
+              judge_mmstar),
     Benchmark("mmmu", "MMMU", "validation",
               "HF MMMU/MMMU (<Subject>/validation-*.parquet), VLMEvalKit MMMU_DEV_VAL.tsv, "
               "or JSONL records", ("**/validation-*.parquet", "**/MMMU_DEV_VAL.tsv"), "subject",
@@ -362,14 +363,15 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
 )}
 
 # Table 1 of the paper (accuracy %, as published), shown beside our numbers for reference.
-PAPER_TABLE1: dict[str, dict[str, float]] = {
-    "InternVL2.5-MPO-8B": dict(mathvista=65.0, mmstar=60.7, mmmu=53.8, m3cot=67.5, ai2d=84.2, chartqa=85.0),
-    "+ CoS SFT": dict(mathvista=65.9, mmstar=61.0, mmmu=53.7, m3cot=75.7, ai2d=81.6, chartqa=88.3),
-    "+ CoS iterative DPO": dict(mathvista=67.8, mmstar=63.5, mmmu=55.5, m3cot=81.0, ai2d=84.9, chartqa=87.4),
-    "LLaVA-NeXT-8B": dict(mathvista=45.9, mmstar=43.1, mmmu=36.9, m3cot=45.6, ai2d=71.5, chartqa=69.4),
-    "+ CoS SFT ": dict(mathvista=51.4, mmstar=54.7, mmmu=39.6, m3cot=67.4, ai2d=76.1, chartqa=75.7),
-    "+ CoS iterative DPO ": dict(mathvista=54.7, mmstar=58.9, mmmu=41.8, m3cot=71.7, ai2d=79.2, chartqa=79.1),
-}
+_COLUMNS = ("mathvista", "mmstar", "mmmu", "m3cot", "ai2d", "chartqa")
+PAPER_TABLE1: dict[str, dict[str, float]] = {label: dict(zip(_COLUMNS, numbers)) for label, numbers in (
+    ("InternVL2.5-MPO-8B", (65.0, 60.7, 53.8, 67.5, 84.2, 85.0)),
+    ("InternVL2.5-MPO-8B + CoS SFT", (65.9, 61.0, 53.7, 75.7, 81.6, 88.3)),
+    ("InternVL2.5-MPO-8B + CoS iterative DPO", (67.8, 63.5, 55.5, 81.0, 84.9, 87.4)),
+    ("LLaVA-NeXT-8B", (45.9, 43.1, 36.9, 45.6, 71.5, 69.4)),
+    ("LLaVA-NeXT-8B + CoS SFT", (51.4, 54.7, 39.6, 67.4, 76.1, 75.7)),
+    ("LLaVA-NeXT-8B + CoS iterative DPO", (54.7, 58.9, 41.8, 71.7, 79.2, 79.1)),
+)}
 
 
 def get(name: str) -> Benchmark:
@@ -488,7 +490,7 @@ def load(name: str, path: str | Path, image_dir: str | Path | None = None) -> li
     bench, path = get(name), Path(path)
     if not path.exists():
         raise ChainstepError(f"{path} does not exist; {bench.title} expects {bench.layouts}")
-    files = [path] if path.is_file() else sorted({f for p in bench.patterns for f in path.glob(p)})
+    files = [path] if path.is_file() else _layout_files(bench, path)
     if not files:
         raise ChainstepError(f"no {bench.title} files under {path}; expected {bench.layouts}")
     image_dir = Path(image_dir) if image_dir else (path if path.is_dir() else path.parent) / "images"
@@ -503,6 +505,13 @@ def load(name: str, path: str | Path, image_dir: str | Path | None = None) -> li
     if not records:
         raise ChainstepError(f"{path}: no records; {bench.title} expects {bench.layouts}")
     return records
+
+
+def _layout_files(bench: Benchmark, folder: Path) -> list[Path]:
+    """The files of the first layout found (a folder holding parquet and JSON copies of the same
+    records is read once)."""
+    found = [f for p in bench.patterns for f in sorted(folder.glob(p))]
+    return sorted({f for f in found if f.suffix == found[0].suffix}) if found else []
 
 
 def _rows(file: Path) -> Iterator[dict]:
