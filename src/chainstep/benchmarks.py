@@ -26,21 +26,14 @@ used as VLMEvalKit's fallback for multiple-choice responses the rules cannot rea
 from __future__ import annotations
 
 import ast
-import base64
-import csv
-import io
-import json
 import re
 import string
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
+from .datafiles import read_rows, row_image
 from .errors import ChainstepError
-from .records import iter_jsonl
 from .steps import FormatError, extract_answer, parse
 
 LETTERS = string.ascii_uppercase
@@ -496,7 +489,7 @@ def load(name: str, path: str | Path, image_dir: str | Path | None = None) -> li
     image_dir = Path(image_dir) if image_dir else (path if path.is_dir() else path.parent) / "images"
     records, seen = [], set()
     for file in files:
-        for number, row in enumerate(_rows(file), start=1):
+        for number, row in enumerate(read_rows(file), start=1):
             record = _to_record(bench, row, file, number, image_dir)
             if record["id"] in seen:
                 raise ChainstepError(f"{file}:{number}: duplicate id {record['id']!r}")
@@ -512,44 +505,6 @@ def _layout_files(bench: Benchmark, folder: Path) -> list[Path]:
     records is read once)."""
     found = [f for p in bench.patterns for f in sorted(folder.glob(p))]
     return sorted({f for f in found if f.suffix == found[0].suffix}) if found else []
-
-
-def _rows(file: Path) -> Iterator[dict]:
-    suffix = file.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(file).to_pylist()
-    elif suffix == ".jsonl":
-        yield from iter_jsonl(file, required=())
-    elif suffix == ".json":
-        data = json.loads(file.read_text(encoding="utf-8"))
-        if isinstance(data, dict):  # MathVista: {pid: problem}
-            yield from ({"id": str(k), **v} for k, v in data.items())
-        else:
-            split = {"test_human": "human_test", "test_augmented": "augmented_test"}.get(file.stem)
-            for i, row in enumerate(data):  # ChartQA's test_human.json rows have no id or split
-                yield {"type": split, **row, "row": i} if split else row
-    elif suffix == ".tsv":
-        csv.field_size_limit(sys.maxsize)
-        with file.open(encoding="utf-8", newline="") as f:
-            encoded: dict[str, str] = {}
-            for row in csv.DictReader(f, delimiter="\t"):
-                options = [row.pop(c) for c in LETTERS if c in row]
-                yield {**row, **_tsv_images(row, encoded),
-                       "options": [o for o in options if o not in ("", "nan")]}
-    else:
-        raise ChainstepError(f"{file}: unsupported file type {suffix!r} "
-                             "(parquet, json, jsonl or tsv)")
-
-
-def _tsv_images(row: dict, encoded: dict[str, str]) -> dict:
-    """VLMEvalKit TSV images: base64, a list of them, or the index of a row that holds them."""
-    value = row.pop("image", None) or ""
-    value = encoded.get(value, value)
-    encoded[row.get("index", "")] = value
-    images = ast.literal_eval(value) if value.startswith("[") else [value] if value else []
-    return {f"image_{i}": {"bytes": base64.b64decode(x)} for i, x in enumerate(images, start=1)}
 
 
 _ID_KEYS = ("id", "pid", "question_id", "index")
@@ -589,7 +544,7 @@ def _to_record(bench: Benchmark, row: dict, file: Path, number: int, image_dir: 
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = LETTERS[int(answer)] if options and bench.name == "m3cot" else str(answer)
     meta = _meta(bench, row, rid)
-    record = {"id": rid, "image": _image(row, rid, file.parent, image_dir), "question": question,
+    record = {"id": rid, "image": row_image(row, rid, file.parent, image_dir), "question": question,
               "options": options or None, "answer": answer, "source": bench.name, "meta": meta}
     meta["instruction"] = instruction(record)
     return record
@@ -616,35 +571,3 @@ def _meta(bench: Benchmark, row: dict, rid: str) -> dict:
         meta["type"] = "human_test" if meta["human_or_machine"] == 0 else "augmented_test"
     meta["family"] = str(meta.get(bench.category) or bench.name) if bench.category else bench.name
     return meta
-
-
-def _image(row: dict, rid: str, base: Path, image_dir: Path) -> str | None:
-    """A path to the question's image: a file named by the row, or the row's bytes written out."""
-    stored = [row[k] for k in ("decoded_image", "image", *(f"image_{i}" for i in range(1, 8)))
-              if isinstance(row.get(k), dict) and row[k].get("bytes")]
-    if stored:
-        target = image_dir / (re.sub(r"[^\w.-]", "_", rid) + ".png")
-        if not target.exists():
-            image_dir.mkdir(parents=True, exist_ok=True)
-            _side_by_side([Image.open(io.BytesIO(s["bytes"])) for s in stored]).save(target)
-        return str(target)
-    for key in ("image", "original_image_path", "imgname", "image_id"):
-        value = row.get(key)
-        if isinstance(value, (str, int)) and str(value):
-            for folder in (base, base / "images", base / "png", base.parent / "images"):
-                for name in (str(value), f"{value}.png", f"{value}.jpg"):
-                    if (folder / name).is_file():
-                        return str(folder / name)
-    return None
-
-
-def _side_by_side(images: list[Image.Image]) -> Image.Image:
-    images = [im.convert("RGB") for im in images]
-    if len(images) == 1:
-        return images[0]
-    canvas = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
-    x = 0
-    for im in images:
-        canvas.paste(im, (x, 0))
-        x += im.width
-    return canvas

@@ -125,15 +125,56 @@ def add_tokens(src: Path = typer.Argument(..., help="Local VLM directory"),
 
 @app.command()
 def construct(
-    tasks: Path = typer.Argument(..., help="Task records (e.g. tasks/train.jsonl)"),
+    tasks: Path = typer.Argument(..., help="Task records, a LLaVA/ShareGPT JSON, or a parquet/JSON file"),
     out: Path = typer.Option(Path("data"), help="Folder for sft.jsonl, rejects.jsonl"),
+    teacher: str = typer.Option(None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
+                                "[default: the programmatic teacher of the synthetic suite]"),
+    model: str = typer.Option(None, help="Model name at --teacher"),
+    template: Path = typer.Option(None, help="Prompt template file [default: templates/teacher_prompt.txt]"),
+    concurrency: int = typer.Option(8, help="Requests in flight"),
+    max_retries: int = typer.Option(5, help="Retries per request (429/5xx/timeouts, with backoff)"),
+    timeout: float = typer.Option(120.0, help="Seconds per request"),
+    retry_remote: bool = typer.Option(False, help="Ask again for records rejected as remote:*"),
+    columns: str = typer.Option(None, help="Column names of a parquet/JSON input, "
+                                "e.g. question=query,answer=label,image=img"),
+    image_dir: Path = typer.Option(None, help="Where input images are found or written"),
     seed: int = 0,
 ):
-    """Teacher chains for every task, filtered; resumable. Example: chainstep construct tasks/train.jsonl"""
-    from .construct import construct as run_construct
-    from .teacher import ProgrammaticTeacher
+    """Teacher chains for every task, filtered, resumable (kill it and start again).
 
-    console.print(run_construct(tasks, out, ProgrammaticTeacher(seed)))
+    Examples: chainstep construct tasks/train.jsonl;
+    chainstep construct llava.json --teacher http://127.0.0.1:8000/v1 --model gpt-4o --concurrency 16
+    """
+    from .client import ChatClient
+    from .construct import construct as run_construct
+    from .datafiles import load_inputs
+    from .teacher import TEMPLATE, HTTPTeacher, ProgrammaticTeacher
+
+    if teacher and not model:
+        raise ChainstepError("--teacher URL needs --model NAME (the model to ask at that endpoint)")
+    mapping = dict(pair.split("=", 1) for pair in columns.split(",")) if columns else None
+    records = load_inputs(tasks, mapping, image_dir)
+    chosen = HTTPTeacher(ChatClient(teacher, model, max_retries=max_retries, timeout=timeout,
+                                    max_tokens=1024), template or TEMPLATE) \
+        if teacher else ProgrammaticTeacher(seed)
+    console.print(run_construct(records, out, chosen, concurrency=concurrency if teacher else 1,
+                                retry_remote=retry_remote))
+
+
+@app.command()
+def export(
+    sft_rows: Path = typer.Argument(..., help="sft.jsonl from chainstep construct"),
+    out: Path = typer.Argument(..., help="JSON file to write"),
+    layout: str = typer.Option("llava", help="llava (conversations from/value) or sharegpt (messages)"),
+):
+    """SFT data in the conversation layouts other fine-tuning tools read."""
+    from .datafiles import export_conversations
+    from .records import read_jsonl
+
+    rows = read_jsonl(sft_rows, required=("id", "image", "question", "response"))
+    rows = export_conversations(rows, layout)
+    out.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+    console.print(f"{len(rows)} conversations ({layout}) -> {out}")
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """The one HTTP client: chat completions against any OpenAI-compatible endpoint.
 
-Used by the remote judge (and teacher). The official `openai` client does the transport work:
+Used by the remote teacher, the remote judge and LLM answer extraction for benchmarks. The
+official `openai` client does the transport work:
 connection pooling, timeouts, and retries with exponential backoff and jitter on 408/409/429/5xx
 and dropped connections, honouring `Retry-After`. A request that still fails raises
 `RemoteError` with the reason, so callers can record it and move on.
@@ -69,6 +70,8 @@ class ChatClient:
             raise RemoteError("timeout", str(err)[:200]) from err
         except openai.APIConnectionError as err:
             raise RemoteError("connection", str(err)[:200]) from err
+        except (openai.APIError, ValueError) as err:  # a reply that is not the JSON it should be
+            raise RemoteError("bad_response", str(err)[:200]) from err
         if not out.choices or out.choices[0].message.content is None:
             raise RemoteError("empty_reply")
         usage = out.usage

@@ -9,14 +9,17 @@ and keyed by id: a killed run resumes without duplicates.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.progress import track
 
 from .answers import matches
-from .records import JsonlWriter, done_ids, load_tasks
+from .client import RemoteError
+from .records import JsonlWriter, done_ids, iter_jsonl, load_tasks
 from .steps import ANSWER_END, ANSWER_START, Chain, FormatError, parse
 from .teacher import Teacher
 
@@ -60,31 +63,69 @@ def example_row(record: dict, response: str) -> dict:
             "response": response}
 
 
-def construct(tasks_path: str | Path, out_dir: str | Path, teacher: Teacher,
-              cfg: FilterConfig | None = None) -> dict:
-    """Run the teacher over every task not yet done; returns accepted/rejected counts."""
+def construct(tasks: str | Path | list[dict], out_dir: str | Path, teacher: Teacher,
+              cfg: FilterConfig | None = None, concurrency: int = 1,
+              retry_remote: bool = False) -> dict:
+    """Run the teacher over every task not yet done, `concurrency` requests in flight; returns
+    accepted/rejected counts (and the teacher's token usage). A request that fails for good is
+    rejected as `remote:<why>`; `retry_remote` asks again for those records on a later run."""
     cfg = cfg or FilterConfig()
     out_dir = Path(out_dir)
-    records = load_tasks(tasks_path)
+    records = load_tasks(tasks) if isinstance(tasks, (str, Path)) else tasks
     sft_path, rejects_path, direct_path = (out_dir / n for n in
                                            ("sft.jsonl", "rejects.jsonl", "direct.jsonl"))
+    if retry_remote:
+        _drop_remote_rejects(rejects_path)
     finished = done_ids(sft_path) | done_ids(rejects_path)
     direct_done = done_ids(direct_path)
+    todo = [r for r in records if r["id"] not in finished]
     reasons: Counter = Counter()
     with JsonlWriter(sft_path) as sft, JsonlWriter(rejects_path) as rejects, \
             JsonlWriter(direct_path) as direct:
-        for record in track(records, description="teacher chains"):
-            if record["id"] not in direct_done:
-                direct.write(example_row(record, direct_response(record["answer"])))
-            if record["id"] in finished:
-                continue
-            text = teacher.explain(record)
-            chain, reason = check_chain(text, record, cfg)
-            if chain is None:
+        direct.write_all(example_row(r, direct_response(r["answer"])) for r in records
+                         if r["id"] not in direct_done)
+        for record, text, reason in track(_explain_all(teacher, todo, concurrency), total=len(todo),
+                                          description="teacher chains"):
+            if reason is None:
+                _, reason = check_chain(text, record, cfg)
+            if reason is None:
+                sft.write(example_row(record, text))
+            else:
                 reasons[reason] += 1
                 rejects.write({"id": record["id"], "reason": reason, "response": text})
-            else:
-                sft.write(example_row(record, text))
     stats = {"accepted": len(done_ids(sft_path)), "rejected": len(done_ids(rejects_path)),
              "rejected_now_by_reason": dict(reasons)}
+    if getattr(teacher, "usage", None) is not None:
+        stats["tokens"] = dict(teacher.usage)
     return stats
+
+
+def _explain_all(teacher: Teacher, records: list[dict], concurrency: int):
+    """(record, text, reason) as each request finishes; reason is `remote:<why>` on failure."""
+    def explain(record: dict) -> tuple[dict, str, str | None]:
+        try:
+            return record, teacher.explain(record), None
+        except RemoteError as err:
+            return record, "", f"remote:{err.reason}"
+
+    if concurrency <= 1:
+        yield from map(explain, records)
+        return
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(explain, r) for r in records]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _drop_remote_rejects(path: Path) -> None:
+    """Rewrite rejects.jsonl without `remote:` rejects (atomically), so those records run again."""
+    if not path.exists():
+        return
+    kept = [r for r in iter_jsonl(path) if not str(r.get("reason", "")).startswith("remote:")]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    tmp.replace(path)

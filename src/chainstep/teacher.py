@@ -8,11 +8,16 @@ filters it. The programmatic teacher reads the per-step facts the synthetic suit
 
 from __future__ import annotations
 
+import json
 import random
+import re
+import threading
+from pathlib import Path
 from typing import Protocol
 
 from .errors import ChainstepError
-from .steps import Chain, Step, render
+from .records import load_image, prompt_text
+from .steps import REASONING_START, Chain, Step, render
 
 THOUGHTS = ("{key}: {value}", "{key}: {value}.", "From the image, {lkey}: {value}")
 REFLECTIONS = {
@@ -62,3 +67,47 @@ class ProgrammaticTeacher:
 
     def explain(self, record: dict) -> str:
         return render(self.chain(record))
+
+
+TEMPLATE = Path(__file__).parent / "templates" / "teacher_prompt.txt"
+
+
+def reply_to_chain_text(reply: str) -> str:
+    """The step-format text in a teacher's reply: the marked-up chain itself, or a JSON object
+    `{"steps": [{"name", "thought", "reflection"}], "answer"}` rendered into it (what general chat
+    models write more reliably). Anything else is returned as is, for the filter to reject."""
+    if REASONING_START in reply:
+        return reply[reply.index(REASONING_START):].strip() + "\n"
+    body = re.sub(r"^```(?:json)?\s*|\s*```$", "", reply.strip())
+    try:
+        data = json.loads(body)
+        steps = tuple(Step(str(s["name"]), str(s["thought"]), str(s["reflection"])) for s in data["steps"])
+        return render(Chain(steps, str(data["answer"])))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return reply
+
+
+class HTTPTeacher:
+    """Reasoning from outcome by any OpenAI-compatible chat model (GPT-4o, a vLLM server, or
+    `chainstep serve`): the image as a data URL, the question and the ground-truth answer, with
+    the prompt kept in a template file. Token usage is summed across threads."""
+
+    name = "http"
+
+    def __init__(self, client, template: str | Path = TEMPLATE):
+        self.client = client
+        self.template = Path(template).read_text(encoding="utf-8")
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self._lock = threading.Lock()
+
+    def prompt(self, record: dict) -> str:
+        return self.template.format(question=prompt_text(record), answer=record["answer"])
+
+    def explain(self, record: dict) -> str:
+        from .client import user_message
+
+        reply = self.client.complete([user_message(self.prompt(record), load_image(record))])
+        with self._lock:
+            self.usage["prompt_tokens"] += reply.prompt_tokens
+            self.usage["completion_tokens"] += reply.completion_tokens
+        return reply_to_chain_text(reply.text)
