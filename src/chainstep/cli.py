@@ -438,6 +438,29 @@ def grpo(
 
 
 @app.command()
+def serve(
+    model: Path = typer.Argument(..., help="Saved model directory, e.g. runs/final/models/sft"),
+    prm: Path = typer.Option(None, help="PRM directory: enables bon, weighted and beam, and step scores"),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 exposes it to the network)"),
+    port: int = 8000,
+    api_key: str = typer.Option(None, envvar="CHAINSTEP_API_KEY", help="Require Authorization: Bearer KEY"),
+    name: str = typer.Option(None, help="Model id clients send [default: the folder name]"),
+    max_n: int = typer.Option(16, help="Largest n (or search width) a request may ask for"),
+    max_tokens: int = typer.Option(2048, help="Largest max_tokens a request may ask for"),
+    batch_window_ms: float = typer.Option(5.0, help="How long to gather concurrent requests into a batch"),
+):
+    """OpenAI-compatible chat completions for a step-reasoning VLM (streaming, search strategies).
+
+    Example: chainstep serve runs/final/models/sft --prm runs/final/models/prm --port 8000
+    """
+    from .server import ServeConfig
+    from .server import serve as run_server
+
+    run_server(model, prm, ServeConfig(host=host, port=port, api_key=api_key, name=name, max_n=max_n,
+                                       max_tokens=max_tokens, batch_window_ms=batch_window_ms))
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory")):
     """Rewrite report.html from a run directory's files."""
     from .report import write_report

@@ -101,6 +101,9 @@ def load_tasks(path: str | Path) -> list[dict]:
 
 
 def load_image(record: dict) -> Image.Image:
+    """The record's image: a path, or an image already in memory (a request to the server)."""
+    if isinstance(record["image"], Image.Image):
+        return record["image"].convert("RGB")
     try:
         with Image.open(record["image"]) as image:
             return image.convert("RGB")

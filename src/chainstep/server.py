@@ -1,0 +1,377 @@
+"""`chainstep serve`: an OpenAI-compatible chat-completions server for a step-reasoning VLM.
+
+    chainstep serve runs/final/models/sft --prm runs/final/models/prm --port 8000
+
+`POST /v1/chat/completions` (one user turn: text plus an `image_url` part holding a data URL;
+`n`, `temperature`, `top_p`, `max_tokens`, `stop`, `seed`, `stream`), `GET /v1/models`,
+`GET /health`. `message.content` is the step-format text, markers included. The extension field
+`"chainstep": {"strategy": "greedy"|"sc"|"bon"|"weighted"|"beam", "n": N}` picks a search
+strategy (the PRM ones need `--prm`); every response carries a `chainstep` field with each choice's
+parsed steps and, with a PRM, their scores.
+
+Requests that arrive together are generated together: a batcher collects them for a few
+milliseconds and runs one batched `generate` per set of sampling parameters. Streaming sends one
+reasoning step per chunk (each step is generated, as in step search, up to `<|reasoning_step_end|>`).
+Bad requests get a 4xx with a message, never a dead server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from .errors import ChainstepError
+from .prm import PRM, chain_score
+from .sampling import Generation, Policy, SamplingParams
+from .search import beam_search, select
+from .steps import ANSWER_END, FormatError, parse
+
+
+@dataclass
+class ServeConfig:
+    """Limits that keep one request from taking the server down; defaults suit a single GPU."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    name: str | None = None  # model id clients send [default: the model folder's name]
+    max_n: int = 16
+    max_tokens: int = 2048
+    max_image_bytes: int = 20_000_000
+    max_image_pixels: int = 40_000_000
+    batch_window_ms: float = 5.0
+    max_batch: int = 32
+    max_steps: int = 12  # streamed or beam-searched steps before the answer is forced
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+    image_url: dict | None = None
+
+
+class Message(BaseModel):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class SearchOptions(BaseModel):
+    strategy: Literal["greedy", "sc", "bon", "weighted", "beam"] = "greedy"
+    n: int = Field(1, ge=1)
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[Message]
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    chainstep: SearchOptions | None = None
+
+
+class RequestError(Exception):
+    """A client mistake: status code and an OpenAI-style message."""
+
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+# ---------------------------------------------------------------- request -> record
+
+
+def decode_image(url: str, cfg: ServeConfig) -> Image.Image:
+    """A data URL to an RGB image, refusing oversized, bomb-sized or corrupt ones."""
+    if not url.startswith("data:"):
+        raise RequestError(400, "image_url must be a data URL (data:image/png;base64,...); "
+                                "the server fetches nothing over the network")
+    try:
+        header, payload = url.split(",", 1)
+        if not header.endswith(";base64"):
+            raise ValueError
+        data = base64.b64decode(payload, validate=True)
+    except (ValueError, binascii.Error):
+        raise RequestError(400, "image_url is not a valid base64 data URL") from None
+    if len(data) > cfg.max_image_bytes:
+        raise RequestError(413, f"image is {len(data)} bytes; the limit is {cfg.max_image_bytes}")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size  # read from the header, before any pixel is decoded
+        if width * height > cfg.max_image_pixels:
+            raise RequestError(413, f"image is {width}x{height} pixels; the limit is "
+                                    f"{cfg.max_image_pixels} (decompression-bomb guard)")
+        return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as err:
+        raise RequestError(400, f"image cannot be decoded: {err}") from None
+
+
+def request_record(req: ChatRequest, cfg: ServeConfig) -> dict:
+    """The one user turn as a task record: its text as the question, its image in memory."""
+    turns = [m for m in req.messages if m.role != "system"]
+    if len(turns) != 1 or turns[0].role != "user":
+        raise RequestError(400, "send one user message (system messages are ignored); "
+                                "chainstep serves single-turn questions")
+    content = turns[0].content
+    parts = [ContentPart(type="text", text=content)] if isinstance(content, str) else (content or [])
+    texts = [p.text for p in parts if p.type == "text" and p.text]
+    images = [p.image_url for p in parts if p.type == "image_url"]
+    if len(images) != 1 or not isinstance(images[0], dict) or "url" not in images[0]:
+        raise RequestError(400, f"send exactly one image_url part with a url (got {len(images)})")
+    if not texts:
+        raise RequestError(400, "the user message has no text part")
+    return {"id": f"req-{uuid.uuid4().hex[:12]}", "image": decode_image(images[0]["url"], cfg),
+            "question": "\n".join(texts), "options": None, "answer": "", "meta": {}}
+
+
+# ---------------------------------------------------------------- batching
+
+
+class Batcher:
+    """Collects requests for `window` seconds (up to `max_batch`) and generates each group that
+    shares sampling parameters in one batched call, on one worker thread that owns the model."""
+
+    def __init__(self, policy: Policy, window: float, max_batch: int):
+        self.policy, self.window, self.max_batch = policy, window, max_batch
+        self.queue: asyncio.Queue | None = None
+        self.worker = ThreadPoolExecutor(1)
+        self.batches = self.requests = 0
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        asyncio.get_running_loop().create_task(self._loop())
+
+    async def generate(self, record: dict, params: SamplingParams, prefix: str = "") -> list[Generation]:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((record, prefix, params, future))
+        return await future
+
+    async def run(self, fn, *args):
+        """Anything else that uses the model (PRM search), on the same worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def _loop(self) -> None:
+        while True:
+            items = [await self.queue.get()]
+            deadline = time.monotonic() + self.window
+            while len(items) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), left))
+                except TimeoutError:
+                    break
+            groups: dict[tuple, list] = {}
+            for item in items:
+                groups.setdefault(astuple(item[2]), []).append(item)
+            for group in groups.values():
+                await self._run_group(group[0][2], group)
+
+    async def _run_group(self, params: SamplingParams, group: list) -> None:
+        self.batches += 1
+        self.requests += len(group)
+        try:
+            out = await self.run(lambda: self.policy.generate([g[0] for g in group], params,
+                                                              prefixes=[g[1] for g in group],
+                                                              progress=False))
+        except Exception as err:  # noqa: BLE001 - every waiting request must hear about it
+            for *_, future in group:
+                future.set_exception(err)
+            return
+        for (*_, future), gens in zip(group, out):
+            future.set_result(gens)
+
+
+# ---------------------------------------------------------------- the app
+
+
+def _params(req: ChatRequest, cfg: ServeConfig, n: int) -> SamplingParams:
+    max_tokens = req.max_completion_tokens or req.max_tokens or min(512, cfg.max_tokens)
+    if max_tokens > cfg.max_tokens:
+        raise RequestError(400, f"max_tokens={max_tokens} exceeds this server's limit {cfg.max_tokens}")
+    if n > cfg.max_n:
+        raise RequestError(400, f"n={n} exceeds this server's limit {cfg.max_n}")
+    try:
+        return SamplingParams(n=n, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
+                              seed=req.seed)
+    except ChainstepError as err:
+        raise RequestError(400, str(err)) from None
+
+
+def _cut_at_stop(gen: Generation, stop: str | list[str] | None) -> tuple[str, str]:
+    text, reason = gen.text, "length" if gen.finish_reason == "length" else "stop"
+    for s in [stop] if isinstance(stop, str) else (stop or []):
+        if s and s in text:
+            text, reason = text[:text.index(s)], "stop"
+    return text, reason
+
+
+def describe(text: str, record: dict, prm: PRM | None) -> dict:
+    """The extension field of one choice: parsed steps, answer and (with a PRM) their scores."""
+    try:
+        chain = parse(text)
+    except FormatError as err:
+        return {"format_error": err.code, "steps": None, "answer": None}
+    out = {"format_error": None, "answer": chain.answer,
+           "steps": [{"name": s.name, "thought": s.thought, "reflection": s.reflection} for s in chain.steps]}
+    if prm is not None:
+        [scores] = prm.score([record], [text])
+        for step, score in zip(out["steps"], scores.steps):
+            step["score"] = score
+        out.update(answer_score=scores.answer,
+                   chain_score=chain_score(scores, prm.step_weight, prm.aggregate))
+    return out
+
+
+def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None = None,
+               name: str = "chainstep"):
+    """The FastAPI app; `chainstep serve` runs it under uvicorn, tests run it in a thread."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    cfg = cfg or ServeConfig()
+    batcher = Batcher(policy, cfg.batch_window_ms / 1000, cfg.max_batch)
+
+    @asynccontextmanager
+    async def lifespan(_):
+        batcher.start()
+        yield
+
+    app = FastAPI(title="chainstep", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    def error(status: int, message: str, code: str = "invalid_request_error") -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_, err: RequestError):
+        return error(err.status, err.message, err.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
+        return error(400, f"invalid request: {where}: {first.get('msg', 'malformed body')}")
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if cfg.api_key and request.url.path.startswith("/v1/") and \
+                request.headers.get("authorization") != f"Bearer {cfg.api_key}":
+            return error(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "prm": prm is not None,
+                "batches": batcher.batches, "requests": batcher.requests}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                            "owned_by": "chainstep"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        if req.model != name:
+            raise RequestError(404, f"model {req.model!r} is not served here; this server has {name!r}",
+                               "model_not_found")
+        search = req.chainstep or SearchOptions()
+        if search.strategy in ("bon", "weighted", "beam") and prm is None:
+            raise RequestError(400, f"strategy {search.strategy!r} needs a PRM: start the server "
+                                    "with --prm DIR")
+        if search.strategy != "greedy" and req.n != 1:
+            raise RequestError(400, "with a search strategy, set chainstep.n (the search width) and n=1")
+        record = request_record(req, cfg)
+        params = _params(req, cfg, req.n if search.strategy == "greedy" else search.n)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+        if req.stream:
+            if search.strategy != "greedy" or req.n != 1:
+                raise RequestError(400, "stream=true serves n=1 without a search strategy")
+            return StreamingResponse(_stream(record, params, req, rid, created),
+                                     media_type="text/event-stream")
+        gens, extra = await _complete(record, params, search)
+        choices, described = [], []
+        for i, gen in enumerate(gens):
+            text, reason = _cut_at_stop(gen, req.stop)
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "finish_reason": reason})
+            described.append(await batcher.run(describe, text, record, prm))
+        completion = sum(g.num_tokens for g in gens)
+        prompt = len(policy.processor.tokenizer(record["question"])["input_ids"])
+        return {"id": rid, "object": "chat.completion", "created": created, "model": name,
+                "choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                              "total_tokens": prompt + completion},
+                "chainstep": {"strategy": search.strategy, "n": params.n, "choices": described, **extra}}
+
+    async def _complete(record: dict, params: SamplingParams, search: SearchOptions):
+        if search.strategy == "greedy":
+            return await batcher.generate(record, params), {}
+        if search.strategy == "beam":
+            rows, compute = await batcher.run(lambda: beam_search(
+                policy, prm, [record], params.n, temperature=params.temperature or 1.0,
+                step_tokens=min(params.max_tokens, 256), max_steps=cfg.max_steps, seed=params.seed))
+            return [Generation(rows[0]["response"], compute["tokens_generated"], "stop")], compute
+        gens = await batcher.generate(record, params)
+        from .evaluate import response_row
+
+        rows = [response_row(record, g) for g in gens]
+        scores = await batcher.run(prm.chain_scores, [record] * len(gens), [g.text for g in gens]) \
+            if search.strategy in ("bon", "weighted") else None
+        chosen = select(search.strategy, rows, scores)
+        return [Generation(chosen["response"], chosen["tokens"], chosen["finish_reason"])], \
+            {"prm_chains": chosen["prm_chains"]}
+
+    async def _stream(record: dict, params: SamplingParams, req: ChatRequest, rid: str, created: int):
+        def chunk(delta: dict, reason: str | None = None) -> str:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        text, left, reason = "", params.max_tokens, "length"
+        for _ in range(cfg.max_steps + 1):
+            step = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
+                                  max_tokens=left, stop_at_step=True, seed=params.seed)
+            [gen] = await batcher.generate(record, step, prefix=text)
+            whole = text + gen.text
+            piece, _ = _cut_at_stop(Generation(whole, 0, gen.finish_reason), req.stop)
+            yield chunk({"content": piece[len(text):]})
+            text, left = piece, left - gen.num_tokens
+            if piece != whole or gen.finish_reason == "stop" or ANSWER_END in gen.text:
+                reason = "stop"
+                break
+            if left <= 0 or gen.finish_reason == "length":
+                break
+        yield chunk({}, reason)
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def serve(model_dir: str | Path, prm_dir: str | Path | None = None, cfg: ServeConfig | None = None) -> None:
+    import uvicorn
+
+    cfg = cfg or ServeConfig()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise ChainstepError(f"{model_dir} is not a saved model directory (no config.json)")
+    policy = Policy.from_dir(model_dir)
+    prm = PRM.from_dir(prm_dir) if prm_dir else None
+    app = create_app(policy, prm, cfg, cfg.name or model_dir.name)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
