@@ -9,7 +9,7 @@ runner = CliRunner()
 @pytest.mark.parametrize("command", [[], ["run"], ["tasks"], ["tasks", "make"], ["tasks", "show"],
                                      ["build-model"], ["add-tokens"], ["construct"], ["sft"],
                                      ["eval"], ["report"], ["sample"], ["label"], ["prm"],
-                                     ["prm", "train"], ["prm", "eval"]])
+                                     ["prm", "train"], ["prm", "eval"], ["serve"], ["export"]])
 def test_help_everywhere(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0

@@ -86,3 +86,26 @@ def test_image_chat_and_prm_tag_tokens_are_never_generated(policy):
     # a generated `ки` once shifted every PRM label of its chain (quick run, 90 SFT steps)
     assert {tok.convert_tokens_to_ids(t) for t in ("ки", "к+и", "к-и")} <= set(policy.suppress_ids)
     assert policy.eos_id not in policy.suppress_ids and policy.step_end_id not in policy.suppress_ids
+
+
+def test_vllm_backend_matches_hf_greedy(sft_model_dir, test_records):
+    """Runs where vLLM and a GPU are available; skipped on CPU machines."""
+    pytest.importorskip("vllm")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a GPU")
+    from chainstep.sampling import load_policy
+
+    params = SamplingParams(max_tokens=48)
+    hf = [g[0].text for g in Policy.from_dir(sft_model_dir).generate(test_records[:4], params)]
+    fast = [g[0].text for g in load_policy(sft_model_dir, "vllm").generate(test_records[:4], params)]
+    assert fast == hf
+
+
+def test_unknown_backend_is_named():
+    from chainstep.errors import ChainstepError
+    from chainstep.sampling import load_policy
+
+    with pytest.raises(ChainstepError, match="backend 'tgi': choose hf or vllm"):
+        load_policy("unused", "tgi")

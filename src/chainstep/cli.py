@@ -211,6 +211,7 @@ def evaluate(
     extract_url: str = typer.Option(None, help="OpenAI-compatible endpoint that extracts answers "
                                     "(MathVista's official way, VLMEvalKit's multiple-choice fallback)"),
     extract_model: str = typer.Option("gpt-4o-mini", help="Model name at --extract-url"),
+    backend: str = typer.Option("hf", help="Sampling backend: hf (transformers) or vllm (if installed)"),
     batch_size: int = 64,
 ):
     """Evaluate with 95% intervals and compute counts, on task records or one of the paper's benchmarks.
@@ -223,7 +224,7 @@ def evaluate(
     from .client import ChatClient
     from .evaluate import predict, summarize, update_metrics
     from .prm import PRM
-    from .sampling import Policy, SamplingParams
+    from .sampling import SamplingParams, load_policy
     from .search import STRATEGIES, search_predictions
 
     if style not in ("cos", "direct"):
@@ -240,7 +241,7 @@ def evaluate(
             raise ChainstepError("--extract-url applies to --benchmark evaluations")
         extractor = LLMExtractor(ChatClient(extract_url, extract_model, max_tokens=32))
         settings["extraction"] = f"llm:{extract_model}"
-    policy = Policy.from_dir(model, batch_size=batch_size)
+    policy = load_policy(model, backend, batch_size)
     if strategy == "greedy":
         preds = predict(policy, records, out / f"{name}-{split}.jsonl", style,
                         SamplingParams(max_tokens=settings["max_tokens"]), extractor)
@@ -294,6 +295,7 @@ def sample(
     n: int = typer.Option(16, help="Chains per question"),
     temperature: float = 1.0, max_tokens: int = 256, limit: int = typer.Option(0, help="First K questions"),
     seed: int = 0, batch_size: int = 64,
+    backend: str = typer.Option("hf", help="Sampling backend: hf (transformers) or vllm (if installed)"),
 ):
     """Sample N graded chains per question.
 
@@ -301,11 +303,11 @@ def sample(
     """
     from .evaluate import sample_responses
     from .records import load_tasks
-    from .sampling import Policy, SamplingParams
+    from .sampling import SamplingParams, load_policy
 
     records = load_tasks(tasks)
     records = records[:limit] if limit else records
-    got = sample_responses(Policy.from_dir(model, batch_size=batch_size), records, out,
+    got = sample_responses(load_policy(model, backend, batch_size), records, out,
                            SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
     rows = [r for group in got.values() for r in group]
     console.print({"chains": len(rows), "correct": sum(r["correct"] for r in rows) / max(1, len(rows)),
@@ -448,6 +450,7 @@ def serve(
     max_n: int = typer.Option(16, help="Largest n (or search width) a request may ask for"),
     max_tokens: int = typer.Option(2048, help="Largest max_tokens a request may ask for"),
     batch_window_ms: float = typer.Option(5.0, help="How long to gather concurrent requests into a batch"),
+    backend: str = typer.Option("hf", help="Sampling backend: hf (transformers) or vllm (if installed)"),
 ):
     """OpenAI-compatible chat completions for a step-reasoning VLM (streaming, search strategies).
 
@@ -457,7 +460,7 @@ def serve(
     from .server import serve as run_server
 
     run_server(model, prm, ServeConfig(host=host, port=port, api_key=api_key, name=name, max_n=max_n,
-                                       max_tokens=max_tokens, batch_window_ms=batch_window_ms))
+                                       max_tokens=max_tokens, batch_window_ms=batch_window_ms), backend)
 
 
 @app.command()

@@ -155,3 +155,53 @@ class Policy:
 
     def _decode(self, ids: list[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class VLLMPolicy(Policy):
+    """The same `generate` on vLLM, for fast sampling where it is installed (GPU machines).
+
+    Prompts are built by the same chat template and stops are the same token ids; the model runs
+    in vLLM's engine instead of `transformers`. Token suppression of non-step added tokens is not
+    applied here (vLLM has no per-request token mask that survives every version)."""
+
+    def __init__(self, path: str | Path, batch_size: int = 256, **engine_kwargs):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ChainstepError("the vllm backend needs `pip install vllm` (GPU machines)") from None
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.llm = LLM(model=str(path), limit_mm_per_prompt={"image": 1}, **engine_kwargs)
+        self.batch_size, self.share_prefix = batch_size, False
+        tok = self.processor.tokenizer
+        self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
+        self.step_end_id = tok.convert_tokens_to_ids(STEP_END)
+        self.suppress_ids = foreign_token_ids(tok)
+
+    def generate(self, records: list[dict], params: SamplingParams | None = None,
+                 prefixes: list[str] | None = None, progress: bool = True) -> list[list[Generation]]:
+        from vllm import SamplingParams as EngineParams
+
+        from .inputs import chat_prompt
+        from .records import load_image
+
+        params = params or SamplingParams()
+        prefixes = prefixes or [""] * len(records)
+        stops = [self.eos_id] + ([self.step_end_id] if params.stop_at_step else [])
+        engine = EngineParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                              top_k=params.top_k or -1, max_tokens=params.max_tokens, seed=params.seed,
+                              stop_token_ids=stops, skip_special_tokens=False)
+        prompts = [{"prompt": chat_prompt(self.processor, r) + p,
+                    "multi_modal_data": {"image": load_image(r)}} for r, p in zip(records, prefixes)]
+        outputs = self.llm.generate(prompts, engine, use_tqdm=progress)
+        return [[self._finish(list(o.token_ids), stops) for o in out.outputs] for out in outputs]
+
+
+def load_policy(path: str | Path, backend: str = "hf", batch_size: int = 32) -> Policy:
+    """A policy on the chosen backend: `hf` (transformers generate) or `vllm`."""
+    if backend == "vllm":
+        return VLLMPolicy(path)
+    if backend != "hf":
+        raise ChainstepError(f"backend {backend!r}: choose hf or vllm")
+    return Policy.from_dir(path, batch_size=batch_size)

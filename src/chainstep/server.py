@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 
 from .errors import ChainstepError
 from .prm import PRM, chain_score
-from .sampling import Generation, Policy, SamplingParams
+from .sampling import Generation, Policy, SamplingParams, load_policy
 from .search import beam_search, select
 from .steps import ANSWER_END, FormatError, parse
 
@@ -364,14 +364,15 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
     return app
 
 
-def serve(model_dir: str | Path, prm_dir: str | Path | None = None, cfg: ServeConfig | None = None) -> None:
+def serve(model_dir: str | Path, prm_dir: str | Path | None = None, cfg: ServeConfig | None = None,
+          backend: str = "hf") -> None:
     import uvicorn
 
     cfg = cfg or ServeConfig()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise ChainstepError(f"{model_dir} is not a saved model directory (no config.json)")
-    policy = Policy.from_dir(model_dir)
+    policy = load_policy(model_dir, backend)
     prm = PRM.from_dir(prm_dir) if prm_dir else None
     app = create_app(policy, prm, cfg, cfg.name or model_dir.name)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
