@@ -122,6 +122,8 @@ def test_every_record_ends_accepted_or_rejected_with_its_reason(scripted, tmp_pa
     assert rejected[ids[4]].startswith("format:")
     assert rejected[ids[5]] == "answer_mismatch"
     assert stats["accepted"] == len(ids) - 5 and stats["rejected"] == 5
+    by_reason = stats["rejected_by_reason"]
+    assert by_reason["remote:timeout"] == by_reason["answer_mismatch"] == 1
     assert stats["tokens"]["completion_tokens"] == 20 * (len(ids) - 3)
 
     server.script.clear()  # the endpoint recovered: only remote failures are asked again
