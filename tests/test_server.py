@@ -77,6 +77,7 @@ def test_the_openai_client_gets_step_format_chat_completions(served, image_url, 
     assert choice.message.content.startswith("<|reasoning_start|>")  # markers kept
     assert choice.finish_reason in ("stop", "length")
     assert out.usage.completion_tokens > 0 and out.model == "tiny-sft"
+    assert out.usage.prompt_tokens > len(question.split())  # the image tokens count too
     extra = out.model_extra["chainstep"]
     assert extra["strategy"] == "greedy" and len(extra["choices"]) == 1
     many = client(served).chat.completions.create(model="tiny-sft", messages=user(question, image_url),

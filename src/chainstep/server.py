@@ -34,6 +34,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from .errors import ChainstepError
+from .inputs import encode_prompt
 from .prm import PRM, chain_score
 from .sampling import Generation, Policy, SamplingParams, load_policy
 from .search import beam_search, select
@@ -313,7 +314,7 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
                             "finish_reason": reason})
             described.append(await batcher.run(describe, text, record, prm))
         completion = sum(g.num_tokens for g in gens)
-        prompt = len(policy.processor.tokenizer(record["question"])["input_ids"])
+        prompt = await batcher.run(lambda: len(encode_prompt(policy.processor, record)["input_ids"]))
         return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                 "choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                                               "total_tokens": prompt + completion},
