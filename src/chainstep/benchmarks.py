@@ -32,11 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .datafiles import read_rows, row_image
+from .datafiles import LETTERS, read_rows, row_image
 from .errors import ChainstepError
-from .steps import FormatError, extract_answer, parse
+from .steps import ANSWER_START, REASONING_START, FormatError, extract_answer, parse
 
-LETTERS = string.ascii_uppercase
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -74,6 +73,11 @@ def references(record: dict) -> list[str]:
     return [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
 
 
+def _letters(record: dict) -> str:
+    """The option letters in lower case (A-D where the record does not list its options)."""
+    return LETTERS[:len(options_of(record)) or 4].lower()
+
+
 def _letter_answer(record: dict) -> str:
     answer = record["answer"]
     return LETTERS[answer] if isinstance(answer, int) else str(answer)
@@ -91,8 +95,8 @@ def judge_mmstar(text: str, record: dict) -> tuple[str | None, bool]:
             break
     else:
         letter = predict[:1]
-    valid = LETTERS[:len(options_of(record)) or 4].lower()
-    return (letter.upper() if letter and letter in valid else None), bool(letter) and letter == answer
+    predicted = letter.upper() if letter and letter in _letters(record) else None
+    return predicted, bool(letter) and letter == answer
 
 
 # ---------------------------------------------------------------- AI2D (lmms-eval)
@@ -104,8 +108,7 @@ def judge_ai2d(text: str, record: dict) -> tuple[str | None, bool]:
     match = re.match(r"^\s*([A-Z])\.", text)
     filtered = match.group(1) if match else text
     norm = filtered.lower().translate(_PUNCTUATION)
-    valid = LETTERS[:len(options_of(record)) or 4].lower()
-    predicted = norm.upper() if len(norm) == 1 and norm in valid else None
+    predicted = norm.upper() if len(norm) == 1 and norm in _letters(record) else None
     return predicted, norm == _letter_answer(record).lower().translate(_PUNCTUATION)
 
 
@@ -405,13 +408,13 @@ def response_answer(text: str | None) -> tuple[str | None, int | None, str | Non
     or the whole of a free-form one."""
     if text is None:
         return None, None, "empty"
-    if "<|reasoning_start|>" in text:
+    if REASONING_START in text:
         try:
             chain = parse(text)
         except FormatError as err:
             return None, None, err.code
         return chain.answer, len(chain.steps), None
-    if "<|answer_start|>" in text:
+    if ANSWER_START in text:
         answer = extract_answer(text)
         return answer, None, None if answer is not None else "missing_answer"
     return text, None, None

@@ -31,6 +31,7 @@ tasks_app = typer.Typer(help="The synthetic visual reasoning suite.", no_args_is
 app.add_typer(tasks_app, name="tasks")
 
 SET_HELP = "Config override key.sub=value (repeatable), e.g. --set sft.max_steps=200"
+BACKEND_HELP = "Sampling backend: hf (transformers) or vllm (if installed)"
 
 
 @app.command()
@@ -211,7 +212,7 @@ def evaluate(
     extract_url: str = typer.Option(None, help="OpenAI-compatible endpoint that extracts answers "
                                     "(MathVista's official way, VLMEvalKit's multiple-choice fallback)"),
     extract_model: str = typer.Option("gpt-4o-mini", help="Model name at --extract-url"),
-    backend: str = typer.Option("hf", help="Sampling backend: hf (transformers) or vllm (if installed)"),
+    backend: str = typer.Option("hf", help=BACKEND_HELP),
     batch_size: int = 64,
 ):
     """Evaluate with 95% intervals and compute counts, on task records or one of the paper's benchmarks.
@@ -295,7 +296,7 @@ def sample(
     n: int = typer.Option(16, help="Chains per question"),
     temperature: float = 1.0, max_tokens: int = 256, limit: int = typer.Option(0, help="First K questions"),
     seed: int = 0, batch_size: int = 64,
-    backend: str = typer.Option("hf", help="Sampling backend: hf (transformers) or vllm (if installed)"),
+    backend: str = typer.Option("hf", help=BACKEND_HELP),
 ):
     """Sample N graded chains per question.
 
@@ -450,7 +451,7 @@ def serve(
     max_n: int = typer.Option(16, help="Largest n (or search width) a request may ask for"),
     max_tokens: int = typer.Option(2048, help="Largest max_tokens a request may ask for"),
     batch_window_ms: float = typer.Option(5.0, help="How long to gather concurrent requests into a batch"),
-    backend: str = typer.Option("hf", help="Sampling backend: hf (transformers) or vllm (if installed)"),
+    backend: str = typer.Option("hf", help=BACKEND_HELP),
 ):
     """OpenAI-compatible chat completions for a step-reasoning VLM (streaming, search strategies).
 

@@ -93,9 +93,9 @@ def construct(tasks: str | Path | list[dict], out_dir: str | Path, teacher: Teac
             else:
                 reasons[reason] += 1
                 rejects.write({"id": record["id"], "reason": reason, "response": text})
-    all_reasons = Counter(r["reason"] for r in iter_jsonl(rejects_path)) if rejects_path.exists() else {}
-    stats = {"accepted": len(done_ids(sft_path)), "rejected": len(done_ids(rejects_path)),
-             "rejected_by_reason": dict(all_reasons), "rejected_now_by_reason": dict(reasons)}
+    rejected = {r["id"]: r["reason"] for r in iter_jsonl(rejects_path)}
+    stats = {"accepted": len(done_ids(sft_path)), "rejected": len(rejected),
+             "rejected_by_reason": dict(Counter(rejected.values())), "rejected_now_by_reason": dict(reasons)}
     if getattr(teacher, "usage", None) is not None:
         stats["tokens"] = dict(teacher.usage)
     return stats

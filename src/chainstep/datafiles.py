@@ -110,9 +110,9 @@ def load_inputs(path: str | Path, columns: dict[str, str] | None = None,
     path = Path(path)
     if not path.is_file():
         raise ChainstepError(f"{path} is not a file (task JSONL, LLaVA/ShareGPT JSON, parquet or JSON)")
+    if path.suffix == ".jsonl" and all(k in (next(read_rows(path), None) or {}) for k in TASK_FIELDS):
+        return load_tasks(path)  # our own layout: decided from its first line
     rows = list(read_rows(path))
-    if rows and all(k in rows[0] for k in TASK_FIELDS):
-        return load_tasks(path)
     names = {**{c: c for c in TASK_COLUMNS}, **(columns or {})}
     image_dir = Path(image_dir) if image_dir else path.parent / "images"
     records = []

@@ -78,7 +78,10 @@ class Policy:
                  share_prefix: bool = True):
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
         self.share_prefix = share_prefix
-        tok = processor.tokenizer
+        self._read_tokens(processor.tokenizer)
+
+    def _read_tokens(self, tok) -> None:
+        """Stop and suppressed token ids, looked up by string."""
         self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
         self.step_end_id = tok.convert_tokens_to_ids(STEP_END)
         if self.step_end_id is None or self.step_end_id == tok.unk_token_id:
@@ -174,10 +177,7 @@ class VLLMPolicy(Policy):
         self.processor = AutoProcessor.from_pretrained(path)
         self.llm = LLM(model=str(path), limit_mm_per_prompt={"image": 1}, **engine_kwargs)
         self.batch_size, self.share_prefix = batch_size, False
-        tok = self.processor.tokenizer
-        self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
-        self.step_end_id = tok.convert_tokens_to_ids(STEP_END)
-        self.suppress_ids = foreign_token_ids(tok)
+        self._read_tokens(self.processor.tokenizer)
 
     def generate(self, records: list[dict], params: SamplingParams | None = None,
                  prefixes: list[str] | None = None, progress: bool = True) -> list[list[Generation]]:

@@ -222,20 +222,25 @@ def _cut_at_stop(gen: Generation, stop: str | list[str] | None) -> tuple[str, st
     return text, reason
 
 
-def describe(text: str, record: dict, prm: PRM | None) -> dict:
-    """The extension field of one choice: parsed steps, answer and (with a PRM) their scores."""
-    try:
-        chain = parse(text)
-    except FormatError as err:
-        return {"format_error": err.code, "steps": None, "answer": None}
-    out = {"format_error": None, "answer": chain.answer,
-           "steps": [{"name": s.name, "thought": s.thought, "reflection": s.reflection} for s in chain.steps]}
-    if prm is not None:
-        [scores] = prm.score([record], [text])
-        for step, score in zip(out["steps"], scores.steps):
-            step["score"] = score
-        out.update(answer_score=scores.answer,
-                   chain_score=chain_score(scores, prm.step_weight, prm.aggregate))
+def describe(texts: list[str], record: dict, prm: PRM | None) -> list[dict]:
+    """The extension field of each choice: parsed steps, answer and (with a PRM) their scores,
+    all parsed choices scored in one batched PRM call."""
+    out = []
+    for text in texts:
+        try:
+            chain = parse(text)
+        except FormatError as err:
+            out.append({"format_error": err.code, "steps": None, "answer": None})
+            continue
+        out.append({"format_error": None, "answer": chain.answer, "steps": [
+            {"name": s.name, "thought": s.thought, "reflection": s.reflection} for s in chain.steps]})
+    parsed = [i for i, d in enumerate(out) if d["format_error"] is None]
+    if prm is not None and parsed:
+        for i, scores in zip(parsed, prm.score([record] * len(parsed), [texts[i] for i in parsed])):
+            for step, score in zip(out[i]["steps"], scores.steps):
+                step["score"] = score
+            out[i].update(answer_score=scores.answer,
+                          chain_score=chain_score(scores, prm.step_weight, prm.aggregate))
     return out
 
 
@@ -307,12 +312,10 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
             return StreamingResponse(_stream(record, params, req, rid, created),
                                      media_type="text/event-stream")
         gens, extra = await _complete(record, params, search)
-        choices, described = [], []
-        for i, gen in enumerate(gens):
-            text, reason = _cut_at_stop(gen, req.stop)
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "finish_reason": reason})
-            described.append(await batcher.run(describe, text, record, prm))
+        cut = [_cut_at_stop(gen, req.stop) for gen in gens]
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(cut)]
+        described = await batcher.run(describe, [text for text, _ in cut], record, prm)
         completion = sum(g.num_tokens for g in gens)
         prompt = await batcher.run(lambda: len(encode_prompt(policy.processor, record)["input_ids"]))
         return {"id": rid, "object": "chat.completion", "created": created, "model": name,
