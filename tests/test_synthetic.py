@@ -100,3 +100,38 @@ def test_bad_config_is_rejected():
         SuiteConfig(families=("count_sum", "nope"))
     with pytest.raises(ChainstepError, match="terms"):
         SuiteConfig(terms=5)
+
+
+def _blocks_with(png: bytes, colour: str, span: int) -> int:
+    """Blocks of span x span patches holding any pixel of the colour."""
+    import io
+
+    from PIL import Image
+
+    from chainstep.synthetic import COLOURS, IMAGE_SIZE, PATCH
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    side = PATCH * span
+    return sum(
+        any(image.getpixel((x, y)) == COLOURS[colour]
+            for x in range(bx, bx + side) for y in range(by, by + side))
+        for bx in range(0, IMAGE_SIZE, side) for by in range(0, IMAGE_SIZE, side))
+
+
+@pytest.mark.parametrize("family", ["count_sum", "compare_mc"])
+def test_each_counted_shape_fills_its_own_block(family):
+    from chainstep.synthetic import UNIT
+
+    for record, png in _all(SuiteConfig(train=40, families=(family,)), "train"):
+        for colour, count in record["meta"]["scene"]["counts"].items():
+            assert _blocks_with(png, colour, UNIT) == count, record["id"]
+
+
+def test_bar_and_line_units_are_read_in_blocks():
+    from chainstep.synthetic import UNIT
+
+    for record, png in _all(SuiteConfig(train=20, families=("bar_chart", "measure")), "train"):
+        scene = record["meta"]["scene"]
+        values = scene.get("bars") or scene.get("lengths")
+        for colour, value in values.items():  # a unit is UNIT patches: one patch row or column
+            assert _blocks_with(png, colour, 1) == UNIT * value, record["id"]

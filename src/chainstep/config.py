@@ -51,7 +51,7 @@ class RunConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    base_sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=100))
+    base_sft: SFTConfig = field(default_factory=SFTConfig)  # as many steps as CoS SFT
     eval: EvalConfig = field(default_factory=EvalConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
