@@ -37,6 +37,6 @@ def test_shipped_config_matches_defaults():
 
 
 def test_overriding_one_key_keeps_the_section_defaults():
-    cfg = load_config(overrides={"base_sft.learning_rate": 0.002})
-    assert cfg.base_sft.learning_rate == 0.002
-    assert cfg.base_sft.max_steps == load_config().base_sft.max_steps != cfg.sft.max_steps
+    cfg = load_config(quick=True, overrides={"base_sft.learning_rate": 0.002})
+    assert cfg.base_sft.learning_rate == 0.002 != cfg.sft.learning_rate
+    assert cfg.base_sft.max_steps == load_config(quick=True).base_sft.max_steps != cfg.sft.max_steps
