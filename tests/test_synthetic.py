@@ -1,13 +1,19 @@
+import io
 import random
 
 import pytest
+from PIL import Image
 
 from chainstep.answers import normalize
 from chainstep.errors import ChainstepError
 from chainstep.records import read_jsonl
 from chainstep.synthetic import (
+    COLOURS,
     FAMILIES,
+    IMAGE_SIZE,
+    PATCH,
     SPLITS,
+    UNIT,
     SuiteConfig,
     fingerprint,
     generate,
@@ -104,12 +110,6 @@ def test_bad_config_is_rejected():
 
 def _blocks_with(png: bytes, colour: str, span: int) -> int:
     """Blocks of span x span patches holding any pixel of the colour."""
-    import io
-
-    from PIL import Image
-
-    from chainstep.synthetic import COLOURS, IMAGE_SIZE, PATCH
-
     image = Image.open(io.BytesIO(png)).convert("RGB")
     side = PATCH * span
     return sum(
@@ -120,16 +120,12 @@ def _blocks_with(png: bytes, colour: str, span: int) -> int:
 
 @pytest.mark.parametrize("family", ["count_sum", "compare_mc"])
 def test_each_counted_shape_fills_its_own_block(family):
-    from chainstep.synthetic import UNIT
-
     for record, png in _all(SuiteConfig(train=40, families=(family,)), "train"):
         for colour, count in record["meta"]["scene"]["counts"].items():
             assert _blocks_with(png, colour, UNIT) == count, record["id"]
 
 
 def test_bar_and_line_units_are_read_in_blocks():
-    from chainstep.synthetic import UNIT
-
     for record, png in _all(SuiteConfig(train=20, families=("bar_chart", "measure")), "train"):
         scene = record["meta"]["scene"]
         values = scene.get("bars") or scene.get("lengths")

@@ -105,9 +105,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, 
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def _cell_box(col: int, row: int, span: int = 1) -> tuple[int, int, int, int]:
-    """The pixel box of a span x span block of patch cells, 1 px inside its border."""
-    return (col * PATCH + 1, row * PATCH + 1, (col + span) * PATCH - 2, (row + span) * PATCH - 2)
+def _cell_box(col: int, row: int, span: int = 1, height: int | None = None) -> tuple[int, int, int, int]:
+    """The pixel box of a block of patch cells (span wide, `height` or span high), 1 px inside."""
+    height = height or span
+    return (col * PATCH + 1, row * PATCH + 1, (col + span) * PATCH - 2, (row + height) * PATCH - 2)
 
 
 def _shape_scene(rng: random.Random, counts: dict[str, int]) -> tuple[Image.Image, list[dict]]:
@@ -181,9 +182,7 @@ def bar_chart(rng: random.Random, cfg: SuiteConfig) -> Scene:
     slots = sorted(rng.sample(range(BLOCKS), len(colours)))
     for slot, c in zip(slots, rng.sample(colours, len(colours))):
         for level in range(heights[c]):  # a stack of unit blocks, each a row of UNIT patches
-            top = IMAGE_SIZE - (level + 1) * PATCH
-            draw.rectangle((slot * UNIT * PATCH + 1, top + 1, (slot + 1) * UNIT * PATCH - 2,
-                            top + PATCH - 2), fill=COLOURS[c])
+            draw.rectangle(_cell_box(slot * UNIT, GRID - 1 - level, UNIT, 1), fill=COLOURS[c])
     steps = [_fact(f"Read {c} bar", f"{c.capitalize()} bar", heights[c]) for c in colours]
     ranked = sorted(colours, key=lambda c: heights[c])
     spread = heights[ranked[-1]] > heights[ranked[-2]] and heights[ranked[0]] < heights[ranked[1]]
