@@ -24,6 +24,7 @@ REFLECTIONS = {
     "read": ("This matches the image.", "Checked against the image.", "The image confirms this."),
     "arithmetic": ("The arithmetic is correct.", "Computed step by step.",
                    "Double-checked the calculation."),
+    "compare": ("The comparison is correct.", "Compared the two values."),
     "option": ("This option matches the finding.", "The option letter agrees with the result."),
 }
 
@@ -39,6 +40,8 @@ def _step_kind(fact: dict) -> str:
         return "arithmetic"
     if "option" in fact["value"]:
         return "option"
+    if " vs " in fact["value"]:
+        return "compare"
     return "read"
 
 
