@@ -21,7 +21,7 @@ from .steps import Chain
 RATINGS = ("good", "neutral", "bad")
 TEMPLATE = Path(__file__).parent / "templates" / "judge_prompt.txt"
 _ARITH = re.compile(r"^(-?\d+)\s*([-+*x])\s*(-?\d+)\s*=\s*(-?\d+)$")
-_OPTION = re.compile(r"^(?:.*, )?(\w+), option ([A-Z])$")
+_OPTION = re.compile(r"^(\w+), option ([A-Z])$")
 _RATING_LINE = re.compile(r"step\s*(\d+)\s*[:.-]\s*(good|neutral|bad)", re.IGNORECASE)
 
 

@@ -139,16 +139,14 @@ def perturb(record: dict, chain: Chain, rng: random.Random) -> Chain:
     answer = chain.answer
     last = steps[-1].thought
     if kind == "read":
-        values = [step.thought.rstrip(".").rsplit(": ", 1)[-1] for step in steps]
-        i = rng.choice([j for j, v in enumerate(values[:-1]) if v in SIZES or v.isdigit()])
-        value = values[i]
+        i = rng.randrange(len(steps) - 1)
+        value = steps[i].thought.rstrip(".").rsplit(": ", 1)[-1]
         new = rng.choice([s for s in SIZES if s != value]) if value in SIZES else _other_number(value, rng)
         steps[i] = Step(steps[i].name, _replace_last(steps[i].thought, value, new), steps[i].reflection)
     elif kind == "final" and record.get("options"):
         colour, letter = _other_option(record, answer, rng)
-        right = f"{record['options']['ABCD'.index(answer)]}, option {answer}"
-        steps[-1] = Step(steps[-1].name, _replace_last(last, right, f"{colour}, option {letter}"),
-                         steps[-1].reflection)
+        head = last.rsplit(": ", 1)[0]
+        steps[-1] = Step(steps[-1].name, f"{head}: {colour}, option {letter}", steps[-1].reflection)
         answer = letter
     elif kind == "final" and _NUMBER.search(last.rstrip(".")):
         result = _NUMBER.search(last.rstrip(".")).group()

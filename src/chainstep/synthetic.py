@@ -199,27 +199,10 @@ def bar_chart(rng: random.Random, cfg: SuiteConfig) -> Scene:
     return Scene(image, question, str(result), steps, {"bars": heights})
 
 
-def _compare(values: dict[str, int | str], which: str, rank=lambda v: v) -> tuple[list[dict], str]:
-    """Pairwise elimination over the groups in reading order, each step writing both values
-    before its winner ("Red vs green: 3 vs 1, red"): a tiny model learns a comparison of two
-    numbers it has just written, but not an argmax over three read steps earlier (measured)."""
-    colours = list(values)
-    best, steps = colours[0], []
-    for other in colours[1:]:
-        a, b = rank(values[best]), rank(values[other])
-        winner = other if (b > a if which in ("most", "largest") else b < a) else best
-        steps.append(_fact(f"Compare {best} and {other}", f"{best.capitalize()} vs {other}",
-                           f"{values[best]} vs {values[other]}, {winner}"))
-        best = winner
-    return steps, best
-
-
-def _pick_option(steps: list[dict], pick: str, options: list[str]) -> str:
-    """The last comparison names the option too; options keep one fixed colour order, so an
-    option letter always means the same colour (a shuffled list was never learned, measured)."""
-    letter = LETTERS[options.index(pick)]
-    steps[-1]["value"] += f", option {letter}"
-    return letter
+def _options(rng: random.Random, right: str, pool: list[str]) -> tuple[list[str], str]:
+    choices = [right] + rng.sample([p for p in pool if p != right], min(3, len(pool) - 1))
+    rng.shuffle(choices)
+    return choices, LETTERS[choices.index(right)]
 
 
 def attribute_mc(rng: random.Random, cfg: SuiteConfig) -> Scene:
@@ -239,13 +222,12 @@ def attribute_mc(rng: random.Random, cfg: SuiteConfig) -> Scene:
         _draw_shape(draw, kind, _cell_box(x, y, span), colour)
         objects.append({"colour": colour, "shape": kind, "size": sizes[colour], "cell": [x, y]})
     which = rng.choice(["largest", "smallest"])
-    steps = [_fact(f"Size of {c}", f"{c.capitalize()} shape", sizes[c]) for c in colours]
-    comparisons, pick = _compare(sizes, which, rank=SIZES.get)
-    options = list(ORDER)
-    letter = _pick_option(comparisons, pick, options)
+    pick = next(c for c in colours if sizes[c] == ("large" if which == "largest" else "small"))
+    options, letter = _options(rng, pick, list(COLOURS))
     question = f"What colour is the {which} shape?"
-    return Scene(image, question, letter, steps + comparisons, {"objects": objects}, options,
-                 kind="choice")
+    steps = [_fact(f"Size of {c}", f"{c.capitalize()} shape", sizes[c]) for c in colours]
+    steps.append(_fact("Match option", which.capitalize(), f"{pick}, option {letter}"))
+    return Scene(image, question, letter, steps, {"objects": objects}, options, kind="choice")
 
 
 def measure(rng: random.Random, cfg: SuiteConfig) -> Scene:
@@ -269,9 +251,8 @@ def measure(rng: random.Random, cfg: SuiteConfig) -> Scene:
     return Scene(image, question, str(result), steps, {"lengths": lengths})
 
 def compare_mc(rng: random.Random, cfg: SuiteConfig) -> Scene:
-    """M3CoT-like multi-hop comparison: count three groups, compare them pairwise, pick the option
-    (three groups at any `terms`: a fourth would take the chain past five steps)."""
-    colours = ORDER[:3]
+    """M3CoT-like multi-hop comparison: count each group, compare the counts, pick the option."""
+    colours = ORDER[:cfg.terms + 1]
     which, pick = rng.choice(["most", "fewest"]), rng.choice(colours)
     for _ in range(100):
         k = rng.randint(2, 4) if which == "most" else rng.randint(1, 3)
@@ -283,11 +264,10 @@ def compare_mc(rng: random.Random, cfg: SuiteConfig) -> Scene:
         which, counts = "most", {c: 2 if c == pick else 1 for c in colours}
     image, objects = _shape_scene(rng, counts)
     options = list(colours)
-    steps = [_fact(f"Count {c}", f"{c.capitalize()} shapes", counts[c]) for c in colours]
-    comparisons, pick = _compare(counts, which)
-    letter = _pick_option(comparisons, pick, options)
+    letter = LETTERS[options.index(pick)]
     question = f"Which colour has the {which} shapes?"
-    steps += comparisons
+    steps = [_fact(f"Count {c}", f"{c.capitalize()} shapes", counts[c]) for c in colours]
+    steps.append(_fact("Compare counts", f"{which.capitalize()} shapes", f"{pick}, option {letter}"))
     return Scene(image, question, letter, steps, {"objects": objects, "counts": counts},
                  options, kind="choice")
 

@@ -24,7 +24,6 @@ REFLECTIONS = {
     "read": ("This matches the image.", "Checked against the image.", "The image confirms this."),
     "arithmetic": ("The arithmetic is correct.", "Computed step by step.",
                    "Double-checked the calculation."),
-    "compare": ("The comparison is correct.", "Compared the two values."),
     "option": ("This option matches the finding.", "The option letter agrees with the result."),
 }
 
@@ -40,8 +39,6 @@ def _step_kind(fact: dict) -> str:
         return "arithmetic"
     if "option" in fact["value"]:
         return "option"
-    if " vs " in fact["value"]:
-        return "compare"
     return "read"
 
 
