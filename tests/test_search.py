@@ -10,8 +10,9 @@ from chainstep.search import (
     majority_vote,
     select,
     weighted_vote,
+    well_formed,
 )
-from chainstep.steps import ANSWER_END, STEP_END
+from chainstep.steps import ANSWER_END, STEP_END, Chain, Step, render
 
 
 def row(answer, correct=False, parsed=True, tokens=10, i=0):
@@ -32,6 +33,21 @@ def test_best_of_n_and_weighted_vote():
     scores = [0.9, 0.5, 0.6]
     assert best_of_n(rows, scores)["id"] == "q#0"
     assert weighted_vote(rows, scores)["id"] == "q#2"  # 0.5 + 0.6 > 0.9
+
+
+def test_best_of_n_ranks_only_chains_that_parse():
+    rows = [row("3", parsed=False, i=0), row("4", i=1), row("5", i=2)]
+    assert best_of_n(rows, [0.9, 0.5, 0.6])["id"] == "q#2"
+    assert best_of_n(rows[:1], [0.1])["id"] == "q#0"  # nothing parses: the best-scored
+
+
+def test_well_formed_checks_partial_and_finished_chains():
+    text = render(Chain((Step("Count", "Red shapes: 3", "Checked."), Step("Add", "3 + 1 = 4", "Ok.")), "4"))
+    first_step = text[:text.index(STEP_END) + len(STEP_END)]
+    assert well_formed(text, done=True) and well_formed(first_step, done=False)
+    broken = first_step.replace("Red shapes: 3", "Red shapes: " + STEP_END)
+    assert not well_formed(broken, done=False)
+    assert not well_formed(text.replace("\nAnswer:", ""), done=True)
 
 
 def test_select_counts_the_compute_of_all_n():

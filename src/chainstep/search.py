@@ -21,7 +21,7 @@ from .evaluate import response_row, sample_responses, summarize
 from .prm import PRM, chain_score
 from .records import JsonlWriter
 from .sampling import Generation, Policy, SamplingParams
-from .steps import ANSWER_END
+from .steps import ANSWER_END, STEP_END, FormatError, leading_steps, parse
 
 STRATEGIES = ("greedy", "sc", "bon", "weighted", "beam", "pass")
 
@@ -66,7 +66,9 @@ def majority_vote(rows: list[dict]) -> dict:
 
 
 def best_of_n(rows: list[dict], scores: list[float]) -> dict:
-    return rows[max(range(len(rows)), key=lambda i: scores[i])]
+    """The best-scored chain that parses: the step grammar is an exact, free verifier (a chain
+    that does not parse is scored wrong), so the PRM only ranks what passes it."""
+    return rows[max(range(len(rows)), key=lambda i: (rows[i]["parsed"], scores[i]))]
 
 
 def weighted_vote(rows: list[dict], scores: list[float]) -> dict:
@@ -129,10 +131,10 @@ def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int
         scores = [chain_score(s, prm.step_weight, prm.aggregate) for group in step_scores for s in group]
         grouped = defaultdict(list)
         for (qid, text, done), score in zip(candidates, scores):
-            grouped[qid].append((score, text, done))
+            grouped[qid].append((well_formed(text, done), score, text, done))
             chains[qid] += 1
         for qid, options in grouped.items():
-            best = sorted(options, key=lambda o: -o[0])[:keep - len(finished[qid])]
+            best = [o[1:] for o in sorted(options, key=lambda o: (-o[0], -o[1]))][:keep - len(finished[qid])]
             finished[qid] += [(s, t) for s, t, done in best if done]
             beams[qid] = [t for _, t, done in best if not done]
     rows = []
@@ -144,6 +146,18 @@ def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int
                "prm_forward_passes": prm.forward_passes - calls_before,
                "wall_s": round(time.time() - start, 2)}
     return rows, compute
+
+
+def well_formed(text: str, done: bool) -> bool:
+    """Does a (partial) chain keep the step grammar? Beam search keeps broken candidates only
+    when no candidate of a question is well formed, as best-of-N does."""
+    if done:
+        try:
+            parse(text)
+            return True
+        except FormatError:
+            return False
+    return len(leading_steps(text)) == text.count(STEP_END)
 
 
 def _done(gen: Generation) -> bool:
