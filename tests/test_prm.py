@@ -173,6 +173,7 @@ def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_recor
     assert metrics["steps"] == sum(len(parse(r["response"]).steps) for r in read_jsonl(path))
     assert metrics["majority_baseline"] == pytest.approx(0.5)
     assert metrics["ranking_auroc"] == pytest.approx(0.5)  # identical chains tie
+    assert metrics["ranking_pairs_parsed"] == metrics["ranking_pairs"] == 16  # teacher chains parse
     families = {r["meta"]["family"] for r in read_jsonl(path)}
     assert set(metrics["per_family_ranking_auroc"]) == families
 

@@ -13,6 +13,7 @@ from chainstep.steps import (
     Step,
     extract_answer,
     parse,
+    parses,
     prm_text,
     render,
 )
@@ -65,6 +66,7 @@ def test_prm_text_tags_every_step_and_the_answer():
 @given(chains)
 def test_round_trip(chain):
     assert parse(render(chain)) == chain
+    assert parses(render(chain)) and not parses(render(chain).replace(STEP_END, "", 1))
 
 
 @given(chains)

@@ -24,7 +24,7 @@ from .inputs import collate, encode_prompt, extend_text
 from .models import load
 from .records import JsonlWriter, read_jsonl
 from .sampling import SHARED_PREFIX_MODELS
-from .steps import ANSWER_END, BAD_TAG, GOOD_TAG, STEP_END, STEP_TAG, parse, tag_response
+from .steps import ANSWER_END, BAD_TAG, GOOD_TAG, STEP_END, STEP_TAG, parse, parses, tag_response
 from .train_sft import ResumableTrainer, SFTConfig, fit, prepare_model, training_arguments
 
 AGGREGATES = ("mean", "min", "last", "prod")
@@ -347,7 +347,7 @@ def evaluate_prm(prm: PRM, rows: list[dict]) -> dict:
     """
     scores = prm.score(rows, [r["response"] for r in rows])
     families = {r["question_id"]: r.get("family") or r.get("meta", {}).get("family") or "all" for r in rows}
-    step_p, step_y, first_hits, by_question = [], [], [], {}
+    step_p, step_y, first_hits, by_question, parsed = [], [], [], {}, {}
     for row, s in zip(rows, scores):
         labels = row["labels"][:len(s.steps)]
         pairs = [(p, y) for p, y in zip(s.steps, labels) if y is not None]
@@ -359,6 +359,8 @@ def evaluate_prm(prm: PRM, rows: list[dict]) -> dict:
         if correct is not None:
             score = chain_score(s, prm.step_weight, prm.aggregate)
             by_question.setdefault(row["question_id"], []).append((score, int(correct)))
+            if parses(row["response"]):
+                parsed.setdefault(row["question_id"], []).append((score, int(correct)))
     pred = [p >= 0.5 for p in step_p]
     good_rate = sum(step_y) / len(step_y) if step_y else 0.0
     tp = sum(not p and not y for p, y in zip(pred, step_y))
@@ -373,6 +375,8 @@ def evaluate_prm(prm: PRM, rows: list[dict]) -> dict:
         "first_error_accuracy": sum(first_hits) / len(first_hits) if first_hits else None,
         "ranking_auroc": ranking_auroc(by_question),
         "ranking_pairs": ranking_pairs(by_question),
+        "ranking_auroc_parsed": ranking_auroc(parsed),  # what best-of-N and beam search rank
+        "ranking_pairs_parsed": ranking_pairs(parsed),
         "per_family_ranking_auroc": {
             family: ranking_auroc({q: c for q, c in by_question.items() if families[q] == family})
             for family in sorted(set(families.values()))},

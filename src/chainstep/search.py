@@ -21,7 +21,7 @@ from .evaluate import response_row, sample_responses, summarize
 from .prm import PRM, chain_score
 from .records import JsonlWriter
 from .sampling import Generation, Policy, SamplingParams
-from .steps import ANSWER_END, STEP_END, FormatError, leading_steps, parse
+from .steps import ANSWER_END, STEP_END, leading_steps, parses
 
 STRATEGIES = ("greedy", "sc", "bon", "weighted", "beam", "pass")
 
@@ -152,11 +152,7 @@ def well_formed(text: str, done: bool) -> bool:
     """Does a (partial) chain keep the step grammar? Beam search keeps broken candidates only
     when no candidate of a question is well formed, as best-of-N does."""
     if done:
-        try:
-            parse(text)
-            return True
-        except FormatError:
-            return False
+        return parses(text)
     return len(leading_steps(text)) == text.count(STEP_END)
 
 

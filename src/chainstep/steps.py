@@ -200,6 +200,15 @@ def parse(text: str) -> Chain:
     return Chain(tuple(steps), answer)
 
 
+def parses(text: str) -> bool:
+    """Does `text` keep the step grammar? (Chains that do not are scored wrong.)"""
+    try:
+        parse(text)
+        return True
+    except FormatError:
+        return False
+
+
 def leading_steps(text: str) -> list[Step]:
     """The well-formed steps a (possibly malformed) chain starts with: what a judge can still
     rate before the point where the format breaks."""
