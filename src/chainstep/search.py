@@ -131,10 +131,11 @@ def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int
         scores = [chain_score(s, prm.step_weight, prm.aggregate) for group in step_scores for s in group]
         grouped = defaultdict(list)
         for (qid, text, done), score in zip(candidates, scores):
-            grouped[qid].append((well_formed(text, done), score, text, done))
+            grouped[qid].append((score, text, done))
             chains[qid] += 1
         for qid, options in grouped.items():
-            best = [o[1:] for o in sorted(options, key=lambda o: (-o[0], -o[1]))][:keep - len(finished[qid])]
+            ranked = sorted(options, key=lambda o: (well_formed(o[1], o[2]), o[0]), reverse=True)
+            best = ranked[:keep - len(finished[qid])]
             finished[qid] += [(s, t) for s, t, done in best if done]
             beams[qid] = [t for _, t, done in best if not done]
     rows = []
