@@ -47,6 +47,21 @@ def test_search_strategies_need_what_they_use(sft_model_dir, suite_dir, tmp_path
     assert result.exit_code == 1 and "need --policy" in str(result.exception)
 
 
+def test_eval_with_the_oracle_judge_as_verifier(sft_model_dir, suite_dir, tmp_path):
+    import json
+
+    tasks = suite_dir / "tasks" / "test.jsonl"
+    base = ["eval", str(sft_model_dir), str(tasks), "--out", str(tmp_path), "--strategy", "beam",
+            "--n", "2", "--max-tokens", "160", "--limit", "4"]
+    result = runner.invoke(app, [*base, "--prm", "judge:0.1"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "metrics.json").read_text())["results"][0]
+    assert (row["strategy"], row["num_questions"], row["prm_forward_passes"]) == ("beam", 4, 0)
+    assert row["prm_chains"] >= 8
+    result = runner.invoke(app, [*base, "--prm", "judge:lots"])
+    assert result.exit_code == 1 and "judge:FLIP" in str(result.exception)
+
+
 def test_eval_with_a_prm_writes_a_search_row(sft_model_dir, suite_dir, tmp_path):
     import json
 

@@ -1,8 +1,10 @@
 import pytest
 
 from chainstep.client import ChatClient
-from chainstep.judge import HTTPJudge, JudgeError, ProgrammaticJudge, parse_ratings
-from chainstep.steps import Chain, Step
+from chainstep.errors import ChainstepError
+from chainstep.judge import HTTPJudge, JudgeError, JudgeVerifier, ProgrammaticJudge, parse_ratings
+from chainstep.prm import chain_score
+from chainstep.steps import STEP_END, Chain, Step, render
 from chainstep.teacher import ProgrammaticTeacher
 
 RECORD = {
@@ -76,3 +78,41 @@ def test_http_judge_gives_up_with_the_reason(endpoint, train_records):
     with pytest.raises(RemoteError) as err:
         judge.rate(train_records[0], ProgrammaticTeacher().chain(train_records[0]))
     assert err.value.reason == "http_503" and len(server.requests) == 2
+
+
+RIGHT = chain("Red shapes: 1", "Green shapes: 2", "Blue shapes: 3", "Red plus blue: 1 + 3 = 4")
+WRONG = chain("Red shapes: 2", "Green shapes: 2", "Blue shapes: 3", "Red plus blue: 2 + 3 = 5", answer="5")
+
+
+def test_oracle_verifier_scores_steps_by_the_judge():
+    right, wrong = JudgeVerifier().score([RECORD, RECORD], [render(RIGHT), render(WRONG)])
+    assert right.steps == [1.0, 1.0, 1.0, 1.0] and right.answer == 1.0
+    assert wrong.steps == [0.0, 1.0, 1.0, 0.5] and wrong.answer == 0.625
+    partial = render(RIGHT)[:render(RIGHT).index(STEP_END) + len(STEP_END)]
+    assert JudgeVerifier().score([RECORD], [partial])[0].steps == [1.0]
+    assert JudgeVerifier().score([RECORD], [partial])[0].answer is None
+    broken = render(RIGHT).replace("<|reasoning_end|>", "")  # steps readable, grammar broken
+    scores = JudgeVerifier().score([RECORD], [broken])[0]
+    assert scores.steps == [1.0, 1.0, 1.0, 1.0] and scores.answer == 0.0
+
+
+def test_oracle_verifier_continuations_match_whole_chains():
+    text = render(RIGHT)
+    cut = text.index(STEP_END) + len(STEP_END)
+    verifier = JudgeVerifier(flip=0.5)
+    grouped = verifier.score_continuations([RECORD], [text[:cut]], [[text[cut:], render(WRONG)[cut:]]])
+    assert grouped == [verifier.score([RECORD, RECORD], [text, text[:cut] + render(WRONG)[cut:]])]
+
+
+def test_noisy_verifier_flips_that_share_of_verdicts_the_same_way_each_time(train_records):
+    teacher = ProgrammaticTeacher()
+    texts = [render(teacher.chain(r)) for r in train_records]
+    noisy = JudgeVerifier(flip=0.3).score(train_records, texts)
+    assert noisy == JudgeVerifier(flip=0.3).score(train_records, texts)
+    steps = [v for s in noisy for v in s.steps]
+    assert 0.15 < steps.count(0.0) / len(steps) < 0.45  # all 1.0 without noise
+    assert all(v == 0.0 for s in JudgeVerifier(flip=1.0).score(train_records, texts) for v in s.steps)
+    assert JudgeVerifier(flip=0.3, seed=1).score(train_records, texts) != noisy
+    assert chain_score(noisy[0]) == pytest.approx(sum(noisy[0].steps) / len(noisy[0].steps))
+    with pytest.raises(ChainstepError, match="flip"):
+        JudgeVerifier(flip=1.5)

@@ -57,17 +57,24 @@ def run(
 @tasks_app.command("make")
 def tasks_make(
     out: Path = typer.Option(Path("tasks"), help="Output folder for {split}.jsonl + images/"),
-    train: int = 2000, val: int = 200, test: int = 300, seed: int = 0,
-    max_objects: int = typer.Option(8, help="Shapes per image in counting families"),
-    terms: int = typer.Option(2, help="Difficulty: terms + 1 colour groups are read (2 or 3)"),
+    train: int = typer.Option(None, help="Training records [default: 3000, as in chainstep run]"),
+    val: int = typer.Option(None, help="Validation records [default: 200]"),
+    test: int = typer.Option(None, help="Test records [default: 300]"),
+    seed: int = typer.Option(None, help="Suite seed [default: 0]"),
+    max_objects: int = typer.Option(None, help="Shapes per image in counting families [default: 8]"),
+    terms: int = typer.Option(None, help="Difficulty: terms + 1 colour groups are read, 2 or 3 "
+                                         "[default: 2]"),
     families: str = typer.Option(None, help="Comma-separated families [default: all]"),
 ):
-    """Draw the synthetic suite. Example: chainstep tasks make --out tasks --test 100"""
+    """Draw the synthetic suite; defaults are those of `chainstep run`.
+
+    Example: chainstep tasks make --out tasks --test 100
+    """
     from .synthetic import SuiteConfig, make_tasks
 
-    extra = {"families": tuple(families.split(","))} if families else {}
-    cfg = SuiteConfig(train=train, val=val, test=test, seed=seed, max_objects=max_objects,
-                      terms=terms, **extra)
+    given = dict(train=train, val=val, test=test, seed=seed, max_objects=max_objects, terms=terms,
+                 families=tuple(families.split(",")) if families else None)
+    cfg = SuiteConfig(**{k: v for k, v in given.items() if v is not None})
     console.print(make_tasks(cfg, out))
 
 
@@ -205,7 +212,9 @@ def evaluate(
     style: str = typer.Option("cos", help="cos (step chains) or direct (answer only)"),
     strategy: str = typer.Option("greedy", help="greedy, sc, bon, weighted, beam or pass"),
     n: int = typer.Option(1, help="Samples (sc, bon, weighted, pass) or candidates per step (beam)"),
-    prm: Path = typer.Option(None, help="PRM directory (bon, weighted, beam)"),
+    prm: str = typer.Option(None, help="PRM directory (bon, weighted, beam); `judge` for the "
+                                       "programmatic judge as an oracle verifier (synthetic "
+                                       "tasks), `judge:0.2` for one that flips 20% of its verdicts"),
     temperature: float = typer.Option(1.0, help="Sampling temperature for n > 1 strategies"),
     step_weight: float = typer.Option(0.2, help="Chain score = w * mean(steps) + (1 - w) * answer"),
     max_tokens: int = typer.Option(None, help="Token budget [default: 256; a benchmark's own]"),
@@ -219,12 +228,12 @@ def evaluate(
 
     Examples: chainstep eval runs/quick/models/sft tasks/test.jsonl;
     chainstep eval runs/quick/models/sft tasks/test.jsonl --strategy beam --n 8 --prm runs/quick/models/prm;
+    chainstep eval runs/quick/models/sft tasks/test.jsonl --strategy bon --n 8 --prm judge;
     chainstep eval runs/final/models/sft --benchmark mathvista --data ~/data/MathVista --out runs/final
     """
     from .benchmarks import LLMExtractor
     from .client import ChatClient
     from .evaluate import predict, summarize, update_metrics
-    from .prm import PRM
     from .sampling import SamplingParams, load_policy
     from .search import STRATEGIES, search_predictions
 
@@ -248,7 +257,7 @@ def evaluate(
                         SamplingParams(max_tokens=settings["max_tokens"]), extractor)
         compute = {}
     else:
-        scorer = PRM.from_dir(prm, step_weight=step_weight, batch_size=batch_size) if prm else None
+        scorer = _verifier(prm, step_weight, batch_size) if prm else None
         preds, compute = search_predictions(strategy, policy, records, n, out, name, split, scorer,
                                             temperature, settings["max_tokens"], extractor=extractor)
     row = {**summarize(preds, name, strategy, n, split), **compute, **settings}
@@ -262,6 +271,21 @@ def evaluate(
             low, high = row["per_family_ci"][family]
             table.add_row(family, f"{100 * acc:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
         console.print(table)
+
+
+def _verifier(spec: str, step_weight: float, batch_size: int):
+    """A PRM directory, or `judge[:FLIP]`: the programmatic judge as a (noisy) oracle."""
+    if spec == "judge" or spec.startswith("judge:"):
+        from .judge import JudgeVerifier
+
+        flip = spec.partition(":")[2]
+        try:
+            return JudgeVerifier(flip=float(flip or 0), step_weight=step_weight)
+        except ValueError:
+            raise ChainstepError(f"--prm {spec!r}: write judge or judge:FLIP, FLIP in [0, 1]") from None
+    from .prm import PRM
+
+    return PRM.from_dir(spec, step_weight=step_weight, batch_size=batch_size)
 
 
 def _eval_records(tasks: Path | None, benchmark: str | None, data: Path | None, out: Path,

@@ -5,20 +5,26 @@ Two backends behind one protocol, `rate(record, chain) -> list[str]`:
   in `meta`. A step is good when its value is true; neutral when it is false only because it
   carries an earlier mistake forward correctly (right arithmetic on wrong readings); bad otherwise.
 - `HTTPJudge` asks any OpenAI-compatible chat model, with the prompt kept in a template file.
+
+`JudgeVerifier` puts a judge behind the PRM's scoring interface, so search can run with an
+oracle (or a deliberately noisy oracle) verifier and show what a better PRM would buy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Protocol
 
 from .client import ChatClient, user_message
 from .errors import ChainstepError
+from .prm import StepScores, check_scoring, regroup
 from .records import load_image
-from .steps import Chain
+from .steps import ANSWER_END, Chain, FormatError, leading_steps, parse
 
 RATINGS = ("good", "neutral", "bad")
+RATING_SCORE = {"good": 1.0, "neutral": 0.5, "bad": 0.0}
 TEMPLATE = Path(__file__).parent / "templates" / "judge_prompt.txt"
 _ARITH = re.compile(r"^(-?\d+)\s*([-+*x])\s*(-?\d+)\s*=\s*(-?\d+)$")
 _OPTION = re.compile(r"^(\w+), option ([A-Z])$")
@@ -122,3 +128,51 @@ def parse_ratings(text: str, num_steps: int) -> list[str]:
     if sorted(found) != list(range(1, num_steps + 1)):
         raise JudgeError(f"judge rated steps {sorted(found)}, expected 1..{num_steps}: {text[:120]!r}")
     return [found[i] for i in range(1, num_steps + 1)]
+
+
+class JudgeVerifier:
+    """A judge with the PRM's scoring interface (`score`, `score_continuations`, `step_weight`,
+    `aggregate`, `forward_passes`): with the programmatic judge, an oracle PRM for the synthetic
+    suite, the ceiling of PRM-guided search. `flip` turns each step rating into its opposite with
+    that probability (deterministic per question and step prefix, so best-of-N and beam search
+    see the same noisy verdicts): a verifier of known step accuracy, to measure how good a PRM
+    must be before search gains. The answer tag gets the steps' mean, as the judge has no
+    separate view of it; a chain that breaks the grammar gets 0 there."""
+
+    def __init__(self, judge: Judge | None = None, flip: float = 0.0, seed: int = 0,
+                 step_weight: float = 0.2, aggregate: str = "mean"):
+        check_scoring(step_weight, aggregate)
+        if not 0 <= flip <= 1:
+            raise ChainstepError(f"flip={flip} must be in [0, 1]")
+        self.judge, self.flip, self.seed = judge or ProgrammaticJudge(), flip, seed
+        self.step_weight, self.aggregate = step_weight, aggregate
+        self.chains_scored = self.forward_passes = 0
+
+    def score(self, records: list[dict], responses: list[str]) -> list[StepScores]:
+        self.chains_scored += len(records)
+        return [self._score(record, text) for record, text in zip(records, responses)]
+
+    def score_continuations(self, records: list[dict], prefixes: list[str],
+                            continuations: list[list[str]]) -> list[list[StepScores]]:
+        flat = self.score([r for r, g in zip(records, continuations) for _ in g],
+                          [p + c for p, g in zip(prefixes, continuations) for c in g])
+        return regroup(flat, [len(g) for g in continuations])
+
+    def _score(self, record: dict, text: str) -> StepScores:
+        complete = ANSWER_END in text
+        try:
+            steps, broken = list(parse(text).steps) if complete else leading_steps(text), False
+        except FormatError:
+            steps, broken = leading_steps(text), True
+        ratings = self.judge.rate(record, Chain(tuple(steps), "")) if steps else []
+        values = [self._noisy(RATING_SCORE[r], record, steps[:i + 1]) for i, r in enumerate(ratings)]
+        if not complete:
+            return StepScores(values, None)
+        return StepScores(values, 0.0 if broken or not values else sum(values) / len(values))
+
+    def _noisy(self, value: float, record: dict, prefix: list) -> float:
+        if not self.flip:
+            return value
+        key = "|".join([str(self.seed), record["id"], *(f"{s.name}/{s.thought}" for s in prefix)])
+        draw = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2 ** 64
+        return 1.0 - value if draw < self.flip else value

@@ -265,7 +265,7 @@ class PRM:
                 any(p and not p.endswith(STEP_END) for p in prefixes):
             flat = self.score([r for r, g in zip(records, continuations) for _ in g],
                               [p + c for p, g in zip(prefixes, continuations) for c in g])
-            return _regroup(flat, [len(g) for g in continuations])
+            return regroup(flat, [len(g) for g in continuations])
         n = sizes.pop()
         per = max(1, self.batch_size // n)
         out: list[list[StepScores]] = []
@@ -310,14 +310,14 @@ class PRM:
             values = prefix_steps[i // n] + self._good(hidden[i][at_tags]).tolist()
             answer = values.pop() if ANSWER_END in text and values else None
             scores.append(StepScores(values, answer))
-        return _regroup(scores, [n] * len(records))
+        return regroup(scores, [n] * len(records))
 
     def _good(self, hidden: torch.Tensor) -> torch.Tensor:
         """P(good) from [K, H] hidden states at tag positions."""
         return torch.softmax(head_logits(self.model, hidden, self.label_ids).float(), -1)[:, 0]
 
 
-def _regroup(flat: list, sizes: list[int]) -> list[list]:
+def regroup(flat: list, sizes: list[int]) -> list[list]:
     out, at = [], 0
     for size in sizes:
         out.append(flat[at:at + size])
