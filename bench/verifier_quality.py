@@ -98,7 +98,7 @@ def main() -> None:
                       f"{accuracy(rows['bon']):.1f}", f"{accuracy(rows['weighted']):.1f}",
                       f"{accuracy(rows['beam']):.1f}", paired(rows["beam"], rows["bon"]),
                       paired(rows["bon"], sc), f"{rows['beam_s']:.0f}")
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

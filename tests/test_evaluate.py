@@ -31,6 +31,20 @@ def test_direct_style_needs_only_the_answer_span():
     assert not scored["parsed"] and not scored["correct"]
 
 
+def test_right_answer_from_a_wrong_step_is_correct_but_not_a_right_chain():
+    facts = {"steps": [{"name": "Count red", "key": "Red shapes", "value": "3"}]}
+    record = {**RECORD, "meta": facts}
+    assert score_response(GOOD, record)["steps_right"] is True
+    lucky = GOOD.replace("Red shapes: 3", "Red shapes: 2")
+    scored = score_response(lucky, record)
+    assert scored["correct"] and scored["steps_right"] is False
+    assert score_response(lucky.replace("<|reasoning_end|>\n", ""), record)["steps_right"] is False
+    assert score_response(GOOD, RECORD)["steps_right"] is None  # no facts to check
+    preds = [{**_pred(i, True), "steps_right": right} for i, right in enumerate([True, False, None])]
+    assert summarize(preds, "sft")["right_chain_rate"] == 0.5
+    assert summarize([_pred(0, True)], "sft")["right_chain_rate"] is None
+
+
 def _pred(i, correct, parsed=True, family="f"):
     return {"id": str(i), "family": family, "correct": correct, "parsed": parsed,
             "steps": 2 if parsed else None, "tokens": 10}

@@ -499,11 +499,14 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory")):
 def _print_results(path: Path) -> None:
     results = json.loads(path.read_text())["results"]
     table = Table(title="accuracy (95% interval)")
-    for col in ("model", "split", "strategy", "accuracy", "parse fail", "steps", "tokens"):
+    for col in ("model", "split", "strategy", "accuracy", "all steps right", "parse fail", "steps",
+                "tokens"):
         table.add_column(col)
     for r in results:
+        right = r.get("right_chain_rate")
         table.add_row(r["model"], r["split"], r["strategy"],
                       f"{100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]",
+                      "–" if right is None else f"{100 * right:.1f}%",
                       f"{100 * r['parse_failure_rate']:.1f}%", f"{r['avg_steps']:.2f}",
                       f"{r['avg_tokens']:.1f}")
     console.print(table)

@@ -1,9 +1,12 @@
 """Evaluation: predictions, accuracy with 95% intervals, and paired model comparisons.
 
 Unparseable outputs are scored wrong and counted in `parse_failure_rate` (the upstream code
-silently dropped them). Every accuracy carries a Wilson 95% interval, and two models are
-compared on the same questions (paired difference with its interval, exact McNemar p-value):
-a few hundred questions cannot resolve a 3-point gap, and the report says so.
+silently dropped them). On tasks that keep their step facts (the synthetic suite) the
+programmatic judge also checks every step: `right_chain_rate` is the share of answers whose
+whole chain is right, which tells reasoning from lucky guesses. Every accuracy carries a Wilson
+95% interval, and two models are compared on the same questions (paired difference with its
+interval, exact McNemar p-value): a few hundred questions cannot resolve a 3-point gap, and the
+report says so.
 
     chainstep eval runs/x/models/sft runs/x/tasks/test.jsonl --out runs/x/eval
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from .answers import is_correct
 from .benchmarks import BENCHMARKS, grade
+from .judge import ProgrammaticJudge
 from .records import JsonlWriter, iter_jsonl
 from .sampling import Generation, Policy, SamplingParams
 from .steps import FormatError, extract_answer, parse
@@ -29,18 +33,28 @@ def score_response(text: str, record: dict, style: str = "cos", extractor=None) 
     Benchmark records are graded by their benchmark's own rule, which also reads free text."""
     if record.get("source") in BENCHMARKS:
         return grade(record["source"], text, record, extractor)
-    steps = None
+    steps = steps_right = None
     if style == "cos":
         try:
             chain = parse(text)
             predicted, steps, error = chain.answer, len(chain.steps), None
+            steps_right = chain_is_right(chain, record)
         except FormatError as err:
             predicted, error = None, err.code
+            steps_right = False if record.get("meta", {}).get("steps") else None
     else:
         predicted = extract_answer(text)
         error = None if predicted is not None else "missing_answer"
     return {"predicted": predicted, "parsed": error is None, "format_error": error,
-            "steps": steps, "correct": error is None and is_correct(predicted, record["answer"])}
+            "steps": steps, "correct": error is None and is_correct(predicted, record["answer"]),
+            "steps_right": steps_right}
+
+
+def chain_is_right(chain, record: dict) -> bool | None:
+    """Every step rated good by the programmatic judge (None without step facts to check)."""
+    if not record.get("meta", {}).get("steps"):
+        return None
+    return all(r == "good" for r in ProgrammaticJudge().rate(record, chain))
 
 
 def family_of(record: dict) -> str:
@@ -114,6 +128,7 @@ def summarize(predictions: list[dict], model: str, strategy: str = "greedy", n: 
     low, high = wilson(correct, total)
     parsed = [p for p in predictions if p["parsed"]]
     with_steps = [p["steps"] for p in parsed if p.get("steps") is not None]
+    checked = [p["steps_right"] for p in predictions if p.get("steps_right") is not None]
     return {
         "model": model, "strategy": strategy, "n": n, "split": split,
         "accuracy": correct / total if total else 0.0, "ci_low": low, "ci_high": high,
@@ -123,6 +138,7 @@ def summarize(predictions: list[dict], model: str, strategy: str = "greedy", n: 
         "parse_failure_rate": 1 - len(parsed) / total if total else 0.0,
         "avg_steps": sum(with_steps) / len(with_steps) if with_steps else 0.0,
         "avg_tokens": sum(p["tokens"] for p in predictions) / total if total else 0.0,
+        "right_chain_rate": sum(checked) / len(checked) if checked else None,
     }
 
 
