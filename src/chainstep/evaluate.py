@@ -23,7 +23,7 @@ from .benchmarks import BENCHMARKS, grade
 from .judge import ProgrammaticJudge
 from .records import JsonlWriter, iter_jsonl
 from .sampling import Generation, Policy, SamplingParams
-from .steps import FormatError, extract_answer, parse
+from .steps import Chain, FormatError, extract_answer, parse
 
 Z95 = 1.959963984540054
 
@@ -33,28 +33,27 @@ def score_response(text: str, record: dict, style: str = "cos", extractor=None) 
     Benchmark records are graded by their benchmark's own rule, which also reads free text."""
     if record.get("source") in BENCHMARKS:
         return grade(record["source"], text, record, extractor)
-    steps = steps_right = None
+    steps = chain = None
     if style == "cos":
         try:
             chain = parse(text)
             predicted, steps, error = chain.answer, len(chain.steps), None
-            steps_right = chain_is_right(chain, record)
         except FormatError as err:
             predicted, error = None, err.code
-            steps_right = False if record.get("meta", {}).get("steps") else None
     else:
         predicted = extract_answer(text)
         error = None if predicted is not None else "missing_answer"
     return {"predicted": predicted, "parsed": error is None, "format_error": error,
             "steps": steps, "correct": error is None and is_correct(predicted, record["answer"]),
-            "steps_right": steps_right}
+            "steps_right": chain_is_right(chain, record) if style == "cos" else None}
 
 
-def chain_is_right(chain, record: dict) -> bool | None:
-    """Every step rated good by the programmatic judge (None without step facts to check)."""
+def chain_is_right(chain: Chain | None, record: dict) -> bool | None:
+    """Every step rated good by the programmatic judge; an unparseable chain (None) is not right.
+    None when the record has no step facts to check."""
     if not record.get("meta", {}).get("steps"):
         return None
-    return all(r == "good" for r in ProgrammaticJudge().rate(record, chain))
+    return chain is not None and all(r == "good" for r in ProgrammaticJudge().rate(record, chain))
 
 
 def family_of(record: dict) -> str:

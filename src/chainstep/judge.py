@@ -19,9 +19,9 @@ from typing import Protocol
 
 from .client import ChatClient, user_message
 from .errors import ChainstepError
-from .prm import StepScores, check_scoring, regroup
+from .prm import StepScores, check_scoring, score_joined
 from .records import load_image
-from .steps import ANSWER_END, Chain, FormatError, leading_steps, parse
+from .steps import ANSWER_END, Chain, leading_steps, parses
 
 RATINGS = ("good", "neutral", "bad")
 RATING_SCORE = {"good": 1.0, "neutral": 0.5, "bad": 0.0}
@@ -154,21 +154,15 @@ class JudgeVerifier:
 
     def score_continuations(self, records: list[dict], prefixes: list[str],
                             continuations: list[list[str]]) -> list[list[StepScores]]:
-        flat = self.score([r for r, g in zip(records, continuations) for _ in g],
-                          [p + c for p, g in zip(prefixes, continuations) for c in g])
-        return regroup(flat, [len(g) for g in continuations])
+        return score_joined(self.score, records, prefixes, continuations)
 
     def _score(self, record: dict, text: str) -> StepScores:
-        complete = ANSWER_END in text
-        try:
-            steps, broken = list(parse(text).steps) if complete else leading_steps(text), False
-        except FormatError:
-            steps, broken = leading_steps(text), True
+        steps = leading_steps(text)
         ratings = self.judge.rate(record, Chain(tuple(steps), "")) if steps else []
         values = [self._noisy(RATING_SCORE[r], record, steps[:i + 1]) for i, r in enumerate(ratings)]
-        if not complete:
+        if ANSWER_END not in text:
             return StepScores(values, None)
-        return StepScores(values, 0.0 if broken or not values else sum(values) / len(values))
+        return StepScores(values, sum(values) / len(values) if values and parses(text) else 0.0)
 
     def _noisy(self, value: float, record: dict, prefix: list) -> float:
         if not self.flip:

@@ -263,9 +263,7 @@ class PRM:
         sizes = {len(group) for group in continuations}
         if self.model.config.model_type not in SHARED_PREFIX_MODELS or len(sizes) != 1 or \
                 any(p and not p.endswith(STEP_END) for p in prefixes):
-            flat = self.score([r for r, g in zip(records, continuations) for _ in g],
-                              [p + c for p, g in zip(prefixes, continuations) for c in g])
-            return regroup(flat, [len(g) for g in continuations])
+            return score_joined(self.score, records, prefixes, continuations)
         n = sizes.pop()
         per = max(1, self.batch_size // n)
         out: list[list[StepScores]] = []
@@ -310,14 +308,22 @@ class PRM:
             values = prefix_steps[i // n] + self._good(hidden[i][at_tags]).tolist()
             answer = values.pop() if ANSWER_END in text and values else None
             scores.append(StepScores(values, answer))
-        return regroup(scores, [n] * len(records))
+        return _regroup(scores, [n] * len(records))
 
     def _good(self, hidden: torch.Tensor) -> torch.Tensor:
         """P(good) from [K, H] hidden states at tag positions."""
         return torch.softmax(head_logits(self.model, hidden, self.label_ids).float(), -1)[:, 0]
 
 
-def regroup(flat: list, sizes: list[int]) -> list[list]:
+def score_joined(score, records: list[dict], prefixes: list[str],
+                 continuations: list[list[str]]) -> list[list[StepScores]]:
+    """Continuation scores the plain way: `score` on every prefix + continuation, regrouped."""
+    flat = score([r for r, g in zip(records, continuations) for _ in g],
+                 [p + c for p, g in zip(prefixes, continuations) for c in g])
+    return _regroup(flat, [len(g) for g in continuations])
+
+
+def _regroup(flat: list, sizes: list[int]) -> list[list]:
     out, at = [], 0
     for size in sizes:
         out.append(flat[at:at + size])
