@@ -43,3 +43,26 @@ def test_overriding_one_key_keeps_the_section_defaults():
     cfg = load_config(quick=True, overrides={"base_sft.learning_rate": 0.002})
     assert cfg.base_sft.learning_rate == 0.002 != cfg.sft.learning_rate
     assert cfg.base_sft.max_steps == load_config(quick=True).base_sft.max_steps != cfg.sft.max_steps
+
+
+def test_overrides_are_typed_up_front():
+    cfg = load_config(overrides=parse_overrides(["sft.learning_rate=2e-4", "eval.splits=test",
+                                                 "sft.freeze_vision=null", "pretrain.cache=false"]))
+    assert cfg.sft.learning_rate == 2e-4 and isinstance(cfg.sft.learning_rate, float)
+    assert cfg.eval.splits == ("test",)
+    assert cfg.sft.freeze_vision is None and cfg.pretrain.cache is False
+    with pytest.raises(ChainstepError, match=r"'sft.max_steps': 'abc' is not a valid int"):
+        load_config(overrides=parse_overrides(["sft.max_steps=abc"]))
+    with pytest.raises(ChainstepError, match=r"'eval.splits'.*tuple\[str, \.\.\.\]"):
+        load_config(overrides={"eval.splits": [1, 2]})
+    with pytest.raises(ChainstepError, match="'sft' is a section"):
+        load_config(overrides={"sft": 5})
+
+
+def test_config_files_are_typed_too(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  learning_rate: 1e-3\n  max_steps: many\n")
+    with pytest.raises(ChainstepError, match="'sft.max_steps': 'many'"):
+        load_config(path)
+    path.write_text("sft:\n  learning_rate: 1e-3\n")
+    assert load_config(path).sft.learning_rate == 1e-3

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from chainstep.evaluate import (
+    clopper_pearson,
     mcnemar_p,
     paired_comparison,
     score_response,
@@ -85,6 +86,34 @@ def test_paired_comparison_tells_gain_from_noise():
     c = paired_comparison(noisy, [_pred(i, (i * 3) % 10 < 6 if i % 2 else (i * 7) % 10 < 6)
                                   for i in range(300)], "x", "y")
     assert not c["significant"] and c["ci_low"] < 0 < c["ci_high"]
+
+
+def test_significance_follows_the_exact_test():
+    # 4 questions only `a` gets right, none the other way, 296 ties: a Wald interval on the
+    # per-question differences excludes 0, but the exact McNemar p is 2 / 16 = 0.125
+    a = [_pred(i, i < 4) for i in range(300)]
+    b = [_pred(i, False) for i in range(300)]
+    c = paired_comparison(a, b, "a", "b")
+    assert c["p_value"] == pytest.approx(0.125)
+    assert not c["significant"] and c["ci_low"] <= 0 < c["ci_high"]
+    # 6 vs 0: p = 2 / 64 < 0.05, and the interval agrees
+    c = paired_comparison([_pred(i, i < 6) for i in range(300)], b, "a", "b")
+    assert c["significant"] and 0 < c["ci_low"] < c["diff"] <= c["ci_high"]
+
+
+@pytest.mark.parametrize("only_a, only_b", [(0, 0), (3, 0), (5, 1), (9, 2), (20, 10), (40, 25), (13, 13)])
+def test_interval_excludes_zero_exactly_when_p_is_small(only_a, only_b):
+    a = [_pred(i, i < only_a) for i in range(100)]
+    b = [_pred(i, only_a <= i < only_a + only_b) for i in range(100)]
+    c = paired_comparison(a, b, "a", "b")
+    assert c["significant"] == (c["p_value"] < 0.05) == (c["ci_low"] > 0 or c["ci_high"] < 0)
+    assert c["ci_low"] <= c["diff"] <= c["ci_high"]
+
+
+def test_clopper_pearson():
+    low, high = clopper_pearson(3, 10)
+    assert low == pytest.approx(0.0667, abs=1e-3) and high == pytest.approx(0.6525, abs=1e-3)
+    assert clopper_pearson(0, 5)[0] == 0.0 and clopper_pearson(5, 5)[1] == 1.0
 
 
 def test_update_metrics_replaces_rows_by_key(tmp_path):

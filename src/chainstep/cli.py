@@ -186,6 +186,25 @@ def export(
 
 
 @app.command()
+def pretrain(
+    model: Path = typer.Argument(..., help="A tiny model built from config (chainstep build-model)"),
+    out: Path = typer.Option(..., help="Output model directory (the base SFT starts from)"),
+    set_: list[str] = typer.Option([], "--set", help="Pretrain override, e.g. --set images=20000"),
+):
+    """Pretrain the vision tower on freshly drawn suite images (cached per machine).
+
+    Example: chainstep pretrain models/init --out models/pretrained
+    """
+    from .config import from_dict, parse_overrides
+    from .pretrain import PretrainConfig
+    from .pretrain import pretrain as pretrain_perception
+
+    info = pretrain_perception(model, out, cfg=from_dict(PretrainConfig, parse_overrides(set_), "pretrain."))
+    console.print(info)
+    console.print(f"saved -> {out}")
+
+
+@app.command()
 def sft(
     model: Path = typer.Argument(..., help="Starting model directory"),
     data: Path = typer.Argument(..., help="sft.jsonl (or direct.jsonl for the baseline)"),

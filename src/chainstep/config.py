@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from .construct import FilterConfig
 from .dpo import DPOConfig
 from .errors import ChainstepError
 from .grpo import GRPOConfig
 from .label import LabelConfig
+from .pretrain import PretrainConfig
 from .prm import PRMConfig
 from .search import SearchConfig
 from .synthetic import SuiteConfig
@@ -50,6 +52,7 @@ class RunConfig:
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     base_sft: SFTConfig = field(default_factory=SFTConfig)  # as many steps as CoS SFT
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -64,7 +67,7 @@ class RunConfig:
 QUICK: dict[str, object] = {
     "suite.train": 400, "suite.val": 40, "suite.test": 30,
     "sft.max_steps": 80, "sft.save_steps": 40, "base_sft.max_steps": 12,
-    "model.vocab_size": 512,
+    "model.vocab_size": 512, "pretrain.images": 6400, "pretrain.held_out": 128,
     "label.questions": 24, "label.samples": 3, "label.val_questions": 8, "label.mc_chains": 8,
     "prm.max_steps": 8, "prm.save_steps": 4,
     "search.questions": 6, "search.ns": [1, 4], "search.beam_ns": [2],
@@ -98,20 +101,40 @@ def from_dict(cls, data: dict | None, where: str = ""):
     for name, value in data.items():
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
-            default = _shallow(fields[name].default_factory())
-            value = from_dict(kind, {**default, **(value or {})}, f"{where}{name}.")
-        elif _origin_is_tuple(kind) and isinstance(value, list):
-            value = tuple(value)
+            if value is not None and not isinstance(value, (dict, kind)):
+                raise ChainstepError(f"config key {where + name!r} is a section; set its keys "
+                                     f"({where + name}.KEY=VALUE), not {value!r}")
+            if not isinstance(value, kind):
+                default = _shallow(fields[name].default_factory())
+                value = from_dict(kind, {**default, **(value or {})}, f"{where}{name}.")
+        else:
+            value = _typed(where + name, kind, value)
         kwargs[name] = value
     return cls(**kwargs)
 
 
+def _typed(key: str, kind, value):
+    """`value` as the field's type: unambiguous conversions only ("2e-4" -> 0.0002, a single
+    value -> a one-item tuple); anything else is an error naming the key, value and type."""
+    if _is_sequence(kind) and not isinstance(value, (list, tuple)):
+        value = [value]
+    try:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError as err:
+        raise ChainstepError(f"config key {key!r}: {value!r} is not a valid {_type_name(kind)} "
+                             f"({err.errors()[0]['msg'].lower()})") from None
+
+
+def _is_sequence(kind) -> bool:
+    return typing.get_origin(kind) in (tuple, list) or kind in (tuple, list)
+
+
+def _type_name(kind) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+
+
 def _shallow(instance) -> dict:
     return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
-
-
-def _origin_is_tuple(kind) -> bool:
-    return typing.get_origin(kind) is tuple or kind is tuple
 
 
 def _unknown(key: str, valid: list[str], prefix: str) -> None:

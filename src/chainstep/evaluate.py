@@ -146,24 +146,49 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     k, n = min(only_a, only_b), only_a + only_b
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return min(1.0, 2 * _binomial_cdf(k, n, 0.5))
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact interval for a binomial proportion (bisection on the binomial tails)."""
+    def solve(tail) -> float:
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if tail(mid) else (low, mid)
+        return (low + high) / 2
+    lower = 0.0 if k == 0 else solve(lambda p: 1 - _binomial_cdf(k - 1, n, p) < alpha / 2)
+    upper = 1.0 if k == n else solve(lambda p: _binomial_cdf(k, n, p) > alpha / 2)
+    return lower, upper
 
 
 def paired_comparison(a: list[dict], b: list[dict], name_a: str, name_b: str) -> dict:
-    """Accuracy of `a` minus `b` on the questions both answered, with a 95% interval."""
+    """Accuracy of `a` minus `b` on the questions both answered, with an exact 95% interval.
+
+    Only the discordant questions carry information: given m of them, `only_a` is binomial with
+    share pi, and the difference is (m / n)(2 pi - 1). The interval maps pi's Clopper-Pearson
+    interval through that line, so it excludes 0 exactly when the exact McNemar p is below 0.05,
+    and `significant` says the same as both.
+    """
     b_by_id = {p["id"]: p["correct"] for p in b}
     pairs = [(bool(p["correct"]), bool(b_by_id[p["id"]])) for p in a if p["id"] in b_by_id]
     n = len(pairs)
-    diffs = [int(x) - int(y) for x, y in pairs]
-    mean = sum(diffs) / n if n else 0.0
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    half = Z95 * math.sqrt(var / n) if n else 0.0
     only_a = sum(x and not y for x, y in pairs)
     only_b = sum(y and not x for x, y in pairs)
-    return {"a": name_a, "b": name_b, "n": n, "diff": mean, "ci_low": mean - half,
-            "ci_high": mean + half, "only_a_correct": only_a, "only_b_correct": only_b,
-            "p_value": mcnemar_p(only_a, only_b), "significant": mean - half > 0 or mean + half < 0}
+    discordant = only_a + only_b
+    diff = (only_a - only_b) / n if n else 0.0
+    low = high = 0.0
+    if discordant:
+        share_low, share_high = clopper_pearson(only_a, discordant)
+        low, high = ((discordant / n) * (2 * s - 1) for s in (share_low, share_high))
+    p_value = mcnemar_p(only_a, only_b)
+    return {"a": name_a, "b": name_b, "n": n, "diff": diff, "ci_low": low, "ci_high": high,
+            "only_a_correct": only_a, "only_b_correct": only_b, "p_value": p_value,
+            "significant": p_value < 0.05}
 
 
 def update_metrics(path: str | Path, results: list[dict] = (),

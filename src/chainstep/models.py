@@ -59,11 +59,12 @@ SIZES: dict[str, Size] = {
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1024,
                     with_step_tokens: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE on the given texts; digits stay single tokens so numbers compose."""
+    """A byte-level BPE on the given texts. Every number below 100 is one token, so a sum or a
+    difference is one prediction rather than a carry across digit tokens."""
     special = [PAD, BOS, EOS, *IMAGE_TOKENS] + (list(SPECIAL_TOKENS) if with_step_tokens else [])
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Digits(individual_digits=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -72,7 +73,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     # the chat template's own words, so prompts do not spell them out byte by byte
-    tok.train_from_iterator([*texts, *["user: assistant:\n"] * 100], trainer)
+    numbers = " ".join(map(str, range(100)))
+    tok.train_from_iterator([*texts, *["user: assistant:\n"] * 100, *[numbers] * 100], trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
         extra_special_tokens={

@@ -1,5 +1,6 @@
-"""`chainstep run`: tasks -> teacher data -> SFT (CoS and direct answer) -> evaluation ->
-sampled chains -> step labels -> PRM -> PRM-guided search -> iterative DPO and GRPO -> report.
+"""`chainstep run`: tasks -> teacher data -> perception pretraining -> SFT (CoS and direct
+answer) -> evaluation -> sampled chains -> step labels -> PRM -> PRM-guided search -> iterative
+DPO and GRPO -> report.
 
 Each stage writes into the run directory and leaves a marker in `stages/` when it finishes,
 so re-running skips finished stages, and a stage killed mid-way resumes from its own files
@@ -28,6 +29,7 @@ from .errors import ChainstepError
 from .evaluate import paired_comparison, predict, sample_responses, summarize, update_metrics
 from .grpo import train_grpo, variant
 from .label import label
+from .pretrain import pretrain
 from .prm import PRM, evaluate_prm, label_agreement, train_prm, write_traces
 from .records import load_tasks, read_jsonl
 from .report import write_report
@@ -85,6 +87,7 @@ def run(cfg: RunConfig, out: str | Path) -> Path:
     r.stage("construct", lambda: construct(r.tasks / "train.jsonl", r.data,
                                            ProgrammaticTeacher(cfg.suite.seed), cfg.filter))
     r.stage("init_model", lambda: init_model(r))
+    r.stage("pretrain", lambda: pretrain_perception(r))
     r.stage("sft", lambda: _train(r, "sft", cfg.sft))
     r.stage("base", lambda: _train(r, "base", cfg.base_sft))
     r.stage("eval", lambda: evaluate_policies(r))
@@ -118,9 +121,25 @@ def init_model(r: Run) -> dict:
     return meta
 
 
+def _pretrains(cfg: RunConfig) -> bool:
+    return cfg.pretrain.enabled and not cfg.model.path
+
+
+def pretrain_perception(r: Run) -> dict:
+    """The tiny model's vision tower learns to see (or comes from the cache); a local
+    checkpoint already sees, and starts SFT as it is."""
+    if not _pretrains(r.cfg):
+        return {"skipped": "a local checkpoint" if r.cfg.model.path else "pretrain.enabled is false"}
+    return pretrain(r.models / "init", r.models / "pretrained", r.cfg.suite, r.cfg.pretrain)
+
+
+def _start_model(r: Run) -> Path:
+    return r.models / ("pretrained" if _pretrains(r.cfg) else "init")
+
+
 def _train(r: Run, name: str, sft_cfg) -> dict:
     data = r.data / POLICIES[name][0]
-    train_sft(r.models / "init", data, r.models / name, sft_cfg)
+    train_sft(_start_model(r), data, r.models / name, sft_cfg)
     meta = json.loads((r.models / name / "chainstep.json").read_text())
     return {k: meta[k] for k in ("train_loss_first", "train_loss_last", "train_runtime_s")}
 

@@ -145,6 +145,17 @@ def _fact(name: str, key: str, value) -> dict:
     return {"name": name, "key": key, "value": str(value)}
 
 
+def readings(steps: list[dict]) -> dict[str, int]:
+    """Colour -> the number a reading step reports (a count, a height, a length, a size in
+    patches): what perception pretraining teaches the vision tower to see."""
+    out = {}
+    for fact in steps:
+        colour, value = fact["key"].split(" ")[0].lower(), fact["value"]
+        if colour in COLOURS and (value.isdigit() or value in SIZES):
+            out[colour] = int(value) if value.isdigit() else SIZES[value]
+    return out
+
+
 def _combine_two(rng: random.Random, colours, values: dict[str, int], difference: str,
                  total: str) -> tuple[str, int, dict]:
     """Pick two groups and ask for their difference (larger first) or their sum."""
@@ -199,12 +210,6 @@ def bar_chart(rng: random.Random, cfg: SuiteConfig) -> Scene:
     return Scene(image, question, str(result), steps, {"bars": heights})
 
 
-def _options(rng: random.Random, right: str, pool: list[str]) -> tuple[list[str], str]:
-    choices = [right] + rng.sample([p for p in pool if p != right], min(3, len(pool) - 1))
-    rng.shuffle(choices)
-    return choices, LETTERS[choices.index(right)]
-
-
 def attribute_mc(rng: random.Random, cfg: SuiteConfig) -> Scene:
     """MMStar/AI2D-like multiple choice: judge each shape's size, pick the largest/smallest."""
     colours = ORDER[:3]
@@ -223,7 +228,8 @@ def attribute_mc(rng: random.Random, cfg: SuiteConfig) -> Scene:
         objects.append({"colour": colour, "shape": kind, "size": sizes[colour], "cell": [x, y]})
     which = rng.choice(["largest", "smallest"])
     pick = next(c for c in colours if sizes[c] == ("large" if which == "largest" else "small"))
-    options, letter = _options(rng, pick, list(COLOURS))
+    options = list(ORDER)  # one fixed order: the letter follows from the colour, as in compare_mc
+    letter = LETTERS[options.index(pick)]
     question = f"What colour is the {which} shape?"
     steps = [_fact(f"Size of {c}", f"{c.capitalize()} shape", sizes[c]) for c in colours]
     steps.append(_fact("Match option", which.capitalize(), f"{pick}, option {letter}"))

@@ -40,7 +40,7 @@ class SFTConfig:
     max_length: int = 1024  # tokens per example, prompt included; longer ones are cut
     seed: int = 0
     bf16: bool = False  # faster on recent CPUs/GPUs; fp32 is the reproducible default
-    freeze_vision: bool | None = None  # None: freeze for pretrained checkpoints, train from scratch
+    freeze_vision: bool | None = None  # None: freeze a pretrained tower, train one built from scratch
     lora: bool = False  # PEFT LoRA on the language model's projections (for 2B+ models)
     lora_r: int = 16
     lora_alpha: int = 32
@@ -57,9 +57,18 @@ def vision_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if any(v in n for v in VISION_PATTERNS)]
 
 
+def model_meta(model_dir: Path) -> dict:
+    path = model_dir / "chainstep.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _is_pretrained(model_dir: Path) -> bool:
-    meta = model_dir / "chainstep.json"
-    return not (meta.exists() and json.loads(meta.read_text()).get("from_scratch"))
+    return not model_meta(model_dir).get("from_scratch")
+
+
+def _sees(model_dir: Path) -> bool:
+    """A vision tower that is already trained: a real checkpoint's, or one the pretrain stage made."""
+    return _is_pretrained(model_dir) or bool(model_meta(model_dir).get("vision_pretrained"))
 
 
 def _wrap_lora(model, cfg: SFTConfig):
@@ -98,7 +107,7 @@ class ResumableTrainer(ResumeWeights, Trainer):
 def prepare_model(model_dir: Path, cfg: SFTConfig):
     """Load, freeze the vision tower where it is pretrained, wrap in LoRA if asked."""
     model, processor = load(model_dir)
-    freeze = cfg.freeze_vision if cfg.freeze_vision is not None else _is_pretrained(model_dir)
+    freeze = cfg.freeze_vision if cfg.freeze_vision is not None else _sees(model_dir)
     for p in vision_parameters(model) if freeze else []:
         p.requires_grad_(False)
     if cfg.lora:
@@ -135,7 +144,8 @@ def fit(trainer: ResumableTrainer, cfg: SFTConfig, processor, model_dir: Path, o
     if not trainer.is_world_process_zero():
         return out_dir
     return save(model, processor, out_dir, meta={
-        "from_scratch": not _is_pretrained(model_dir), "trained_from": str(model_dir), **meta,
+        "from_scratch": not _is_pretrained(model_dir), "vision_pretrained": _sees(model_dir),
+        "trained_from": str(model_dir), **meta,
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": last,

@@ -1,0 +1,269 @@
+"""Perception pretraining: the tiny VLM's vision tower learns to see before CoS SFT.
+
+Every policy in the paper starts from a pretrained VLM; a tiny model built from config starts
+from random weights, and learning to see inside the SFT budget left its chains guessing at
+the values they read (README). This stage is the analogue of a real VLM's pretrained vision
+encoder: the vision tower and projector alone train on many freshly drawn suite images (never
+a task image) with dense targets read off the scene: every reading a chain makes (the count,
+height, length or size of each colour group, as a 10-way class), the family, and the colour
+under every image token. The language side is left untouched; CoS SFT and the direct
+baseline both start from this base with the tower frozen, and learn to read it themselves.
+
+It costs about a minute on 2 CPU cores. The result is cached per machine under
+`$CHAINSTEP_CACHE` (default `~/.cache/chainstep`), keyed by the starting weights, this config
+and the suite's difficulty, like downloaded weights: a second run loads it in a second.
+Skipped for a local pretrained checkpoint (`model.path`), which can already see.
+
+    chainstep pretrain runs/x/models/init --out runs/x/models/pretrained
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainingArguments, set_seed
+
+from .errors import ChainstepError
+from .models import load, save
+from .synthetic import COLOURS, FAMILIES, ORDER, SuiteConfig, readings
+from .train_sft import VISION_PATTERNS, last_complete_checkpoint, model_meta
+
+VERSION = 1  # bump when the targets or heads change, so old cache entries are not reused
+PROJECTOR_PATTERNS = ("multi_modal_projector", "connector", "mlp1", "merger")
+READING_CLASSES = 10  # a reading is 0 (colour absent) .. 9
+HELD_OUT_SEED = 7_777  # held-out images come from another seed stream than training images
+
+
+@dataclass
+class PretrainConfig:
+    """Perception pretraining of a tiny model's vision tower and projector."""
+
+    enabled: bool = True  # false: SFT starts from the random tower (the pre-2026-11 default)
+    images: int = 40_000  # freshly drawn training images; sets the time (~1 min per 40k, 2 cores)
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 20
+    save_steps: int = 100  # checkpoint interval, for resume after a kill
+    held_out: int = 500  # fresh images for the reported reading accuracy (0 = skip)
+    cache: bool = True  # reuse a tower pretrained from the same start with the same config
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.images < self.batch_size:
+            raise ChainstepError(f"pretrain.images={self.images} must be at least "
+                                 f"pretrain.batch_size={self.batch_size}")
+
+    @property
+    def max_steps(self) -> int:
+        return self.images // self.batch_size
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CHAINSTEP_CACHE", Path.home() / ".cache" / "chainstep"))
+
+
+def perception_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The vision tower and the projector that maps its features into the language model."""
+    return {n: p for n, p in model.named_parameters()
+            if any(v in n for v in VISION_PATTERNS + PROJECTOR_PATTERNS)}
+
+
+def cache_key(model: nn.Module, cfg: PretrainConfig, suite: SuiteConfig) -> str:
+    """Same starting tower + same training + same images = same result."""
+    digest = hashlib.sha256()
+    for name, param in sorted(perception_parameters(model).items()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().float().numpy().tobytes())
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("cache", "save_steps", "held_out")}
+    digest.update(json.dumps({"version": VERSION, "pretrain": settings, "families": list(suite.families),
+                              "max_objects": suite.max_objects, "terms": suite.terms},
+                             sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def draw(index: int, suite: SuiteConfig, seed: int) -> dict:
+    """One fresh scene: the image and its dense targets."""
+    family = suite.families[index % len(suite.families)]
+    scene = FAMILIES[family](random.Random(f"pretrain:{seed}:{index}"), suite)
+    values = readings(scene.steps)
+    return {"image": scene.image, "family": suite.families.index(family),
+            "readings": [min(values.get(c, 0), READING_CLASSES - 1) for c in ORDER]}
+
+
+def token_colours(image, grid: int) -> torch.Tensor:
+    """The colour class (0 = none, 1.. = ORDER) filling most of each of grid x grid cells."""
+    pixels = np.asarray(image, dtype=np.int16)
+    palette = np.array([COLOURS[c] for c in ORDER], dtype=np.int16)
+    distance = np.abs(pixels[:, :, None, :] - palette[None, None]).sum(-1)
+    labels = np.where(distance.min(-1) < 60, distance.argmin(-1) + 1, 0)
+    cell = pixels.shape[0] // grid
+    cells = labels[:grid * cell, :grid * cell].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3)
+    cells = cells.reshape(grid * grid, cell * cell)
+    counts = np.stack([(cells == k).sum(-1) for k in range(len(ORDER) + 1)], -1)
+    counts[:, 0] = np.where(counts[:, 1:].max(-1) * 4 >= cell * cell, 0, cell * cell)
+    return torch.from_numpy(counts.argmax(-1))
+
+
+class SceneImages(torch.utils.data.Dataset):
+    """`size` drawn scenes, image `i` a pure function of (seed, i): a resumed run sees the same data."""
+
+    def __init__(self, suite: SuiteConfig, size: int, seed: int):
+        self.suite, self.size, self.seed = suite, size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        return draw(index, self.suite, self.seed)
+
+
+class SceneCollator:
+    def __init__(self, processor, grid: int):
+        self.image_processor, self.grid = processor.image_processor, grid
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = dict(self.image_processor([i["image"] for i in items], return_tensors="pt"))
+        batch["family"] = torch.tensor([i["family"] for i in items])
+        batch["readings"] = torch.tensor([i["readings"] for i in items])
+        batch["token_colours"] = torch.stack([token_colours(i["image"], self.grid) for i in items])
+        return batch
+
+
+def image_features(model: nn.Module, vision_inputs: dict) -> torch.Tensor:
+    """[images, tokens, hidden]: what the language model receives for each image."""
+    out = model.get_image_features(**vision_inputs)
+    features = getattr(out, "pooler_output", out)
+    if isinstance(features, (list, tuple)):
+        return torch.stack(list(features))
+    return features.reshape(len(vision_inputs["pixel_values"]), -1, features.shape[-1])
+
+
+class PerceptionHeads(nn.Module):
+    """Reading, family and per-token colour heads on the VLM's image features."""
+
+    def __init__(self, model: nn.Module, hidden: int, families: int):
+        super().__init__()
+        self.model = model
+        self.pool = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU())
+        self.reading = nn.Linear(hidden, families * len(ORDER) * READING_CLASSES)
+        self.family = nn.Linear(hidden, families)
+        self.token = nn.Linear(hidden, len(ORDER) + 1)
+        self.families = families
+
+    def forward(self, family, readings, token_colours, **vision_inputs):
+        features = image_features(self.model, vision_inputs)
+        pooled = self.pool(features.mean(dim=1))
+        logits = self.reading(pooled).view(-1, self.families, len(ORDER), READING_CLASSES)
+        logits = logits[torch.arange(len(family)), family]
+        token_logits = self.token(features)
+        loss = (nn.functional.cross_entropy(logits.flatten(0, 1), readings.flatten())
+                + nn.functional.cross_entropy(self.family(pooled), family)
+                + nn.functional.cross_entropy(token_logits.flatten(0, 1), token_colours.flatten()))
+        return {"loss": loss, "reading_logits": logits, "token_logits": token_logits}
+
+
+def _grid(model: nn.Module, processor) -> int:
+    probe = draw(0, SuiteConfig(), 0)["image"]
+    with torch.no_grad():
+        tokens = image_features(model, dict(processor.image_processor([probe], return_tensors="pt")))
+    grid = int(round(tokens.shape[1] ** 0.5))
+    if grid * grid != tokens.shape[1]:
+        raise ChainstepError(f"pretraining needs a square grid of image tokens; this model gives "
+                             f"{tokens.shape[1]} per image")
+    return grid
+
+
+def _trainer(heads: PerceptionHeads, processor, grid: int, suite: SuiteConfig, cfg: PretrainConfig,
+             checkpoints: Path) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(checkpoints), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
+        logging_steps=max(1, cfg.max_steps // 10), report_to=[], seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=False)
+    return Trainer(model=heads, args=args, train_dataset=SceneImages(suite, cfg.images, cfg.seed),
+                   data_collator=SceneCollator(processor, grid))
+
+
+@torch.no_grad()
+def reading_accuracy(heads: PerceptionHeads, processor, grid: int, suite: SuiteConfig,
+                     count: int) -> dict[str, float]:
+    """Share of held-out images whose every reading is right, per family."""
+    heads.eval()
+    collate = SceneCollator(processor, grid)
+    right: dict[str, list[bool]] = {f: [] for f in suite.families}
+    for start in range(0, count, 128):
+        items = [draw(i, suite, HELD_OUT_SEED) for i in range(start, min(count, start + 128))]
+        batch = collate(items)
+        predicted = heads(**batch)["reading_logits"].argmax(-1)
+        for family, ok in zip(batch["family"].tolist(), (predicted == batch["readings"]).all(-1).tolist()):
+            right[suite.families[family]].append(ok)
+    return {f: round(sum(v) / len(v), 4) for f, v in right.items() if v}
+
+
+def pretrain(model_dir: str | Path, out_dir: str | Path, suite: SuiteConfig | None = None,
+             cfg: PretrainConfig | None = None) -> dict:
+    """Pretrain (or load from the cache) the perception of the model in `model_dir`; save the
+    whole model to `out_dir`, its vision marked pretrained so SFT freezes it."""
+    suite, cfg = suite or SuiteConfig(), cfg or PretrainConfig()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model, processor = load(model_dir)
+    params = perception_parameters(model)
+    if not params:
+        raise ChainstepError(f"{model_dir}: found no vision tower or projector to pretrain")
+    key = cache_key(model, cfg, suite)
+    entry = cache_root() / "pretrain" / key
+    hit = cfg.cache and (entry / "meta.json").exists()
+    if hit:
+        model.load_state_dict(load_file(entry / "perception.safetensors"), strict=False)
+        info = json.loads((entry / "meta.json").read_text())
+    else:
+        info = _train(model, processor, suite, cfg, out_dir.with_name(out_dir.name + "-checkpoints"))
+        _store(entry, model, info)
+    meta = {**model_meta(model_dir), "vision_pretrained": True, "pretrained_from": str(model_dir),
+            "pretrain": asdict(cfg), "cache_key": key, **info}
+    save(model, processor, out_dir, meta=meta)
+    return {"cache": "hit" if hit else "miss", "cache_key": key, **info}
+
+
+def _train(model, processor, suite: SuiteConfig, cfg: PretrainConfig, checkpoints: Path) -> dict:
+    set_seed(cfg.seed)
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(v in name for v in VISION_PATTERNS + PROJECTOR_PATTERNS))
+    grid = _grid(model, processor)
+    hidden = image_features(model, dict(processor.image_processor(
+        [draw(0, suite, 0)["image"]], return_tensors="pt"))).shape[-1]
+    heads = PerceptionHeads(model, hidden, len(suite.families))
+    trainer = _trainer(heads, processor, grid, suite, cfg, checkpoints)
+    result = trainer.train(resume_from_checkpoint=last_complete_checkpoint(checkpoints))
+    for param in model.parameters():
+        param.requires_grad_(True)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    accuracy = reading_accuracy(heads, processor, grid, suite, cfg.held_out) if cfg.held_out else {}
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return {"steps": cfg.max_steps, "images": cfg.max_steps * cfg.batch_size,
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "train_runtime_s": result.metrics.get("train_runtime"), "held_out_readings_right": accuracy}
+
+
+def _store(entry: Path, model: nn.Module, info: dict) -> None:
+    """Write the cache entry atomically: a kill mid-write leaves no entry, not a broken one."""
+    partial = entry.with_name(entry.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    state = {n: p.detach().contiguous() for n, p in perception_parameters(model).items()}
+    save_file(state, partial / "perception.safetensors")
+    (partial / "meta.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(entry, ignore_errors=True)
+    partial.rename(entry)

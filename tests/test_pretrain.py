@@ -1,0 +1,108 @@
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from chainstep import models
+from chainstep.pretrain import (
+    PretrainConfig,
+    SceneCollator,
+    draw,
+    perception_parameters,
+    pretrain,
+    token_colours,
+)
+from chainstep.synthetic import COLOURS, FAMILIES, ORDER, SIZES, SuiteConfig, readings
+from chainstep.train_sft import SFTConfig, prepare_model
+
+SMALL = dict(images=256, batch_size=32, learning_rate=3e-3, warmup_steps=0, save_steps=4, held_out=64)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHAINSTEP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_readings_are_the_scene_values():
+    suite = SuiteConfig()
+    for family, make in FAMILIES.items():
+        scene = make(random.Random(3), suite)
+        facts = scene.facts
+        truth = (facts.get("counts") or facts.get("bars") or facts.get("lengths")
+                 or {o["colour"]: SIZES[o["size"]] for o in facts["objects"]})
+        assert readings(scene.steps) == truth, family
+
+
+def test_targets_follow_the_scene():
+    suite = SuiteConfig()
+    item = draw(5, suite, seed=0)
+    again = draw(5, suite, seed=0)
+    assert item["image"].tobytes() == again["image"].tobytes() and item["readings"] == again["readings"]
+    assert draw(5, suite, seed=1)["image"].tobytes() != item["image"].tobytes()
+    assert item["family"] == 5 % len(suite.families)
+    # a red block over the top-left 2x2 cells of an 8x8 grid, the rest white
+    image = Image.new("RGB", (96, 96), (255, 255, 255))
+    image.paste(COLOURS["red"], (1, 1, 22, 22))
+    image.paste(COLOURS["blue"], (60, 84, 72, 96))
+    cells = token_colours(image, 8).view(8, 8)
+    assert cells[:2, :2].eq(ORDER.index("red") + 1).all()
+    assert cells[7, 5] == ORDER.index("blue") + 1
+    assert cells.ne(0).sum() == 5
+
+
+def test_pretrain_teaches_the_tower_and_freezes_it_for_sft(tiny_model_dir, tmp_path, cache):
+    init = tiny_model_dir("llava")
+    info = pretrain(init, tmp_path / "pre", cfg=PretrainConfig(**SMALL))
+    assert info["cache"] == "miss" and info["loss_last"] < info["loss_first"]
+    before, _ = models.load(init)
+    after, _ = models.load(tmp_path / "pre")
+    changed = {n for n, p in after.named_parameters() if not torch.equal(p, before.state_dict()[n])}
+    assert changed and changed <= set(perception_parameters(after))
+    assert any("multi_modal_projector" in n for n in changed)  # the projector learns too
+    assert json.loads((tmp_path / "pre" / "chainstep.json").read_text())["vision_pretrained"]
+    model, _ = prepare_model(tmp_path / "pre", SFTConfig())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all("vision_tower" in n for n in frozen)
+
+
+def test_cache_hit_loads_the_same_tower(tiny_model_dir, tmp_path, cache):
+    init = tiny_model_dir("llava")
+    first = pretrain(init, tmp_path / "a", cfg=PretrainConfig(**SMALL))
+    second = pretrain(init, tmp_path / "b", cfg=PretrainConfig(**SMALL))
+    assert (first["cache"], second["cache"]) == ("miss", "hit")
+    assert first["cache_key"] == second["cache_key"]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # another config is another entry
+    third = pretrain(init, tmp_path / "c", cfg=PretrainConfig(**{**SMALL, "learning_rate": 1e-3}))
+    assert third["cache"] == "miss" and third["cache_key"] != first["cache_key"]
+    assert len(list((cache / "pretrain").iterdir())) == 2
+
+
+def test_resume_after_a_kill_reaches_the_same_tower(tiny_model_dir, tmp_path, cache, monkeypatch):
+    init = tiny_model_dir("llava")
+    cfg = PretrainConfig(**SMALL, cache=False)
+    whole = pretrain(init, tmp_path / "whole", cfg=cfg)
+    calls = {"n": 0}
+    real = SceneCollator.__call__
+
+    def dies_at_step_six(self, items):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(self, items)
+
+    monkeypatch.setattr(SceneCollator, "__call__", dies_at_step_six)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(init, tmp_path / "resumed", cfg=cfg)
+    assert (tmp_path / "resumed-checkpoints" / "checkpoint-4").exists()
+    monkeypatch.setattr(SceneCollator, "__call__", real)
+    resumed = pretrain(init, tmp_path / "resumed", cfg=cfg)
+    assert resumed["cache_key"] == whole["cache_key"]
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
