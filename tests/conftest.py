@@ -15,7 +15,6 @@ from chainstep.synthetic import SuiteConfig, make_tasks
 from chainstep.teacher import ProgrammaticTeacher
 
 torch.set_num_threads(2)
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ from chainstep.benchmarks import BENCHMARKS, LLMExtractor, grade, load, score
 from chainstep.errors import ChainstepError
 from chainstep.steps import Chain, Step, render
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+# real records and official-scorer verdicts, copied from ../shared/benchmarks so a clone checks them
+DATA = Path(__file__).resolve().parent / "data" / "benchmarks"
 SAMPLES = {"mathvista": "mathvista/testmini_sample.jsonl", "mmstar": "mmstar/val_sample.jsonl",
            "mmmu": "mmmu/val_sample.jsonl", "m3cot": "m3cot/test_sample.jsonl",
            "ai2d": "ai2d/test_sample.jsonl", "chartqa": "chartqa/test_sample.jsonl"}
@@ -18,8 +19,7 @@ SAMPLES = {"mathvista": "mathvista/testmini_sample.jsonl", "mmstar": "mmstar/val
 
 def shared(relative: str) -> Path:
     path = DATA / relative
-    if not path.exists():
-        pytest.skip(f"{path} is absent (real benchmark records live in ../shared/benchmarks)")
+    assert path.exists(), f"{path} is missing from tests/data"
     return path
 
 
@@ -211,6 +211,17 @@ def test_mathvista_rules_extract_what_the_official_gpt_demo_extracts():
     for c in demos:
         assert benchmarks.mathvista_extract(c["response"], _mathvista_record(c)) == c["extracted"]
         assert score("mathvista", c["response"], _mathvista_record(c)) == float(c["correct"])
+
+
+def test_mathvista_choice_stated_by_value_maps_to_the_nearest_option():
+    """No letter and not the option's exact text ("45" for "45°"): the official pipeline extracts
+    the value and maps it to the nearest option by edit distance; rules used to score it wrong."""
+    record = {"answer": "45°", "options": ["30°", "45°", "60°", "90°"], "question_type": "multi_choice",
+              "answer_type": "text", "precision": None}
+    assert score("mathvista", "The angle is 45", record) == 1.0
+    assert score("mathvista", "So the answer is 60.", record) == 0.0
+    assert score("mathvista", step_response("45"), record) == 1.0
+    assert benchmarks.mathvista_extract("I cannot tell.", record) is None
 
 
 def test_chartqa_relaxed_accuracy_in_the_official_argument_order():

@@ -9,11 +9,51 @@ runner = CliRunner()
 @pytest.mark.parametrize("command", [[], ["run"], ["tasks"], ["tasks", "make"], ["tasks", "show"],
                                      ["build-model"], ["add-tokens"], ["construct"], ["sft"],
                                      ["eval"], ["report"], ["sample"], ["label"], ["prm"],
-                                     ["prm", "train"], ["prm", "eval"], ["serve"], ["export"]])
+                                     ["prm", "train"], ["prm", "eval"], ["serve"], ["export"],
+                                     ["pretrain"], ["dpo"], ["dpo", "run"], ["dpo", "train"], ["grpo"]])
 def test_help_everywhere(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
     assert "Usage" in result.output
+
+
+def _options(command) -> list:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name in command:
+        group = group.commands[name]
+    return [p for p in group.params if p.param_type_name == "option"]
+
+
+@pytest.mark.parametrize("command", [["build-model"], ["construct"], ["eval"], ["sample"], ["serve"],
+                                     ["pretrain"], ["sft"], ["label"], ["grpo"], ["dpo", "run"]])
+def test_every_option_says_what_it_does(command):
+    undocumented = [p.name for p in _options(command) if not p.help]
+    assert undocumented == []
+
+
+def test_one_line_errors_for_common_mistakes(tmp_path):
+    import subprocess
+    import sys
+
+    def fails(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "chainstep", *args], capture_output=True, text=True)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        return " ".join(result.stderr.split())
+
+    assert "has no metrics.json" in fails("report", str(tmp_path))
+    assert "write FIELD=COLUMN pairs" in fails("construct", str(tmp_path / "x.json"), "--columns", "question")
+    assert "'sft.max_steps': 'abc' is not a valid int" in fails("run", "--set", "sft.max_steps=abc")
+    assert "reads the 'sft' section" in fails("sft", "m", "d", "--out", "o", "--set", "dpo.beta=0.1")
+
+
+def test_stage_commands_take_section_keys_with_or_without_the_prefix():
+    from chainstep.config import section_config
+    from chainstep.train_sft import SFTConfig
+
+    assert section_config(SFTConfig, ["sft.max_steps=5"], "sft").max_steps == 5
+    assert section_config(SFTConfig, ["max_steps=7", "learning_rate=2e-4"], "sft").learning_rate == 2e-4
 
 
 def test_tasks_make_and_show(tmp_path):

@@ -126,10 +126,27 @@ def test_train_dpo_moves_the_policy_towards_chosen(sft_model_dir, train_records,
     assert meta["num_pairs"] == 4 and meta["trained_from"] == str(sft_model_dir)
     assert meta["train_loss_last"] < meta["train_loss_first"]
     assert meta["dpo"]["max_steps"] == 3  # 3 epochs of 4 pairs at batch 4 come before 5 steps
-    before, _ = load(sft_model_dir)
+    before, processor = load(sft_model_dir)
     after, _ = load(out)
-    diff = sum((a - b).abs().sum() for a, b in zip(after.parameters(), before.parameters()))
-    assert diff > 0
+    pairs = [json.loads(line) for line in path.read_text().splitlines()]
+    margin = [_logp(m, processor, records, pairs, "chosen") - _logp(m, processor, records, pairs, "rejected")
+              for m in (before, after)]
+    assert margin[1] > margin[0]  # chosen rose relative to rejected
+
+
+def _logp(model, processor, records, pairs, side: str) -> float:
+    """Summed log-probability of the pairs' chosen or rejected responses."""
+    from chainstep.inputs import collate
+
+    by_id = {r["id"]: r for r in records}
+    batch = collate([encode_example(processor, by_id[p["question_id"]], p[side]) for p in pairs],
+                    processor.tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1].float()
+    target = labels[:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    return float((logp * target.ne(-100)).sum())
 
 
 def _write_samples(records, path, n=3):
@@ -177,7 +194,7 @@ def test_two_process_ddp_step(sft_model_dir, suite_dir, train_records, tmp_path)
     path = _pairs_file(tmp_path, train_records[:8], count=8)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "chainstep", "dpo", "train", str(sft_model_dir), str(path),
            str(suite_dir / "tasks" / "train.jsonl"), "--out", str(out),
            "--set", "max_steps=2", "--set", "per_device_train_batch_size=2", "--set", "save_steps=100"]
@@ -187,6 +204,7 @@ def test_two_process_ddp_step(sft_model_dir, suite_dir, train_records, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert all(r["pairs_seen"] >= 4 for r in ranks)  # 2 steps x 2 pairs each
     assert ranks[0]["pid"] != ranks[1]["pid"]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # gradients were all-reduced
     meta = json.loads((out / "chainstep.json").read_text())
     assert meta["world_size"] == 2
     model, _ = load(out)

@@ -6,11 +6,11 @@ from chainstep.evaluate import (
     clopper_pearson,
     mcnemar_p,
     paired_comparison,
-    score_response,
     summarize,
     update_metrics,
     wilson,
 )
+from chainstep.grading import grade_response
 from chainstep.steps import Chain, Step, render
 
 GOOD = render(Chain((Step("Count red", "Red shapes: 3", "Ok."),), "3"))
@@ -19,28 +19,28 @@ RECORD = {"id": "q", "answer": "3"}
 
 def test_unparseable_output_is_wrong_even_with_the_right_answer():
     broken = GOOD.replace("<|reasoning_end|>\n", "")
-    scored = score_response(broken, RECORD)
+    scored = grade_response(broken, RECORD)
     assert not scored["parsed"] and not scored["correct"]
     assert scored["format_error"] == "missing_reasoning_end"
-    assert score_response(GOOD, RECORD)["correct"]
-    assert not score_response(GOOD, {"id": "q", "answer": "4"})["correct"]
+    assert grade_response(GOOD, RECORD)["correct"]
+    assert not grade_response(GOOD, {"id": "q", "answer": "4"})["correct"]
 
 
 def test_direct_style_needs_only_the_answer_span():
-    assert score_response("<|answer_start|>3<|answer_end|>", RECORD, "direct")["correct"]
-    scored = score_response("3", RECORD, "direct")
+    assert grade_response("<|answer_start|>3<|answer_end|>", RECORD, "direct")["correct"]
+    scored = grade_response("3", RECORD, "direct")
     assert not scored["parsed"] and not scored["correct"]
 
 
 def test_right_answer_from_a_wrong_step_is_correct_but_not_a_right_chain():
     facts = {"steps": [{"name": "Count red", "key": "Red shapes", "value": "3"}]}
     record = {**RECORD, "meta": facts}
-    assert score_response(GOOD, record)["steps_right"] is True
+    assert grade_response(GOOD, record)["steps_right"] is True
     lucky = GOOD.replace("Red shapes: 3", "Red shapes: 2")
-    scored = score_response(lucky, record)
+    scored = grade_response(lucky, record)
     assert scored["correct"] and scored["steps_right"] is False
-    assert score_response(lucky.replace("<|reasoning_end|>\n", ""), record)["steps_right"] is False
-    assert score_response(GOOD, RECORD)["steps_right"] is None  # no facts to check
+    assert grade_response(lucky.replace("<|reasoning_end|>\n", ""), record)["steps_right"] is False
+    assert grade_response(GOOD, RECORD)["steps_right"] is None  # no facts to check
     preds = [{**_pred(i, True), "steps_right": right} for i, right in enumerate([True, False, None])]
     assert summarize(preds, "sft")["right_chain_rate"] == 0.5
     assert summarize([_pred(0, True)], "sft")["right_chain_rate"] is None
@@ -127,3 +127,23 @@ def test_update_metrics_replaces_rows_by_key(tmp_path):
     for key in ("model", "strategy", "n", "split", "accuracy", "per_family",
                 "parse_failure_rate", "avg_steps", "avg_tokens", "ci_low", "ci_high"):
         assert key in results[0]
+
+
+def test_predictions_resume_only_under_the_same_model_and_settings(tiny_model_dir, sft_model_dir,
+                                                                   test_records, tmp_path):
+    from chainstep.errors import ChainstepError
+    from chainstep.evaluate import predict
+    from chainstep.sampling import Policy, SamplingParams
+
+    out = tmp_path / "sft-test.jsonl"
+    records = test_records[:2]
+    policy = Policy.from_dir(sft_model_dir)
+    first = predict(policy, records, out, params=SamplingParams(max_tokens=8))
+    calls = []
+    policy.generate = lambda *a, **k: calls.append(1)  # a resume must not generate again
+    assert predict(policy, records, out, params=SamplingParams(max_tokens=8)) == first and not calls
+    with pytest.raises(ChainstepError, match="other settings \\(params differ"):
+        predict(policy, records, out, params=SamplingParams(max_tokens=16))
+    other = Policy.from_dir(tiny_model_dir("llava"))  # another model, same file name
+    with pytest.raises(ChainstepError, match="other settings \\(model differ"):
+        predict(other, records, out, params=SamplingParams(max_tokens=8))

@@ -115,3 +115,24 @@ def test_one_grpo_step_trains_and_saves(run, sft_model_dir, train_records, tmp_p
     assert meta["grpo"]["reward"] == cfg.reward and meta["grpo"]["advantages"] == cfg.advantages
     model, _ = load(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_step_advantages_reach_the_loss_and_move_the_weights(sft_model_dir, train_records, tmp_path,
+                                                             monkeypatch):
+    from chainstep.grpo import StepGRPOTrainer
+
+    seen = []
+    real = StepGRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        seen.append(inputs["advantages"].detach().clone())
+        return real(self, model, inputs)
+
+    monkeypatch.setattr(StepGRPOTrainer, "_compute_loss", spy)
+    cfg = variant(GRPOConfig(max_steps=1, num_generations=4, per_device_train_batch_size=8, max_tokens=48,
+                             save_steps=100, learning_rate=1e-2), "prm-step")
+    out = train_grpo(sft_model_dir, sft_model_dir, train_records[:4], tmp_path / "step", cfg, batch_size=16)
+    assert seen and all(a.dim() == 2 for a in seen)  # per token, not one per completion
+    assert any(a.abs().sum() > 0 for a in seen)
+    before, after = load(sft_model_dir)[0].state_dict(), load(out)[0].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -4,7 +4,7 @@ from chainstep.evaluate import sample_responses
 from chainstep.judge import ProgrammaticJudge
 from chainstep.label import LabelConfig, judge_labels, label, mc_labels, monte_carlo, perturb, step_prefixes
 from chainstep.records import read_jsonl
-from chainstep.sampling import Policy, SamplingParams
+from chainstep.sampling import Generation, Policy, SamplingParams
 from chainstep.steps import STEP_END, parse
 from chainstep.teacher import ProgrammaticTeacher
 
@@ -51,6 +51,23 @@ def test_monte_carlo_values_are_rollout_fractions(sft_model_dir, train_records):
     for text, vals in zip(texts, values):
         assert len(vals) == len(parse(text).steps)
         assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in vals)
+
+
+def test_a_rollout_counts_only_when_the_whole_chain_parses(train_records):
+    """An answer span in a continuation that breaks the grammar was counted right; evaluation
+    scores such a chain wrong, and rollouts now use the same rule."""
+    record = train_records[0]
+    text = ProgrammaticTeacher().explain(record)
+    prefix = step_prefixes(text)[0]
+
+    class Scripted:
+        def generate(self, records, params, prefixes=None, progress=True):
+            good = text[len(prefix):]
+            broken = "garbage<|answer_start|>" + record["answer"] + "<|answer_end|>"
+            return [[Generation(good, 1, "stop"), Generation(broken, 1, "stop")] for _ in records]
+
+    values = monte_carlo(Scripted(), [(record, text)], k=2, params=SamplingParams(temperature=1.0))
+    assert values[0] == [0.5] * len(step_prefixes(text))
 
 
 def test_label_writes_every_source_once_and_resumes(sft_model_dir, train_records, tmp_path):

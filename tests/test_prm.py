@@ -52,6 +52,34 @@ def test_targets_sit_on_the_tag_after_every_step_and_the_answer(llava, train_rec
         encode_prm_example(processor, row, row["response"], [1, 0])
 
 
+def test_a_tag_the_response_spells_itself_is_not_a_tag(llava, train_records):
+    """`ки` inside step text (a Cyrillic word, or a model spelling the tag) used to add a tag
+    position, shifting every label after it and stopping PRM training."""
+    _, processor = llava
+    row = _rows(train_records, 1)[0]
+    steps = len(parse(row["response"]).steps)
+    spelled = row["response"].replace("shapes", "шашки ки", 1).replace("bar", "ки", 1)
+    assert "ки" in spelled
+    example = encode_prm_example(processor, row, spelled, [1] * steps + [0])
+    where = example["prm_targets"].ge(0).nonzero().flatten().tolist()
+    before = processor.tokenizer.convert_ids_to_tokens([example["input_ids"][i - 1] for i in where])
+    assert before == [STEP_END] * steps + [ANSWER_END]
+
+
+def test_malformed_chains_are_scored_and_counted_not_misread(llava, train_records):
+    model, processor = llava
+    prm = PRM(model, processor)
+    row = _rows(train_records, 1)[0]
+    text = row["response"]
+    # the answer in the middle, steps after it: the answer score is the answer tag's, not the last tag's
+    head, tail = text.split("<|reasoning_proceed|>\n", 1)
+    middle = head + "<|answer_start|>3<|answer_end|>\n<|reasoning_proceed|>\n" + tail.split("Answer:")[0]
+    scores = prm.score([row, row], [text, middle])
+    assert prm.malformed_chains == 1
+    assert len(scores[1].steps) == 1 and scores[1].answer is not None
+    assert len(scores[0].steps) == len(parse(text).steps)
+
+
 def test_training_and_scoring_read_the_same_positions(llava, train_records):
     from chainstep.prm import _Collator
 
@@ -168,7 +196,7 @@ def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_recor
     import json
 
     meta = json.loads((out / "chainstep.json").read_text())
-    assert meta["role"] == "prm" and meta["chains"] == 32
+    assert meta["role"] == "prm" and meta["chains"] == 32 and meta["malformed_chains"] == 0
     metrics = evaluate_prm(PRM.from_dir(out), read_jsonl(path))
     assert metrics["steps"] == sum(len(parse(r["response"]).steps) for r in read_jsonl(path))
     assert metrics["majority_baseline"] == pytest.approx(0.5)
@@ -208,3 +236,16 @@ def test_scoring_continuations_on_a_shared_prefix_equals_scoring_them_whole(tiny
         assert (got.answer is None) == (want.answer is None)
         if want.answer is not None:
             assert got.answer == pytest.approx(want.answer, abs=1e-4)
+
+
+def test_training_leaves_out_chains_whose_labels_miss_their_tags(tiny_model_dir, train_records, tmp_path):
+    import json
+
+    path = _label_file(tmp_path / "labels.jsonl", train_records[:2])
+    bad = {**read_jsonl(path)[0], "id": "bad/judge", "labels": [1, 0]}
+    with JsonlWriter(path) as writer:
+        writer.write(bad)
+    cfg = PRMConfig(max_steps=1, per_device_train_batch_size=8, save_steps=100, warmup_steps=0)
+    out = train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", cfg)
+    meta = json.loads((out / "chainstep.json").read_text())
+    assert (meta["chains"], meta["malformed_chains"]) == (4, 1)

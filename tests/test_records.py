@@ -50,3 +50,32 @@ def test_prompt_text_lists_options():
     assert prompt_text({"question": "Which?", "options": ["red", "blue"]}) == \
         "Which? Options: (A) red (B) blue"
     assert prompt_text({"question": "How many?", "options": None}) == "How many?"
+
+
+def test_run_data_works_from_another_directory(tmp_path, monkeypatch):
+    from chainstep.construct import construct
+    from chainstep.synthetic import SuiteConfig, make_tasks
+    from chainstep.teacher import ProgrammaticTeacher
+
+    monkeypatch.chdir(tmp_path)
+    make_tasks(SuiteConfig(train=3, val=1, test=1), "run/tasks")
+    construct("run/tasks/train.jsonl", "run/data", ProgrammaticTeacher())
+    stored = json.loads((tmp_path / "run/data/sft.jsonl").read_text().splitlines()[0])["image"]
+    assert stored == "../tasks/images/count_sum-train-00000.png"  # relative to the file
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for name in ("sft.jsonl", "direct.jsonl"):
+        for row in read_jsonl(tmp_path / "run/data" / name):
+            assert load_image(row).size == (96, 96)
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    assert load_image(read_jsonl(moved / "data/sft.jsonl")[0]).size == (96, 96)
+
+
+def test_files_written_relative_to_the_working_directory_still_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run/tasks").mkdir(parents=True)
+    (tmp_path / "run/tasks/a.png").write_bytes(b"x")
+    (tmp_path / "run/data").mkdir()
+    (tmp_path / "run/data/sft.jsonl").write_text('{"id": "a", "image": "run/tasks/a.png"}\n')
+    assert read_jsonl(tmp_path / "run/data/sft.jsonl")[0]["image"] == "run/tasks/a.png"

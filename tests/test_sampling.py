@@ -32,11 +32,11 @@ def test_finish_cuts_at_stop_ids(policy):
     tok = policy.processor.tokenizer
     ids = tok("Red shapes: 3", add_special_tokens=False)["input_ids"]
     step_end = policy.step_end_id
-    gen = policy._finish(ids + [step_end] + ids, [policy.eos_id, step_end])
+    gen = policy._finish(ids + [step_end] + ids, [policy.end_ids[0], step_end])
     assert gen.finish_reason == "step" and gen.text == "Red shapes: 3" + STEP_END
-    gen = policy._finish(ids + [policy.eos_id, 5, 6], [policy.eos_id])
+    gen = policy._finish(ids + [policy.end_ids[0], 5, 6], [policy.end_ids[0]])
     assert gen.finish_reason == "stop" and gen.text == "Red shapes: 3"
-    assert policy._finish(ids, [policy.eos_id]).finish_reason == "length"
+    assert policy._finish(ids, [policy.end_ids[0]]).finish_reason == "length"
 
 
 def test_prefix_extends_the_prompt_for_every_architecture(tiny_model_dir, test_records):
@@ -85,7 +85,44 @@ def test_image_chat_and_prm_tag_tokens_are_never_generated(policy):
     assert image in policy.suppress_ids
     # a generated `ки` once shifted every PRM label of its chain (quick run, 90 SFT steps)
     assert {tok.convert_tokens_to_ids(t) for t in ("ки", "к+и", "к-и")} <= set(policy.suppress_ids)
-    assert policy.eos_id not in policy.suppress_ids and policy.step_end_id not in policy.suppress_ids
+    assert policy.end_ids[0] not in policy.suppress_ids and policy.step_end_id not in policy.suppress_ids
+
+
+def test_a_seed_is_set_once_then_drawn_on(tiny_model_dir, test_records):
+    """Each beam depth and each chunk of records used to restart the same random stream."""
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=3)
+    policy = Policy.from_dir(tiny_model_dir("llava"), batch_size=8)
+    first = [g.text for g in policy.generate(test_records[:1], params)[0]]
+    second = [g.text for g in policy.generate(test_records[:1], params)[0]]
+    assert first != second
+    fresh = Policy.from_dir(tiny_model_dir("llava"), batch_size=8)
+    assert [g.text for g in fresh.generate(test_records[:1], params)[0]] == first
+
+
+def test_a_chat_models_own_turn_end_stops_generation(tiny_model_dir, test_records, tmp_path):
+    """A checkpoint whose turn ends with another token than EOS (Qwen `<|im_end|>`, Llama-3
+    `<|eot_id|>`) names it in its generation config; before, it was suppressed as a foreign token."""
+    from chainstep import models
+
+    model, processor = models.load(tiny_model_dir("llava"))
+    turn_end = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    model.generation_config.eos_token_id = [processor.tokenizer.eos_token_id, turn_end]
+    models.save(model, processor, tmp_path / "chat")
+    policy = Policy.from_dir(tmp_path / "chat")
+    assert turn_end in policy.end_ids and turn_end not in policy.suppress_ids
+    # make the model say the turn end after two tokens
+    calls = {"n": 0}
+
+    def favour_turn_end(module, inputs, logits):
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            logits[..., turn_end] += 1e4
+        return logits
+
+    policy.model.lm_head.register_forward_hook(favour_turn_end)
+    gen = policy.generate(test_records[:1], SamplingParams(max_tokens=20))[0][0]
+    assert gen.finish_reason == "stop" and gen.num_tokens == 3
+    assert "<end_of_utterance>" not in gen.text
 
 
 def test_vllm_backend_matches_hf_greedy(sft_model_dir, test_records):

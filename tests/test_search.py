@@ -94,6 +94,69 @@ def test_beam_search_extends_one_step_at_a_time(searchers, test_records):
         assert r["response"] == "" or ANSWER_END in r["response"] or not r["parsed"]
 
 
+class ScriptedPolicy:
+    """Candidate j of every beam is step `depth` of a fixed chain, its thought naming j."""
+
+    def __init__(self, steps: int = 2):
+        full = render(Chain(tuple(Step(f"S{d}", "T", "R") for d in range(steps)), "1"))
+        cut = [i + len(STEP_END) for i in range(len(full)) if full.startswith(STEP_END, i)]
+        self.pieces = [full[a:b] for a, b in zip([0, *cut], [*cut, len(full)])]
+        self.calls = []
+
+    def generate(self, records, params, prefixes=None, progress=True):
+        from chainstep.sampling import Generation
+
+        self.calls.append([(r["id"], p) for r, p in zip(records, prefixes)])
+        out = []
+        for prefix in prefixes:
+            depth = prefix.count(STEP_END)
+            piece = self.pieces[depth]
+            done = depth == len(self.pieces) - 1
+            out.append([Generation(piece.replace("T<", f"T{j}<"), 5, "stop" if done else "step")
+                        for j in range(params.n)])
+        return out
+
+
+class ScriptedPRM:
+    """Scores a candidate by the j its thought names, with a per-question twist, so the best
+    candidate differs between questions."""
+
+    step_weight, aggregate, forward_passes = 0.2, "mean", 0
+
+    def score_continuations(self, records, prefixes, continuations):
+        from chainstep.prm import StepScores
+
+        self.forward_passes += 1
+        return [[StepScores([self.value(r, c)], self.value(r, c) if ANSWER_END in c else None) for c in group]
+                for r, group in zip(records, continuations)]
+
+    @staticmethod
+    def value(record, text) -> float:
+        j = int(text.split("T", 1)[1][0]) if "T" in text and text.split("T", 1)[1][0].isdigit() else 0
+        return ((j + len(record["id"])) % 4) / 4
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_beam_search_keeps_the_top_scored_candidates_one_call_per_depth(test_records, keep):
+    records = test_records[:3]
+    policy, prm = ScriptedPolicy(), ScriptedPRM()
+    rows, compute = beam_search(policy, prm, records, n=4 * keep, keep=keep, max_steps=6)
+    assert len(policy.calls) == len(policy.pieces)  # one generate call per depth for every question
+    for depth, call in enumerate(policy.calls):
+        beams = {}
+        for qid, prefix in call:
+            beams.setdefault(qid, []).append(prefix)
+        assert set(beams) == {r["id"] for r in records}
+        assert all(len(b) == (1 if depth == 0 else keep) for b in beams.values())
+        if depth == 1:  # the survivors of the first step are its top-scored candidates
+            for record in records:
+                ranked = sorted(range(4), key=lambda j: ScriptedPRM.value(record, f"T{j}"), reverse=True)
+                kept = sorted(int(p.rsplit("T", 1)[1][0]) for p in beams[record["id"]])
+                assert kept == sorted(ranked[:keep])
+    assert compute["prm_chains"] == sum(len(call) * 4 for call in policy.calls)
+    assert all(r["parsed"] for r in rows)
+
+
 def test_beam_search_keeps_k_beams(searchers, test_records):
     policy, prm = searchers
     rows, compute = beam_search(policy, prm, test_records[:2], n=4, keep=2, step_tokens=64, max_steps=4)

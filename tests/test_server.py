@@ -38,7 +38,7 @@ def served(sft_model_dir, tiny_model_dir):
     policy = Policy.from_dir(sft_model_dir, batch_size=16)
     prm = PRM.from_dir(tiny_model_dir("llava"))
     server, thread, url = start_server(policy, prm, max_n=4, max_tokens=256, max_image_pixels=200_000,
-                                       batch_window_ms=200)
+                                       batch_window_ms=200, max_body_bytes=1_000_000)
     yield url
     server.should_exit = True
     thread.join(timeout=10)
@@ -98,6 +98,56 @@ def test_streaming_sends_steps_that_add_up_to_the_whole_answer(served, image_url
     tail = whole.rsplit("<|reasoning_step_end|>", 1)[-1]  # the answer, or a step cut by max_tokens
     assert len(pieces) == whole.count("<|reasoning_step_end|>") + bool(tail)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    described = chunks[-1].model_extra["chainstep"]["choices"]  # streamed responses carry it too
+    assert len(described) == 1 and ("format_error" in described[0])
+
+
+def test_the_prm_runs_only_when_asked(served, image_url):
+    def scored() -> int:
+        return json.loads(urllib.request.urlopen(f"{served}/health").read())["prm_chains_scored"]
+
+    body = {"model": "tiny-sft", "messages": user("How many?", image_url), "temperature": 0, "max_tokens": 8}
+    before = scored()
+    assert post(served, body)[0] == 200
+    assert scored() == before
+    status, reply = post(served, {**body, "max_tokens": 160, "chainstep": {"scores": True}})
+    assert status == 200
+    choice = reply["chainstep"]["choices"][0]
+    assert choice["format_error"] or ("chain_score" in choice and scored() == before + 1)
+
+
+def test_a_body_past_the_limit_is_refused_before_parsing(served):
+    status, reply = post(served, b"{" + b" " * 1_100_000 + b"}")
+    assert status == 413 and "limit is 1000000" in reply["error"]["message"]
+
+
+def test_an_error_after_streaming_began_is_said_in_the_stream(sft_model_dir, image_url):
+    policy = Policy.from_dir(sft_model_dir)
+    real, calls = policy.generate, []
+
+    def fails_on_the_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    policy.generate = fails_on_the_second_step
+    server, thread, url = start_server(policy)
+    try:
+        body = {"model": "tiny-sft", "messages": user("How many?", image_url), "temperature": 0,
+                "max_tokens": 96, "stream": True}
+        request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        failure = json.loads(events[-2])["error"]["message"]
+        assert "generation failed after streaming began: out of memory" in failure
+        status, reply = post(url, {**body, "stream": False, "chainstep": {"scores": True}})
+        assert status == 400 and "needs a PRM" in reply["error"]["message"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_stop_sequences_cut_the_text(served, image_url):

@@ -81,6 +81,32 @@ def test_resume_restores_the_checkpoint_weights(tiny_model_dir, suite_dir, tmp_p
         assert torch.equal(value, trained[name]), name
 
 
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(tiny_model_dir, suite_dir, tmp_path,
+                                                            monkeypatch):
+    cfg = SFTConfig(max_steps=6, per_device_train_batch_size=4, save_steps=3, learning_rate=1e-2,
+                    warmup_steps=0)
+    init, data = tiny_model_dir("llava"), suite_dir / "data" / "sft.jsonl"
+    whole = train_sft(init, data, tmp_path / "whole", cfg)
+    real = ResumableTrainer.training_step
+
+    def dies_at_step_four(self, *args, **kwargs):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResumableTrainer, "training_step", dies_at_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(init, data, tmp_path / "resumed", cfg)
+    monkeypatch.setattr(ResumableTrainer, "training_step", real)
+    resumed = train_sft(init, data, tmp_path / "resumed", cfg)
+    assert json.loads((resumed / "chainstep.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    a, b = models.load(whole)[0].state_dict(), models.load(resumed)[0].state_dict()
+    moved = models.load(init)[0].state_dict()
+    assert any(not torch.equal(a[k], moved[k]) for k in a)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
 @pytest.mark.slow
 def test_resume_after_kill(tiny_model_dir, suite_dir, tmp_path):
     """kill -9 mid-training, re-run the same command: it resumes from the last checkpoint."""
@@ -120,3 +146,17 @@ def test_partial_checkpoint_is_skipped(tmp_path):
         if complete:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(tmp_path).endswith("checkpoint-4")
+
+
+def test_truncation_cuts_the_response_never_the_image_tokens(tiny_model_dir, suite_dir):
+    from chainstep.errors import ChainstepError
+    from chainstep.inputs import encode_example, encode_prompt
+
+    _, processor = models.load(tiny_model_dir("llava_next"))
+    row = read_jsonl(suite_dir / "data" / "sft.jsonl")[0]
+    prompt = encode_prompt(processor, row)["input_ids"]
+    example = encode_example(processor, row, row["response"], max_length=len(prompt) + 3)
+    assert torch.equal(example["input_ids"][:len(prompt)], prompt)  # every image token kept
+    assert int((example["labels"] != -100).sum()) == 3
+    with pytest.raises(ChainstepError, match=r"prompt alone is \d+ tokens"):
+        encode_example(processor, row, row["response"], max_length=len(prompt) - 5)

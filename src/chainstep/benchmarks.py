@@ -290,7 +290,13 @@ def mathvista_extract(response: str, record: dict) -> str | None:
         letters = letters or ([bare] if len(bare) == 1 else [])
         valid = [x for x in letters if x in LETTERS[:len(choices)]]
         named = [c for c in choices if c.lower() in tail.lower()]
-        return valid[-1] if valid else (max(named, key=len) if named else None)
+        if valid or named:
+            return valid[-1] if valid else max(named, key=len)
+        # a bare value ("45" for the option "45°"): the official normalisation maps it to the
+        # nearest option by edit distance
+        numbers = re.findall(r"-?\d+(?:\.\d+)?", tail.replace(",", ""))
+        value = tail.rstrip(".").strip() if committed else (numbers[-1] if numbers else None)
+        return value or None
     if answer_type == "list":
         spans = re.findall(r"\[[^\[\]]*\]", tail)
         return spans[-1] if spans else None

@@ -103,7 +103,7 @@ def build_model(
     data: Path = typer.Option(..., help="sft.jsonl whose text trains the tokenizer"),
     arch: str = typer.Option("llava", help="llava, llava_next, qwen2_vl, idefics3, internvl"),
     size: str = typer.Option("tiny", help="tiny or small"),
-    vocab_size: int = 1024,
+    vocab_size: int = typer.Option(1024, help="Tokenizer vocabulary (the 17 step tokens included)"),
 ):
     """Build a tiny random VLM with a tokenizer trained on DATA (standard HF layout)."""
     from . import models
@@ -146,7 +146,7 @@ def construct(
     columns: str = typer.Option(None, help="Column names of a parquet/JSON input, "
                                 "e.g. question=query,answer=label,image=img"),
     image_dir: Path = typer.Option(None, help="Where input images are found or written"),
-    seed: int = 0,
+    seed: int = typer.Option(0, help="Programmatic teacher's wording seed"),
 ):
     """Teacher chains for every task, filtered, resumable (kill it and start again).
 
@@ -160,13 +160,22 @@ def construct(
 
     if teacher and not model:
         raise ChainstepError("--teacher URL needs --model NAME (the model to ask at that endpoint)")
-    mapping = dict(pair.split("=", 1) for pair in columns.split(",")) if columns else None
+    mapping = _column_mapping(columns) if columns else None
     records = load_inputs(tasks, mapping, image_dir)
     chosen = HTTPTeacher(ChatClient(teacher, model, max_retries=max_retries, timeout=timeout,
                                     max_tokens=1024), template or TEMPLATE) \
         if teacher else ProgrammaticTeacher(seed)
     console.print(run_construct(records, out, chosen, concurrency=concurrency if teacher else 1,
                                 retry_remote=retry_remote))
+
+
+def _column_mapping(columns: str) -> dict[str, str]:
+    pairs = [pair.split("=", 1) for pair in columns.split(",")]
+    bad = [p[0] for p in pairs if len(p) != 2 or not all(x.strip() for x in p)]
+    if bad:
+        raise ChainstepError(f"--columns {columns!r}: write FIELD=COLUMN pairs separated by commas, "
+                             f"e.g. question=prompt,answer=label (not {bad[0]!r})")
+    return {k.strip(): v.strip() for k, v in pairs}
 
 
 @app.command()
@@ -195,11 +204,11 @@ def pretrain(
 
     Example: chainstep pretrain models/init --out models/pretrained
     """
-    from .config import from_dict, parse_overrides
+    from .config import section_config
     from .pretrain import PretrainConfig
     from .pretrain import pretrain as pretrain_perception
 
-    info = pretrain_perception(model, out, cfg=from_dict(PretrainConfig, parse_overrides(set_), "pretrain."))
+    info = pretrain_perception(model, out, cfg=section_config(PretrainConfig, set_, "pretrain"))
     console.print(info)
     console.print(f"saved -> {out}")
 
@@ -212,10 +221,10 @@ def sft(
     set_: list[str] = typer.Option([], "--set", help="SFT override, e.g. --set max_steps=200"),
 ):
     """Fine-tune on step chains; resumes from the last checkpoint after a kill."""
-    from .config import from_dict, parse_overrides
+    from .config import section_config
     from .train_sft import SFTConfig, train_sft
 
-    train_sft(model, data, out, from_dict(SFTConfig, parse_overrides(set_), "sft."))
+    train_sft(model, data, out, section_config(SFTConfig, set_, "sft"))
     console.print(f"saved -> {out}")
 
 
@@ -229,8 +238,11 @@ def evaluate(
     out: Path = typer.Option(Path("eval"), help="Folder for predictions and metrics.json"),
     name: str = typer.Option(None, help="Model name in metrics.json [default: folder name]"),
     style: str = typer.Option("cos", help="cos (step chains) or direct (answer only)"),
-    strategy: str = typer.Option("greedy", help="greedy, sc, bon, weighted, beam or pass"),
-    n: int = typer.Option(1, help="Samples (sc, bon, weighted, pass) or candidates per step (beam)"),
+    strategy: str = typer.Option("greedy", help="greedy, sc (self-consistency), bon (best-of-N), weighted "
+                                 "(PRM-weighted vote), beam (step beam search), or pass (pass@N: an "
+                                 "oracle that reads the answers, an upper bound, not a method)"),
+    n: int = typer.Option(1, help="Samples (sc, bon, weighted, pass) or candidates per step (beam); "
+                          "greedy ignores it and records n = 1"),
     prm: str = typer.Option(None, help="PRM directory (bon, weighted, beam); `judge` for the "
                                        "programmatic judge as an oracle verifier (synthetic "
                                        "tasks), `judge:0.2` for one that flips 20% of its verdicts"),
@@ -241,7 +253,7 @@ def evaluate(
                                     "(MathVista's official way, VLMEvalKit's multiple-choice fallback)"),
     extract_model: str = typer.Option("gpt-4o-mini", help="Model name at --extract-url"),
     backend: str = typer.Option("hf", help=BACKEND_HELP),
-    batch_size: int = 64,
+    batch_size: int = typer.Option(64, help="Sequences per generate call (questions x n)"),
 ):
     """Evaluate with 95% intervals and compute counts, on task records or one of the paper's benchmarks.
 
@@ -279,6 +291,7 @@ def evaluate(
         scorer = _verifier(prm, step_weight, batch_size) if prm else None
         preds, compute = search_predictions(strategy, policy, records, n, out, name, split, scorer,
                                             temperature, settings["max_tokens"], extractor=extractor)
+    n = 1 if strategy == "greedy" else n
     row = {**summarize(preds, name, strategy, n, split), **compute, **settings}
     update_metrics(out / "metrics.json", [row])
     _print_results(out / "metrics.json")
@@ -337,8 +350,11 @@ def sample(
     tasks: Path = typer.Argument(..., help="Task records"),
     out: Path = typer.Option(..., help="samples.jsonl to append to (resumable)"),
     n: int = typer.Option(16, help="Chains per question"),
-    temperature: float = 1.0, max_tokens: int = 256, limit: int = typer.Option(0, help="First K questions"),
-    seed: int = 0, batch_size: int = 64,
+    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy; then use --n 1)"),
+    max_tokens: int = typer.Option(256, help="New tokens per chain"),
+    limit: int = typer.Option(0, help="First K questions (0 = all)"),
+    seed: int = typer.Option(0, help="Random seed, set once for the whole command"),
+    batch_size: int = typer.Option(64, help="Sequences per generate call (questions x n)"),
     backend: str = typer.Option("hf", help=BACKEND_HELP),
 ):
     """Sample N graded chains per question.
@@ -370,14 +386,14 @@ def label(
 ):
     """Step labels from MC rollouts, a judge, and perturbed teacher chains."""
     from .client import ChatClient
-    from .config import from_dict, parse_overrides
+    from .config import section_config
     from .judge import HTTPJudge
     from .label import LabelConfig
     from .label import label as run_label
     from .records import load_tasks, read_jsonl
     from .sampling import Policy
 
-    cfg = from_dict(LabelConfig, parse_overrides(set_), "label.")
+    cfg = section_config(LabelConfig, set_, "label")
     judge = HTTPJudge(ChatClient(judge_url, judge_model or "default")) if judge_url else None
     if cfg.mc and policy is None:
         raise ChainstepError("Monte Carlo labels need --policy (or --set mc=false)")
@@ -397,10 +413,10 @@ def prm_train(
     set_: list[str] = typer.Option([], "--set", help="PRM override, e.g. --set soft_labels=true"),
 ):
     """Train a PRM (BCE at every step tag); resumes from the last checkpoint after a kill."""
-    from .config import from_dict, parse_overrides
+    from .config import section_config
     from .prm import PRMConfig, train_prm
 
-    train_prm(model, labels, out, from_dict(PRMConfig, parse_overrides(set_), "prm."))
+    train_prm(model, labels, out, section_config(PRMConfig, set_, "prm"))
     console.print(f"saved -> {out}")
 
 
@@ -433,11 +449,11 @@ def dpo_run(
     set_: list[str] = typer.Option([], "--set", help="DPO override, e.g. --set rounds=2 --set threshold=0.2"),
 ):
     """Sample, score, pair and train for dpo.rounds rounds; finished rounds are skipped on a re-run."""
-    from .config import from_dict, parse_overrides
+    from .config import section_config
     from .dpo import DPOConfig, iterative_dpo
     from .records import load_tasks
 
-    cfg = from_dict(DPOConfig, parse_overrides(set_), "dpo.")
+    cfg = section_config(DPOConfig, set_, "dpo")
     records = load_tasks(tasks)
     records = records[:cfg.questions] if cfg.questions else records
     for name, stats in iterative_dpo(sft_model, prm, records, out, cfg).items():
@@ -454,11 +470,11 @@ def dpo_train(
 ):
     """One DPO training run on a pairs file. Launch under accelerate or torchrun for DDP:
     accelerate launch --multi_gpu --num_processes 2 -m chainstep dpo train ..."""
-    from .config import from_dict, parse_overrides
+    from .config import section_config
     from .dpo import DPOConfig, train_dpo
     from .records import load_tasks
 
-    cfg = from_dict(DPOConfig, parse_overrides(set_), "dpo.")
+    cfg = section_config(DPOConfig, set_, "dpo")
     train_dpo(model, pairs, {r["id"]: r for r in load_tasks(tasks)}, out, cfg)
     console.print(f"saved -> {out}")
 
@@ -473,11 +489,11 @@ def grpo(
                                    "--set advantages=step"),
 ):
     """GRPO with the PRM chain score (or the outcome) as reward; resumes after a kill."""
-    from .config import from_dict, parse_overrides
+    from .config import section_config
     from .grpo import GRPOConfig, train_grpo
     from .records import load_tasks
 
-    cfg = from_dict(GRPOConfig, parse_overrides(set_), "grpo.")
+    cfg = section_config(GRPOConfig, set_, "grpo")
     records = load_tasks(tasks)
     train_grpo(sft_model, prm, records[:cfg.questions] if cfg.questions else records, out, cfg)
     console.print(f"saved -> {out}")
@@ -488,7 +504,7 @@ def serve(
     model: Path = typer.Argument(..., help="Saved model directory, e.g. runs/final/models/sft"),
     prm: Path = typer.Option(None, help="PRM directory: enables bon, weighted and beam, and step scores"),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 exposes it to the network)"),
-    port: int = 8000,
+    port: int = typer.Option(8000, help="TCP port to listen on"),
     api_key: str = typer.Option(None, envvar="CHAINSTEP_API_KEY", help="Require Authorization: Bearer KEY"),
     name: str = typer.Option(None, help="Model id clients send [default: the folder name]"),
     max_n: int = typer.Option(16, help="Largest n (or search width) a request may ask for"),
@@ -512,6 +528,8 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory")):
     """Rewrite report.html from a run directory's files."""
     from .report import write_report
 
+    if not (run_dir / "metrics.json").exists():
+        raise ChainstepError(f"{run_dir} has no metrics.json: is it a run directory (chainstep run --out)?")
     console.print(f"report: {write_report(run_dir)}")
 
 

@@ -162,6 +162,21 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return out
 
 
+def section_config(cls, items: list[str], section: str):
+    """A stage command's `--set` items as its section's config: `max_steps=5` and
+    `sft.max_steps=5` mean the same in `chainstep sft`, as in `chainstep run`."""
+    data = {}
+    for key, value in parse_overrides(items).items():
+        head, dot, rest = key.partition(".")
+        if dot and head == section:
+            key = rest
+        elif dot and head in {f.name for f in dataclasses.fields(RunConfig)}:
+            raise ChainstepError(f"--set {key}: this command reads the {section!r} section "
+                                 f"(write {section}.KEY=VALUE or KEY=VALUE)")
+        set_path(data, key, value)
+    return from_dict(cls, data, f"{section}.")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, object] | None = None,
                 quick: bool = False) -> RunConfig:
     """Defaults <- YAML file <- --quick profile <- command-line overrides."""
@@ -189,4 +204,4 @@ def _plain(value):
 
 
 __all__ = ["RunConfig", "ModelConfig", "EvalConfig", "load_config", "dump_config",
-           "parse_overrides", "QUICK"]
+           "parse_overrides", "section_config", "QUICK"]

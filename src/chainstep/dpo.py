@@ -6,13 +6,15 @@ trains with TRL's DPOTrainer (sigmoid loss plus an NLL term on the chosen chain)
 restarts both policy and reference from the SFT checkpoint; only the data comes from the
 latest policy, so a bad round cannot compound.
 
-    chainstep dpo runs/x/models/sft --prm runs/x/models/prm --tasks runs/x/tasks/train.jsonl \\
+    chainstep dpo run runs/x/models/sft runs/x/tasks/train.jsonl --prm runs/x/models/prm \\
         --out runs/x/dpo
-    accelerate launch --multi_gpu --num_processes 2 -m chainstep.cli dpo-train ...   # DDP
+    chainstep dpo train runs/x/models/sft pairs.jsonl runs/x/tasks/train.jsonl --out runs/x/models/dpo
+    accelerate launch --multi_gpu --num_processes 2 -m chainstep dpo train ...   # DDP
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -192,12 +194,17 @@ def _world_size() -> int:
 
 
 def _record_rank(checkpoints: Path, trainer, collator: PreferenceCollator) -> None:
-    """Each process notes the pairs it trained on: proof that every rank took part."""
+    """Each process notes the pairs it trained on and a digest of its weights: proof that every
+    rank took part, and that their gradients were synchronised (the weights agree)."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     rank = trainer.args.process_index
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    digest = hashlib.sha256()
+    for _, param in sorted(model.named_parameters()):
+        digest.update(param.detach().float().cpu().numpy().tobytes())
     (checkpoints / f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world_size": trainer.args.world_size, "pairs_seen": collator.examples_seen,
-         "pid": os.getpid()}))
+         "pid": os.getpid(), "weights_sha256": digest.hexdigest()}))
 
 
 def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[dict], out: Path,

@@ -16,44 +16,15 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
-from .answers import is_correct
-from .benchmarks import BENCHMARKS, grade
-from .judge import ProgrammaticJudge
+from .errors import ChainstepError
+from .grading import grade_response
 from .records import JsonlWriter, iter_jsonl
 from .sampling import Generation, Policy, SamplingParams
-from .steps import Chain, FormatError, extract_answer, parse
 
 Z95 = 1.959963984540054
-
-
-def score_response(text: str, record: dict, style: str = "cos", extractor=None) -> dict:
-    """Grade one response. `cos` needs a parseable chain; `direct` needs an answer span.
-    Benchmark records are graded by their benchmark's own rule, which also reads free text."""
-    if record.get("source") in BENCHMARKS:
-        return grade(record["source"], text, record, extractor)
-    steps = chain = None
-    if style == "cos":
-        try:
-            chain = parse(text)
-            predicted, steps, error = chain.answer, len(chain.steps), None
-        except FormatError as err:
-            predicted, error = None, err.code
-    else:
-        predicted = extract_answer(text)
-        error = None if predicted is not None else "missing_answer"
-    return {"predicted": predicted, "parsed": error is None, "format_error": error,
-            "steps": steps, "correct": error is None and is_correct(predicted, record["answer"]),
-            "steps_right": chain_is_right(chain, record) if style == "cos" else None}
-
-
-def chain_is_right(chain: Chain | None, record: dict) -> bool | None:
-    """Every step rated good by the programmatic judge; an unparseable chain (None) is not right.
-    None when the record has no step facts to check."""
-    if not record.get("meta", {}).get("steps"):
-        return None
-    return chain is not None and all(r == "good" for r in ProgrammaticJudge().rate(record, chain))
 
 
 def family_of(record: dict) -> str:
@@ -65,16 +36,43 @@ def response_row(record: dict, gen: Generation, style: str = "cos", row_id: str 
     """One graded response, as predictions and samples files hold it."""
     return {"id": row_id or record["id"], "question_id": record["id"], "family": family_of(record),
             "answer": record["answer"], "response": gen.text, "tokens": gen.num_tokens,
-            "finish_reason": gen.finish_reason, **score_response(gen.text, record, style, extractor)}
+            "finish_reason": gen.finish_reason, **grade_response(gen.text, record, style, extractor)}
+
+
+def generation_settings(policy: Policy, params: SamplingParams, style: str, extractor=None) -> dict:
+    """What a predictions file's rows depend on: the model (its folder and weight files), the
+    decoding settings, the grading style and answer extraction."""
+    return {"model": getattr(policy, "fingerprint", None), "params": asdict(params), "style": style,
+            "extraction": f"llm:{getattr(extractor.client, 'model', '?')}" if extractor else "rules"}
+
+
+def resumable_rows(out_path: Path, settings: dict) -> dict[str, dict]:
+    """Rows already in `out_path`, by id, if they were made with `settings`; a file made with
+    other settings is refused rather than mixed into the new results. The settings live beside
+    the file (`NAME.settings.json`)."""
+    beside = out_path.with_name(out_path.stem + ".settings.json")
+    settings = json.loads(json.dumps(settings))
+    if out_path.exists() and out_path.stat().st_size:
+        saved = json.loads(beside.read_text()) if beside.exists() else None
+        if saved != settings:
+            changed = sorted(k for k in settings if saved is None or saved.get(k) != settings[k])
+            raise ChainstepError(
+                f"{out_path} holds rows made with other settings ({', '.join(changed)} differ"
+                f"{'; no ' + beside.name if saved is None else ''}); write to another --out or "
+                "delete the file to start again")
+        return {p["id"]: p for p in iter_jsonl(out_path)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    beside.write_text(json.dumps(settings, indent=2))
+    return {}
 
 
 def predict(policy: Policy, records: list[dict], out_path: str | Path, style: str = "cos",
             params: SamplingParams | None = None, extractor=None) -> list[dict]:
     """Greedy (by default) predictions, appended to `out_path` and resumed by id."""
     out_path = Path(out_path)
-    done = {p["id"]: p for p in iter_jsonl(out_path)} if out_path.exists() else {}
-    todo = [r for r in records if r["id"] not in done]
     params = params or SamplingParams()
+    done = resumable_rows(out_path, generation_settings(policy, params, style, extractor))
+    todo = [r for r in records if r["id"] not in done]
     with JsonlWriter(out_path) as writer:
         for start in range(0, len(todo), 256):
             chunk = todo[start:start + 256]
@@ -91,7 +89,7 @@ def sample_responses(policy: Policy, records: list[dict], out_path: str | Path,
     """`params.n` graded samples per record (ids `QID#j`), appended and resumed by id;
     returns question id -> its samples in order."""
     out_path = Path(out_path)
-    done = {p["id"]: p for p in iter_jsonl(out_path)} if out_path.exists() else {}
+    done = resumable_rows(out_path, generation_settings(policy, params, style, extractor))
     ids = {r["id"]: [f"{r['id']}#{j}" for j in range(params.n)] for r in records}
     todo = [r for r in records if any(i not in done for i in ids[r["id"]])]
     with JsonlWriter(out_path) as writer:

@@ -5,8 +5,8 @@ TRL gives one scalar per completion. With `advantages="step"` each step's tokens
 the group-normalised PRM score of that step (the answer's tokens the answer score), the process
 supervision of the GRPO paper: a wrong step is pushed down even inside a chain that ended right.
 
-    chainstep grpo runs/x/models/sft --prm runs/x/models/prm --tasks runs/x/tasks/train.jsonl \\
-        --out runs/x/models/grpo-prm
+    chainstep grpo runs/x/models/sft runs/x/tasks/train.jsonl --prm runs/x/models/prm \\
+        --out runs/x/models/grpo-prm --set reward=prm
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from trl import GRPOConfig as TRLGRPOConfig
 from trl import GRPOTrainer
 
 from .errors import ChainstepError
-from .evaluate import score_response
+from .grading import grade_response
 from .prm import PRM, StepScores, chain_score
 from .records import load_image, prompt_text
 from .sampling import decode_response, foreign_token_ids
@@ -85,12 +85,12 @@ class Reward:
 
 class OutcomeReward(Reward):
     def rewards(self, records, texts):
-        return [float(score_response(t, r)["correct"]) for r, t in zip(records, texts)]
+        return [float(grade_response(t, r)["correct"]) for r, t in zip(records, texts)]
 
 
 class FormatReward(Reward):
     def rewards(self, records, texts):
-        return [float(score_response(t, r)["parsed"]) for r, t in zip(records, texts)]
+        return [float(grade_response(t, r)["parsed"]) for r, t in zip(records, texts)]
 
 
 class PRMReward(Reward):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
+from .errors import ChainstepError
 from .records import load_image, prompt_text
 
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "completion_mask")
@@ -46,18 +47,23 @@ def extend_text(example: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
 
 def encode_example(processor: ProcessorMixin, record: dict, response: str,
                    max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Prompt + response + EOS, with labels on the response tokens only."""
+    """Prompt + response + EOS, with labels on the response tokens only.
+
+    Past `max_length` only the response is cut: cutting into the prompt would drop image tokens
+    whose features the model still receives. A prompt longer than `max_length` is an error."""
     tok = processor.tokenizer
     example = encode_prompt(processor, record)
     prompt_len = example["input_ids"].shape[0]
+    if max_length and prompt_len >= max_length:
+        raise ChainstepError(f"record {record.get('id')}: its prompt alone is {prompt_len} tokens "
+                             f"(image tokens included), max_length is {max_length}; raise max_length")
     response_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    if max_length:
+        response_ids = response_ids[:max_length - prompt_len]
     extend_text(example, torch.tensor(response_ids, dtype=example["input_ids"].dtype))
     labels = example["input_ids"].clone()
     labels[:prompt_len] = -100
     example["labels"] = labels
-    if max_length and example["input_ids"].shape[0] > max_length:
-        example = {k: (v[:max_length] if k in (*PER_TOKEN_KEYS, "labels") else v)
-                   for k, v in example.items()}
     return example
 
 

@@ -29,6 +29,7 @@ from .answers import matches
 from .client import RemoteError
 from .construct import example_row
 from .errors import ChainstepError
+from .grading import grade_response
 from .judge import Judge, JudgeError, ProgrammaticJudge
 from .records import JsonlWriter, done_ids
 from .sampling import Policy, SamplingParams
@@ -38,7 +39,6 @@ from .steps import (
     Chain,
     FormatError,
     Step,
-    extract_answer,
     leading_steps,
     parse,
     render,
@@ -100,7 +100,8 @@ def step_prefixes(response: str) -> list[str]:
 
 def monte_carlo(policy: Policy, items: list[tuple[dict, str]], k: int,
                 params: SamplingParams) -> list[list[float]]:
-    """Per chain, the fraction of k rollouts after each step that reach the right answer.
+    """Per chain, the fraction of k rollouts after each step that reach the right answer, graded
+    as evaluation grades: the whole chain (prefix + rollout) must parse.
 
     All prefixes of all chains go through one generate call, longest prefix first: rollouts
     from the same depth need similar lengths, so a batch does not wait on one long straggler.
@@ -112,7 +113,8 @@ def monte_carlo(policy: Policy, items: list[tuple[dict, str]], k: int,
         prefixes=[flat[i][1] for i in order], progress=False)
     values = [0.0] * len(flat)
     for i, group in zip(order, gens):
-        values[i] = sum(matches(extract_answer(g.text), flat[i][0]) for g in group) / k
+        record, prefix = flat[i]
+        values[i] = sum(grade_response(prefix + g.text, record)["correct"] for g in group) / k
     out, at = [], 0
     for _, response in items:
         count = len(step_prefixes(response))

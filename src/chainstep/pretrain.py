@@ -36,7 +36,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from .errors import ChainstepError
 from .models import load, save
 from .synthetic import COLOURS, FAMILIES, ORDER, SuiteConfig, readings
-from .train_sft import VISION_PATTERNS, last_complete_checkpoint, model_meta
+from .train_sft import VISION_PATTERNS, last_complete_checkpoint, model_meta, quiet_progress
 
 VERSION = 1  # bump when the targets or heads change, so old cache entries are not reused
 PROJECTOR_PATTERNS = ("multi_modal_projector", "connector", "mlp1", "merger")
@@ -191,9 +191,10 @@ def _trainer(heads: PerceptionHeads, processor, grid: int, suite: SuiteConfig, c
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
         logging_steps=max(1, cfg.max_steps // 10), report_to=[], seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
-        disable_tqdm=False)
-    return Trainer(model=heads, args=args, train_dataset=SceneImages(suite, cfg.images, cfg.seed),
-                   data_collator=SceneCollator(processor, grid))
+        disable_tqdm=True)
+    trainer = Trainer(model=heads, args=args, train_dataset=SceneImages(suite, cfg.images, cfg.seed),
+                      data_collator=SceneCollator(processor, grid))
+    return quiet_progress(trainer, "pretrain", checkpoints.with_name(checkpoints.name + "-log.jsonl"))
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from transformers import PreTrainedModel, ProcessorMixin, set_seed
 
 from .errors import ChainstepError
@@ -24,10 +25,11 @@ from .inputs import collate, encode_prompt, extend_text
 from .models import load
 from .records import JsonlWriter, read_jsonl
 from .sampling import SHARED_PREFIX_MODELS
-from .steps import ANSWER_END, BAD_TAG, GOOD_TAG, STEP_END, STEP_TAG, parse, parses, tag_response
+from .steps import ANSWER_END, BAD_TAG, GOOD_TAG, STEP_END, STEP_TAG, parse, parses
 from .train_sft import ResumableTrainer, SFTConfig, fit, prepare_model, training_arguments
 
 AGGREGATES = ("mean", "min", "last", "prod")
+console = Console(stderr=True)
 
 
 @dataclass
@@ -95,29 +97,69 @@ def tag_ids(processor: ProcessorMixin) -> tuple[int, int, int]:
     return ids
 
 
+@dataclass
+class TaggedResponse:
+    """Response ids with a tag id put after every step end and answer end, and what each tag
+    judges. Tags are placed by token id, never found by matching text: a `ки` the response
+    spells itself (a Cyrillic word) is content, not a tag."""
+
+    ids: list[int]
+    tags: list[int]  # positions in `ids`
+    kinds: list[str]  # "step" or "answer" per tag
+
+    @property
+    def well_formed(self) -> bool:
+        """Steps, then at most one answer, last."""
+        return "answer" not in self.kinds[:-1]
+
+
+def tag_response_ids(processor: ProcessorMixin, response: str) -> TaggedResponse:
+    tok = processor.tokenizer
+    tag = tag_ids(processor)[0]
+    ends = {tok.convert_tokens_to_ids(STEP_END): "step", tok.convert_tokens_to_ids(ANSWER_END): "answer"}
+    ids, tags, kinds = [], [], []
+    for token in tok(response, add_special_tokens=False)["input_ids"]:
+        ids.append(token)
+        if token in ends:
+            tags.append(len(ids))
+            kinds.append(ends[token])
+            ids.append(tag)
+    return TaggedResponse(ids, tags, kinds)
+
+
+def tag_count(response: str) -> int:
+    """How many tags a response's structure calls for (step ends and answer ends are special
+    tokens, so counting them in text counts them in ids)."""
+    return response.count(STEP_END) + response.count(ANSWER_END)
+
+
 def encode_prm_example(processor: ProcessorMixin, record: dict, response: str,
                        targets: list[float | None] | None = None) -> dict[str, torch.Tensor]:
     """Prompt + tagged response; `prm_targets` holds a target at each response tag, -100 elsewhere.
 
     With `targets` (training) there must be exactly one per tag; without (scoring) they are 0.
     """
-    tag_id = tag_ids(processor)[0]
     example = encode_prompt(processor, record)
     prompt_len = example["input_ids"].shape[0]
-    ids = processor.tokenizer(tag_response(response), add_special_tokens=False)["input_ids"]
-    extend_text(example, torch.tensor(ids, dtype=example["input_ids"].dtype))
-    is_tag = example["input_ids"] == tag_id
-    is_tag[:prompt_len] = False
-    count = int(is_tag.sum())
+    tagged = tag_response_ids(processor, response)
+    extend_text(example, torch.tensor(tagged.ids, dtype=example["input_ids"].dtype))
     if targets is None:
-        targets = [0.0] * count
-    if len(targets) != count:
-        raise ChainstepError(f"record {record.get('id')}: {len(targets)} labels for {count} step "
-                             "tags in the response")
-    values = torch.full(is_tag.shape, -100.0)
-    values[is_tag] = torch.tensor([-100.0 if t is None else float(t) for t in targets])
+        targets = [0.0] * len(tagged.tags)
+    if len(targets) != len(tagged.tags):
+        raise ChainstepError(f"record {record.get('id')}: {len(targets)} labels for {len(tagged.tags)} "
+                             "step tags in the response")
+    values = torch.full(example["input_ids"].shape, -100.0)
+    values[[prompt_len + t for t in tagged.tags]] = torch.tensor(
+        [-100.0 if t is None else float(t) for t in targets])
     example["prm_targets"] = values
     return example
+
+
+def step_scores(values: list[float], kinds: list[str]) -> StepScores:
+    """Tag probabilities -> step and answer scores: the steps before the first answer tag, and
+    that answer tag (None for a partial chain)."""
+    cut = kinds.index("answer") if "answer" in kinds else len(kinds)
+    return StepScores(values[:cut], values[cut] if cut < len(kinds) else None)
 
 
 def hidden_states(model: PreTrainedModel, batch: dict) -> torch.Tensor:
@@ -203,6 +245,11 @@ def train_prm(model_dir: str | Path, labels_path: str | Path, out_dir: str | Pat
     rows = merge_labels(read_jsonl(labels_path, required=("id", "image", "question", "response",
                                                           "labels", "source")), cfg.merge)
     rows = [r for r in rows if any(label is not None for label in r["labels"])]
+    malformed = [r["id"] for r in rows if len(r["labels"]) != tag_count(r["response"])]
+    rows = [r for r in rows if len(r["labels"]) == tag_count(r["response"])]
+    if malformed:
+        console.print(f"[yellow]prm: {len(malformed)} chains whose labels do not match their step "
+                      f"tags left out (first: {malformed[0]})[/yellow]")
     if not rows:
         raise ChainstepError(f"{labels_path} holds no labelled chains (merge={cfg.merge})")
     model, processor = prepare_model(model_dir, cfg)
@@ -212,7 +259,8 @@ def train_prm(model_dir: str | Path, labels_path: str | Path, out_dir: str | Pat
                          data_collator=_Collator(processor, cfg.soft_labels),
                          label_ids=tag_ids(processor)[1:])
     fit(trainer, cfg, processor, model_dir, out_dir,
-        {"role": "prm", "labels": str(labels_path), "chains": len(rows), "prm": asdict(cfg)})
+        {"role": "prm", "labels": str(labels_path), "chains": len(rows), "malformed_chains": len(malformed),
+         "prm": asdict(cfg)})
     return out_dir
 
 
@@ -225,7 +273,11 @@ class PRM:
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
         self.step_weight, self.aggregate = step_weight, aggregate
         self.label_ids = tag_ids(processor)[1:]
-        self.chains_scored = self.forward_passes = 0
+        self.chains_scored = self.forward_passes = self.malformed_chains = 0
+
+    def _scores(self, values: list[float], tagged: TaggedResponse) -> StepScores:
+        self.malformed_chains += not tagged.well_formed
+        return step_scores(values, tagged.kinds)
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str = "cpu", **kwargs) -> PRM:
@@ -244,9 +296,7 @@ class PRM:
             probs = self._good(hidden_states(self.model, batch)[where])
             counts = where.sum(dim=1).tolist()
             for text, chunk in zip(texts, torch.split(probs, counts)):
-                values = chunk.tolist()
-                answer = values.pop() if ANSWER_END in text and values else None
-                out.append(StepScores(values, answer))
+                out.append(self._scores(chunk.tolist(), tag_response_ids(self.processor, text)))
             self.forward_passes += 1
         self.chains_scored += len(records)
         return out
@@ -274,27 +324,31 @@ class PRM:
         return out
 
     def _score_shared(self, records, prefixes, groups, n: int) -> list[list[StepScores]]:
-        tok, tag_id = self.processor.tokenizer, tag_ids(self.processor)[0]
+        tok = self.processor.tokenizer
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        tagged = [tag_response(p) for p in prefixes]
-        batch = collate([encode_prompt(self.processor, r, t) for r, t in zip(records, tagged)],
-                        tok.pad_token_id, padding_side="left").to(self.model.device)
+        examples, prefix_tags = [], []
+        for record, prefix in zip(records, prefixes):
+            example = encode_prompt(self.processor, record)
+            tagged = tag_response_ids(self.processor, prefix)
+            prefix_tags.append([example["input_ids"].shape[0] + t for t in tagged.tags])
+            extend_text(example, torch.tensor(tagged.ids, dtype=example["input_ids"].dtype))
+            examples.append(example)
+        batch = collate(examples, tok.pad_token_id, padding_side="left").to(self.model.device)
         mask = batch["attention_mask"]
         out = inner.model(**batch, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
         prefix_steps = []
-        for b, text in enumerate(tagged):
-            where = (batch["input_ids"][b] == tag_id).nonzero().flatten()[-text.count(STEP_TAG):] \
-                if STEP_TAG in text else []
-            prefix_steps.append(self._good(out.last_hidden_state[b, where]).tolist() if len(where) else [])
+        for b, (example, tags) in enumerate(zip(examples, prefix_tags)):
+            shift = mask.shape[1] - example["input_ids"].shape[0]  # left padding
+            where = [shift + t for t in tags]
+            prefix_steps.append(self._good(out.last_hidden_state[b, where]).tolist() if where else [])
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)
-        texts = [tag_response(c) for group in groups for c in group]
-        ids = [tok(t, add_special_tokens=False)["input_ids"] or [tok.pad_token_id] for t in texts]
-        longest = max(map(len, ids))
-        cand = torch.full((len(ids), longest), tok.pad_token_id, dtype=torch.long)
+        tagged = [tag_response_ids(self.processor, c) for group in groups for c in group]
+        longest = max(max(len(t.ids) for t in tagged), 1)
+        cand = torch.full((len(tagged), longest), tok.pad_token_id, dtype=torch.long)
         cand_mask = torch.zeros_like(cand)
-        for i, row in enumerate(ids):
-            cand[i, :len(row)], cand_mask[i, :len(row)] = torch.tensor(row), 1
+        for i, t in enumerate(tagged):
+            cand[i, :len(t.ids)], cand_mask[i, :len(t.ids)] = torch.tensor(t.ids, dtype=torch.long), 1
         cand, cand_mask = cand.to(mask.device), cand_mask.to(mask.device)
         start = mask.sum(-1).repeat_interleave(n)[:, None]
         full_mask = torch.cat([mask.repeat_interleave(n, 0), cand_mask], 1)
@@ -303,11 +357,10 @@ class PRM:
                              past_key_values=cache, use_cache=True).last_hidden_state
         self.forward_passes += 2
         scores = []
-        for i, text in enumerate(texts):
-            at_tags = (cand[i] == tag_id) & cand_mask[i].bool()
-            values = prefix_steps[i // n] + self._good(hidden[i][at_tags]).tolist()
-            answer = values.pop() if ANSWER_END in text and values else None
-            scores.append(StepScores(values, answer))
+        for i, t in enumerate(tagged):
+            values = prefix_steps[i // n] + self._good(hidden[i, t.tags]).tolist()
+            scores.append(self._scores(values, TaggedResponse([], [], ["step"] * len(prefix_steps[i // n])
+                                                              + t.kinds)))
         return _regroup(scores, [n] * len(records))
 
     def _good(self, hidden: torch.Tensor) -> torch.Tensor:

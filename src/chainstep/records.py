@@ -3,6 +3,10 @@
 One loader serves every stage. A bad line raises `RecordError` naming file, line and id; a
 half-written last line (the process was killed mid-write) is dropped with a warning instead,
 since appending resumes from it.
+
+An `image` path is stored relative to the file that holds it and resolved on load, so a run
+directory keeps working when it is moved or read from another working directory. In memory
+every path is usable as it stands (absolute, or relative to the working directory).
 """
 
 from __future__ import annotations
@@ -44,7 +48,26 @@ def iter_jsonl(path: str | Path, required: tuple[str, ...] = ("id",)) -> Iterato
         missing = [k for k in required if k not in record]
         if missing:
             raise RecordError(path, number, f"missing field(s) {missing}", record.get("id"))
+        if _is_path(record.get("image")):
+            record["image"] = _loaded_image(record["image"], path.parent)
         yield record
+
+
+def _is_path(image) -> bool:
+    return isinstance(image, str) and bool(image) and "://" not in image and not image.startswith("data:")
+
+
+def _loaded_image(image: str, folder: Path) -> str:
+    if Path(image).is_absolute():
+        return image
+    resolved = folder / image
+    if resolved.exists() or not Path(image).exists():
+        return str(resolved)
+    return image  # written before paths were stored relative to their file
+
+
+def _stored_image(image: str, folder: Path) -> str:
+    return os.path.relpath(os.path.abspath(image), os.path.abspath(folder))
 
 
 def done_ids(path: str | Path) -> set[str]:
@@ -70,6 +93,8 @@ class JsonlWriter:
             self.path.write_bytes(data[:data.rfind(b"\n") + 1])
 
     def write(self, record: dict) -> None:
+        if _is_path(record.get("image")):
+            record = {**record, "image": _stored_image(record["image"], self.path.parent)}
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -89,12 +114,10 @@ class JsonlWriter:
 
 
 def load_tasks(path: str | Path) -> list[dict]:
-    """Task records (DESIGN.md §3) with image paths resolved against the file's folder."""
+    """Task records (DESIGN.md §3)."""
     path = Path(path)
     records = read_jsonl(path, required=TASK_FIELDS)
     for number, record in enumerate(records, start=1):
-        image = Path(record["image"])
-        record["image"] = str(image if image.is_absolute() else path.parent / image)
         if record["options"] is not None and not isinstance(record["options"], list):
             raise RecordError(path, number, "options must be a list or null", record["id"])
     return records

@@ -55,44 +55,66 @@ class Generation:
     finish_reason: str  # "stop" (end of sequence), "step" (step end), or "length"
 
 
-def foreign_token_ids(tokenizer) -> list[int]:
-    """Tokens a policy never writes: added tokens that are not step markers (an <image> in a
-    response would break the image/token alignment wherever it is re-encoded), and the PRM's
-    tags (a `ки` in a response would shift every step label of it)."""
+def end_ids(tokenizer, generation_config=None) -> list[int]:
+    """Tokens that end a response: the tokenizer's EOS and every EOS the generation config names
+    (chat checkpoints end a turn with a token of their own: Llama-3 `<|eot_id|>`, Qwen `<|im_end|>`)."""
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(extra if isinstance(extra, (list, tuple)) else [extra])]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def foreign_token_ids(tokenizer, ends: list[int] | None = None) -> list[int]:
+    """Tokens a policy never writes: added tokens that are not step markers or turn ends (an
+    <image> in a response would break the image/token alignment wherever it is re-encoded), and
+    the PRM's tags (a `ки` in a response would shift every step label of it)."""
     tags = {STEP_TAG, GOOD_TAG, BAD_TAG}
+    keep = set(ends or end_ids(tokenizer))
     return sorted(i for i, t in tokenizer.added_tokens_decoder.items()
-                  if (t.content not in SPECIAL_TOKENS or t.content in tags) and i != tokenizer.eos_token_id)
+                  if (t.content not in SPECIAL_TOKENS or t.content in tags) and i not in keep)
 
 
-def decode_response(tokenizer, ids: list[int]) -> str:
-    """Response text up to the first EOS, step markers kept."""
-    if tokenizer.eos_token_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(ids, skip_special_tokens=False)
+def decode_response(tokenizer, ids: list[int], ends: list[int] | None = None) -> str:
+    """Response text up to the first turn end, step markers kept."""
+    ends = ends or end_ids(tokenizer)
+    cut = next((i for i, token in enumerate(ids) if token in ends), len(ids))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=False)
+
+
+def weights_fingerprint(path: str | Path) -> dict:
+    """A model's identity without reading its weights: its folder and each weight file's size
+    and modification time (a model retrained into the same folder gets a new one)."""
+    path = Path(path).resolve()
+    files = sorted(path.glob("*.safetensors"))
+    return {"path": str(path), "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
 class Policy:
     """A VLM that answers task records; `batch_size` counts sequences, prompts times n."""
 
+    fingerprint: dict | None = None  # set when loaded from a folder
+
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, batch_size: int = 32,
                  share_prefix: bool = True):
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
         self.share_prefix = share_prefix
-        self._read_tokens(processor.tokenizer)
+        self._read_tokens(processor.tokenizer, model.generation_config)
+        self._seeded: int | None = None
 
-    def _read_tokens(self, tok) -> None:
+    def _read_tokens(self, tok, generation_config=None) -> None:
         """Stop and suppressed token ids, looked up by string."""
-        self.eos_id, self.pad_id = tok.eos_token_id, tok.pad_token_id
+        self.end_ids, self.pad_id = end_ids(tok, generation_config), tok.pad_token_id
         self.step_end_id = tok.convert_tokens_to_ids(STEP_END)
         if self.step_end_id is None or self.step_end_id == tok.unk_token_id:
             raise ChainstepError("the tokenizer lacks the step tokens; run `chainstep add-tokens`")
-        self.suppress_ids = foreign_token_ids(tok)
+        self.suppress_ids = foreign_token_ids(tok, self.end_ids)
 
     @classmethod
     def from_dir(cls, path: str | Path, batch_size: int = 32, device: str = "cpu",
                  share_prefix: bool = True) -> Policy:
         model, processor = load(path, device=device)
-        return cls(model, processor, batch_size, share_prefix)
+        policy = cls(model, processor, batch_size, share_prefix)
+        policy.fingerprint = weights_fingerprint(path)
+        return policy
 
     @torch.inference_mode()
     def generate(self, records: list[dict], params: SamplingParams | None = None,
@@ -101,8 +123,9 @@ class Policy:
         """`params.n` generations per record, in record order."""
         params = params or SamplingParams()
         prefixes = prefixes or [""] * len(records)
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
+        if params.seed is not None and params.seed != self._seeded:
+            torch.manual_seed(params.seed)  # once: later calls (beam depths, chunks) draw on
+            self._seeded = params.seed
         per_batch = max(1, self.batch_size // params.n)
         results: list[list[Generation]] = []
         with Progress(disable=not progress, transient=True) as bar:
@@ -116,7 +139,7 @@ class Policy:
     def _generate_batch(self, records, prefixes, params) -> list[list[Generation]]:
         examples = [encode_prompt(self.processor, r, p) for r, p in zip(records, prefixes)]
         batch = collate(examples, self.pad_id, padding_side="left").to(self.model.device)
-        stops = [self.eos_id] + ([self.step_end_id] if params.stop_at_step else [])
+        stops = self.end_ids + ([self.step_end_id] if params.stop_at_step else [])
         sample = params.temperature > 0
         knobs = dict(max_new_tokens=params.max_tokens, do_sample=sample,
                      temperature=params.temperature if sample else None,
@@ -150,7 +173,7 @@ class Policy:
     def _finish(self, ids: list[int], stops: list[int]) -> Generation:
         """Cut at the first stop id: EOS is dropped, a step end is kept (it is step text)."""
         for i, token in enumerate(ids):
-            if token == self.eos_id:
+            if token in self.end_ids:
                 return Generation(self._decode(ids[:i]), i + 1, "stop")
             if token in stops:
                 return Generation(self._decode(ids[:i + 1]), i + 1, "step")
@@ -172,12 +195,13 @@ class VLLMPolicy(Policy):
             from vllm import LLM
         except ImportError:
             raise ChainstepError("the vllm backend needs `pip install vllm` (GPU machines)") from None
-        from transformers import AutoProcessor
+        from transformers import AutoProcessor, GenerationConfig
 
         self.processor = AutoProcessor.from_pretrained(path)
         self.llm = LLM(model=str(path), limit_mm_per_prompt={"image": 1}, **engine_kwargs)
         self.batch_size, self.share_prefix = batch_size, False
-        self._read_tokens(self.processor.tokenizer)
+        self._read_tokens(self.processor.tokenizer, GenerationConfig.from_pretrained(path))
+        self.fingerprint = weights_fingerprint(path)
 
     def generate(self, records: list[dict], params: SamplingParams | None = None,
                  prefixes: list[str] | None = None, progress: bool = True) -> list[list[Generation]]:
@@ -188,7 +212,7 @@ class VLLMPolicy(Policy):
 
         params = params or SamplingParams()
         prefixes = prefixes or [""] * len(records)
-        stops = [self.eos_id] + ([self.step_end_id] if params.stop_at_step else [])
+        stops = self.end_ids + ([self.step_end_id] if params.stop_at_step else [])
         engine = EngineParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                               top_k=params.top_k or -1, max_tokens=params.max_tokens, seed=params.seed,
                               stop_token_ids=stops, skip_special_tokens=False)

@@ -6,8 +6,10 @@
 `n`, `temperature`, `top_p`, `max_tokens`, `stop`, `seed`, `stream`), `GET /v1/models`,
 `GET /health`. `message.content` is the step-format text, markers included. The extension field
 `"chainstep": {"strategy": "greedy"|"sc"|"bon"|"weighted"|"beam", "n": N}` picks a search
-strategy (the PRM ones need `--prm`); every response carries a `chainstep` field with each choice's
-parsed steps and, with a PRM, their scores.
+strategy (the PRM ones need `--prm`); every response, streamed or not, carries a `chainstep` field
+with each choice's parsed steps, and their PRM scores when asked (`"scores": true`) or when the
+strategy ranks by them. Bodies past `max_body_bytes` are refused before any JSON is parsed, and
+images are decoded off the event loop.
 
 Requests that arrive together are generated together: a batcher collects them for a few
 milliseconds and runs one batched `generate` per set of sampling parameters. Streaming sends one
@@ -52,6 +54,7 @@ class ServeConfig:
     max_n: int = 16
     max_tokens: int = 2048
     max_image_bytes: int = 20_000_000
+    max_body_bytes: int = 32_000_000  # refused (413) before the JSON is parsed
     max_image_pixels: int = 40_000_000
     batch_window_ms: float = 5.0
     max_batch: int = 32
@@ -72,6 +75,7 @@ class Message(BaseModel):
 class SearchOptions(BaseModel):
     strategy: Literal["greedy", "sc", "bon", "weighted", "beam"] = "greedy"
     n: int = Field(1, ge=1)
+    scores: bool = False  # PRM scores of every step in the `chainstep` field (needs --prm)
 
 
 class ChatRequest(BaseModel):
@@ -280,12 +284,19 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
         if cfg.api_key and request.url.path.startswith("/v1/") and \
                 request.headers.get("authorization") != f"Bearer {cfg.api_key}":
             return error(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return error(411, "send a Content-Length header")
+            if not length.isdigit() or int(length) > cfg.max_body_bytes:
+                return error(413, f"request body is {length} bytes; the limit is {cfg.max_body_bytes}")
         return await call_next(request)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "prm": prm is not None,
-                "batches": batcher.batches, "requests": batcher.requests}
+                "batches": batcher.batches, "requests": batcher.requests,
+                "prm_chains_scored": prm.chains_scored if prm is not None else 0}
 
     @app.get("/v1/models")
     async def models():
@@ -303,25 +314,31 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
                                     "with --prm DIR")
         if search.strategy != "greedy" and req.n != 1:
             raise RequestError(400, "with a search strategy, set chainstep.n (the search width) and n=1")
-        record = request_record(req, cfg)
+        if search.scores and prm is None:
+            raise RequestError(400, "chainstep.scores needs a PRM: start the server with --prm DIR")
+        record = await asyncio.to_thread(request_record, req, cfg)
         params = _params(req, cfg, req.n if search.strategy == "greedy" else search.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
         if req.stream:
             if search.strategy != "greedy" or req.n != 1:
                 raise RequestError(400, "stream=true serves n=1 without a search strategy")
-            return StreamingResponse(_stream(record, params, req, rid, created),
+            return StreamingResponse(_stream(record, params, req, search, rid, created),
                                      media_type="text/event-stream")
         gens, extra = await _complete(record, params, search)
         cut = [_cut_at_stop(gen, req.stop) for gen in gens]
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
                    for i, (text, reason) in enumerate(cut)]
-        described = await batcher.run(describe, [text for text, _ in cut], record, prm)
+        described = await batcher.run(describe, [text for text, _ in cut], record, _scorer(search))
         completion = sum(g.num_tokens for g in gens)
         prompt = await batcher.run(lambda: len(encode_prompt(policy.processor, record)["input_ids"]))
         return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                 "choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                                               "total_tokens": prompt + completion},
                 "chainstep": {"strategy": search.strategy, "n": params.n, "choices": described, **extra}}
+
+    def _scorer(search: SearchOptions) -> PRM | None:
+        """The PRM runs only where it is asked for, or where the strategy ranks by it anyway."""
+        return prm if search.scores or search.strategy in ("bon", "weighted", "beam") else None
 
     async def _complete(record: dict, params: SamplingParams, search: SearchOptions):
         if search.strategy == "greedy":
@@ -341,28 +358,37 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
         return [Generation(chosen["response"], chosen["tokens"], chosen["finish_reason"])], \
             {"prm_chains": chosen["prm_chains"]}
 
-    async def _stream(record: dict, params: SamplingParams, req: ChatRequest, rid: str, created: int):
-        def chunk(delta: dict, reason: str | None = None) -> str:
+    async def _stream(record: dict, params: SamplingParams, req: ChatRequest, search: SearchOptions,
+                      rid: str, created: int):
+        def chunk(delta: dict, reason: str | None = None, **extra) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
             return f"data: {json.dumps(body)}\n\n"
 
         yield chunk({"role": "assistant", "content": ""})
         text, left, reason = "", params.max_tokens, "length"
-        for _ in range(cfg.max_steps + 1):
-            step = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
-                                  max_tokens=left, stop_at_step=True, seed=params.seed)
-            [gen] = await batcher.generate(record, step, prefix=text)
-            whole = text + gen.text
-            piece, _ = _cut_at_stop(Generation(whole, 0, gen.finish_reason), req.stop)
-            yield chunk({"content": piece[len(text):]})
-            text, left = piece, left - gen.num_tokens
-            if piece != whole or gen.finish_reason == "stop" or ANSWER_END in gen.text:
-                reason = "stop"
-                break
-            if left <= 0 or gen.finish_reason == "length":
-                break
-        yield chunk({}, reason)
+        try:
+            for _ in range(cfg.max_steps + 1):
+                step = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
+                                      max_tokens=left, stop_at_step=True, seed=params.seed)
+                [gen] = await batcher.generate(record, step, prefix=text)
+                whole = text + gen.text
+                piece, _ = _cut_at_stop(Generation(whole, 0, gen.finish_reason), req.stop)
+                yield chunk({"content": piece[len(text):]})
+                text, left = piece, left - gen.num_tokens
+                if piece != whole or gen.finish_reason == "stop" or ANSWER_END in gen.text:
+                    reason = "stop"
+                    break
+                if left <= 0 or gen.finish_reason == "length":
+                    break
+            described = await batcher.run(describe, [text], record, _scorer(search))
+        except Exception as err:  # noqa: BLE001 - the client must hear that the stream broke
+            failure = {"message": f"generation failed after streaming began: {err}", "type": "server_error",
+                       "code": 500}
+            yield f"data: {json.dumps({'error': failure})}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        yield chunk({}, reason, chainstep={"strategy": "greedy", "n": 1, "choices": described})
         yield "data: [DONE]\n\n"
 
     return app

@@ -353,7 +353,8 @@ def make_tasks(cfg: SuiteConfig, out_dir: str | Path, splits: tuple[str, ...] = 
                 written += 1
                 if record["id"] in done:
                     continue
-                (out_dir / record["image"]).write_bytes(png)
-                writer.write(record)
+                image = out_dir / record["image"]
+                image.write_bytes(png)
+                writer.write({**record, "image": str(image)})
         counts[split] = {"records": written, "skipped_duplicates": skipped}
     return counts

@@ -15,7 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .errors import ChainstepError
 from .inputs import SFTCollator
@@ -130,14 +133,60 @@ def training_kwargs(cfg: SFTConfig, checkpoints: Path) -> dict:
         logging_steps=max(1, cfg.max_steps // 20), report_to=[],
         seed=cfg.seed, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, remove_unused_columns=False, activation_checkpointing=False,
-        disable_tqdm=False,
+        disable_tqdm=True,
     )
+
+
+class RichProgress(TrainerCallback):
+    """One progress line per training stage (steps, loss, time left) instead of the Trainer's
+    tqdm bar and printed dicts; every log entry also goes to `log_path` as a JSON line."""
+
+    def __init__(self, description: str, log_path: Path):
+        self.description, self.log_path = description, Path(log_path)
+        self.progress: Progress | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                                 console=Console(stderr=True))
+        self.task = self.progress.add_task(self.description, total=state.max_steps,
+                                           completed=state.global_step, loss="-")
+        self.progress.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if self.progress and "loss" in logs:
+            self.progress.update(self.task, loss=f"{float(logs['loss']):.4f}")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
+
+
+def quiet_progress(trainer: Trainer, description: str, log_path: Path) -> Trainer:
+    """Swap the Trainer's printing for `RichProgress`."""
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    trainer.add_callback(RichProgress(description, log_path))
+    return trainer
 
 
 def fit(trainer: ResumableTrainer, cfg: SFTConfig, processor, model_dir: Path, out_dir: Path,
         meta: dict) -> Path:
     """Train (resuming from the last complete checkpoint), merge LoRA, save with a summary."""
     last = last_complete_checkpoint(Path(trainer.args.output_dir))
+    quiet_progress(trainer, out_dir.name, Path(trainer.args.output_dir) / "train_log.jsonl")
     result = trainer.train(resume_from_checkpoint=last)
     model = trainer.model.merge_and_unload() if cfg.lora else trainer.model
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
