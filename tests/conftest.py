@@ -17,6 +17,14 @@ from chainstep.teacher import ProgrammaticTeacher
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Pretrained towers go to a cache of the test session's own, never the user's."""
+    import os
+
+    os.environ["CHAINSTEP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def suite_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("suite")

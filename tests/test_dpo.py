@@ -149,24 +149,28 @@ def _logp(model, processor, records, pairs, side: str) -> float:
     return float((logp * target.ne(-100)).sum())
 
 
-def _write_samples(records, path, n=3):
-    """A round's samples written ahead (sampling resumes by id, so none are drawn): pairs then
-    do not depend on what the tiny test policy happens to write."""
-    rows = []
-    for r in records:
-        for j, answer in enumerate([r["answer"], "no such answer", None][:n]):
-            text = render(Chain([Step("Read", f"Value: {j}", "ok")], answer)) if answer else "broken"
-            rows.append({"id": f"{r['id']}#{j}", "question_id": r["id"], "response": text,
-                         "correct": j == 0, "parsed": answer is not None, "steps": 1, "tokens": 20 + j})
-    write_pairs(rows, path)
+def _scripted_samples(monkeypatch, n=3):
+    """Rounds sample fixed chains (right, wrong, broken per question): pairs then do not depend
+    on what the tiny test policy happens to write."""
+    def sample(policy, records, path, params, *args, **kwargs):
+        out = {}
+        for r in records:
+            rows = out.setdefault(r["id"], [])
+            for j, answer in enumerate([r["answer"], "no such answer", None][:n]):
+                text = render(Chain([Step("Read", f"Value: {j}", "ok")], answer)) if answer else "broken"
+                rows.append({"id": f"{r['id']}#{j}", "question_id": r["id"], "response": text,
+                             "correct": j == 0, "parsed": answer is not None, "steps": 1, "tokens": 20 + j})
+        return out
+
+    monkeypatch.setattr("chainstep.dpo.sample_responses", sample)
 
 
-def test_every_round_restarts_from_sft_and_samples_the_latest_policy(sft_model_dir, train_records, tmp_path):
+def test_every_round_restarts_from_sft_and_samples_the_latest_policy(sft_model_dir, train_records, tmp_path,
+                                                                     monkeypatch):
     records = train_records[:4]
-    for k in (1, 2):
-        _write_samples(records, tmp_path / "data" / f"dpo-r{k}-samples.jsonl")
+    _scripted_samples(monkeypatch)
     cfg = DPOConfig(rounds=2, samples=3, pair_source="outcome", max_steps=1, per_device_train_batch_size=2,
-                    save_steps=100)
+                    save_steps=100, min_pairs=2)
     stats = iterative_dpo(sft_model_dir, None, records, tmp_path, cfg, batch_size=16)
     assert stats["dpo-r1"]["policy"] == str(sft_model_dir)
     assert stats["dpo-r2"]["policy"] == str(tmp_path / "models" / "dpo-r1")
@@ -179,6 +183,17 @@ def test_every_round_restarts_from_sft_and_samples_the_latest_policy(sft_model_d
     stamp = weights.stat().st_mtime
     again = iterative_dpo(sft_model_dir, None, records, tmp_path, cfg, batch_size=16)
     assert again == stats and weights.stat().st_mtime == stamp  # finished rounds are skipped
+
+
+def test_a_round_with_too_few_pairs_trains_nothing_and_says_so(sft_model_dir, train_records, tmp_path,
+                                                               capsys, monkeypatch):
+    records = train_records[:4]
+    _scripted_samples(monkeypatch)
+    cfg = DPOConfig(rounds=1, samples=3, pair_source="outcome", max_steps=1, min_pairs=8)
+    stats = iterative_dpo(sft_model_dir, None, records, tmp_path, cfg, batch_size=16)
+    assert stats["dpo-r1"]["pairs"] == 4 and not stats["dpo-r1"]["trained"]
+    assert not (tmp_path / "models" / "dpo-r1").exists()  # so no comparison can be made with it
+    assert "too little to change the model" in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_round_without_pairs_trains_nothing(sft_model_dir, train_records, tmp_path):

@@ -48,7 +48,7 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
 
     again = CliRunner().invoke(app, ["run", "--quick", "--out", str(out)])
     assert again.exit_code == 0, again.output
-    assert again.output.count("done, skipping") == 15
+    assert again.output.count("done, skipping") == 16
 
     changed = CliRunner().invoke(app, ["run", "--quick", "--out", str(out),
                                        "--set", "sft.max_steps=3"])

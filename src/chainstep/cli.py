@@ -147,6 +147,8 @@ def construct(
                                 "e.g. question=query,answer=label,image=img"),
     image_dir: Path = typer.Option(None, help="Where input images are found or written"),
     seed: int = typer.Option(0, help="Programmatic teacher's wording seed"),
+    shard: str = typer.Option(None, help="I/N: only shard I of N (records by a stable hash of their id), "
+                              "into its own file; join with `chainstep merge`"),
 ):
     """Teacher chains for every task, filtered, resumable (kill it and start again).
 
@@ -156,6 +158,7 @@ def construct(
     from .client import ChatClient
     from .construct import construct as run_construct
     from .datafiles import load_inputs
+    from .shards import Shard
     from .teacher import TEMPLATE, HTTPTeacher, ProgrammaticTeacher
 
     if teacher and not model:
@@ -166,7 +169,7 @@ def construct(
                                     max_tokens=1024), template or TEMPLATE) \
         if teacher else ProgrammaticTeacher(seed)
     console.print(run_construct(records, out, chosen, concurrency=concurrency if teacher else 1,
-                                retry_remote=retry_remote))
+                                retry_remote=retry_remote, shard=Shard.parse(shard)))
 
 
 def _column_mapping(columns: str) -> dict[str, str]:
@@ -254,6 +257,9 @@ def evaluate(
     extract_model: str = typer.Option("gpt-4o-mini", help="Model name at --extract-url"),
     backend: str = typer.Option("hf", help=BACKEND_HELP),
     batch_size: int = typer.Option(64, help="Sequences per generate call (questions x n)"),
+    shard: str = typer.Option(None, help="I/N: only shard I of N (records by a stable hash of their id), "
+                              "greedy only, into its own file; `chainstep merge`, then eval again "
+                              "for the metrics"),
 ):
     """Evaluate with 95% intervals and compute counts, on task records or one of the paper's benchmarks.
 
@@ -267,6 +273,7 @@ def evaluate(
     from .evaluate import predict, summarize, update_metrics
     from .sampling import SamplingParams, load_policy
     from .search import STRATEGIES, search_predictions
+    from .shards import Shard, mark_done
 
     if style not in ("cos", "direct"):
         raise ChainstepError(f"--style {style!r}: choose cos or direct")
@@ -282,7 +289,17 @@ def evaluate(
             raise ChainstepError("--extract-url applies to --benchmark evaluations")
         extractor = LLMExtractor(ChatClient(extract_url, extract_model, max_tokens=32))
         settings["extraction"] = f"llm:{extract_model}"
+    part = Shard.parse(shard)
+    if part and strategy != "greedy":
+        raise ChainstepError("--shard splits greedy evaluation; search strategies run unsharded")
     policy = load_policy(model, backend, batch_size)
+    if part:
+        path, chosen = part.path(out / f"{name}-{split}.jsonl"), part.select(records)
+        preds = predict(policy, chosen, path, style, SamplingParams(max_tokens=settings["max_tokens"]),
+                        extractor)
+        mark_done(path, part, chosen, records)
+        console.print(f"shard {part}: {sum(p['correct'] for p in preds)}/{len(preds)} right -> {path}")
+        return
     if strategy == "greedy":
         preds = predict(policy, records, out / f"{name}-{split}.jsonl", style,
                         SamplingParams(max_tokens=settings["max_tokens"]), extractor)
@@ -356,6 +373,8 @@ def sample(
     seed: int = typer.Option(0, help="Random seed, set once for the whole command"),
     batch_size: int = typer.Option(64, help="Sequences per generate call (questions x n)"),
     backend: str = typer.Option("hf", help=BACKEND_HELP),
+    shard: str = typer.Option(None, help="I/N: only shard I of N (records by a stable hash of their id), "
+                              "into its own file; join with `chainstep merge`"),
 ):
     """Sample N graded chains per question.
 
@@ -364,11 +383,16 @@ def sample(
     from .evaluate import sample_responses
     from .records import load_tasks
     from .sampling import SamplingParams, load_policy
+    from .shards import Shard, mark_done
 
-    records = load_tasks(tasks)
-    records = records[:limit] if limit else records
-    got = sample_responses(load_policy(model, backend, batch_size), records, out,
+    every = load_tasks(tasks)
+    every = every[:limit] if limit else every
+    part = Shard.parse(shard)
+    records, path = (part.select(every), part.path(out)) if part else (every, out)
+    got = sample_responses(load_policy(model, backend, batch_size), records, path,
                            SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
+    if part:
+        mark_done(path, part, records, every)
     rows = [r for group in got.values() for r in group]
     console.print({"chains": len(rows), "correct": sum(r["correct"] for r in rows) / max(1, len(rows)),
                    "parsed": sum(r["parsed"] for r in rows) / max(1, len(rows))})
@@ -383,6 +407,8 @@ def label(
     judge_url: str = typer.Option(None, help="OpenAI-compatible base URL for an LLM judge"),
     judge_model: str = typer.Option(None, help="Model name at --judge-url"),
     set_: list[str] = typer.Option([], "--set", help="Label override, e.g. --set rollouts=16"),
+    shard: str = typer.Option(None, help="I/N: only shard I of N (records by a stable hash of their id), "
+                              "into its own file; join with `chainstep merge`"),
 ):
     """Step labels from MC rollouts, a judge, and perturbed teacher chains."""
     from .client import ChatClient
@@ -392,13 +418,22 @@ def label(
     from .label import label as run_label
     from .records import load_tasks, read_jsonl
     from .sampling import Policy
+    from .shards import Shard, mark_done
 
     cfg = section_config(LabelConfig, set_, "label")
     judge = HTTPJudge(ChatClient(judge_url, judge_model or "default")) if judge_url else None
     if cfg.mc and policy is None:
         raise ChainstepError("Monte Carlo labels need --policy (or --set mc=false)")
-    console.print(run_label(read_jsonl(samples), load_tasks(tasks), out, cfg,
-                            Policy.from_dir(policy) if policy else None, judge))
+    every, rows, part = load_tasks(tasks), read_jsonl(samples), Shard.parse(shard)
+    if part:
+        records = part.select(every)
+        rows = [r for r in rows if part.holds(r.get("question_id", r["id"]))]
+        out = part.path(out)
+    else:
+        records = every
+    console.print(run_label(rows, records, out, cfg, Policy.from_dir(policy) if policy else None, judge))
+    if part:
+        mark_done(out, part, records, every)
 
 
 prm_app = typer.Typer(help="Process reward model: train and evaluate.", no_args_is_help=True)
@@ -521,6 +556,20 @@ def serve(
 
     run_server(model, prm, ServeConfig(host=host, port=port, api_key=api_key, name=name, max_n=max_n,
                                        max_tokens=max_tokens, batch_window_ms=batch_window_ms), backend)
+
+
+@app.command()
+def merge(
+    path: Path = typer.Argument(..., help="The file the shards stand for, e.g. data/samples.jsonl"),
+    shards: int = typer.Option(..., help="N: how many shards the work was split into"),
+):
+    """Join the shards of a --shard I/N run into PATH, checking none is missing or unfinished.
+
+    Example: chainstep merge data/samples.jsonl --shards 4
+    """
+    from .shards import merge as merge_shards
+
+    console.print(merge_shards(path, shards))
 
 
 @app.command()

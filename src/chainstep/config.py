@@ -75,7 +75,7 @@ QUICK: dict[str, object] = {
     "dpo.questions": 6, "dpo.samples": 4, "dpo.threshold": 0.0,
     # the quick model's chains rarely parse at T=1.0, and a chosen chain must parse
     "dpo.temperature": 0.5, "dpo.max_steps": 2, "dpo.save_steps": 2,
-    "dpo.per_device_train_batch_size": 4, "dpo.ablation": ["outcome"],
+    "dpo.per_device_train_batch_size": 4, "dpo.ablation": ["outcome"], "dpo.min_pairs": 1,
     "grpo.questions": 4, "grpo.num_generations": 4, "grpo.per_device_train_batch_size": 8,
     "grpo.max_steps": 1, "grpo.save_steps": 1, "grpo.max_tokens": 64,
 }

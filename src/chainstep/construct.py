@@ -20,6 +20,7 @@ from rich.progress import track
 from .answers import matches
 from .client import RemoteError
 from .records import JsonlWriter, done_ids, iter_jsonl, load_tasks
+from .shards import Shard, mark_done
 from .steps import ANSWER_END, ANSWER_START, Chain, FormatError, parse
 from .teacher import Teacher
 
@@ -63,17 +64,21 @@ def example_row(record: dict, response: str) -> dict:
             "response": response}
 
 
+OUTPUTS = ("sft.jsonl", "rejects.jsonl", "direct.jsonl")
+
+
 def construct(tasks: str | Path | list[dict], out_dir: str | Path, teacher: Teacher,
               cfg: FilterConfig | None = None, concurrency: int = 1,
-              retry_remote: bool = False) -> dict:
+              retry_remote: bool = False, shard: Shard | None = None) -> dict:
     """Run the teacher over every task not yet done, `concurrency` requests in flight; returns
     accepted/rejected counts (and the teacher's token usage). A request that fails for good is
-    rejected as `remote:<why>`; `retry_remote` asks again for those records on a later run."""
+    rejected as `remote:<why>`; `retry_remote` asks again for those records on a later run.
+    With `shard`, only its records, into its own files (`sft.shard-I-of-N.jsonl`, ...)."""
     cfg = cfg or FilterConfig()
     out_dir = Path(out_dir)
-    records = load_tasks(tasks) if isinstance(tasks, (str, Path)) else tasks
-    sft_path, rejects_path, direct_path = (out_dir / n for n in
-                                           ("sft.jsonl", "rejects.jsonl", "direct.jsonl"))
+    every = load_tasks(tasks) if isinstance(tasks, (str, Path)) else tasks
+    records = shard.select(every) if shard else every
+    sft_path, rejects_path, direct_path = (shard.path(out_dir / n) if shard else out_dir / n for n in OUTPUTS)
     if retry_remote:
         _drop_remote_rejects(rejects_path)
     finished = done_ids(sft_path) | done_ids(rejects_path)
@@ -98,6 +103,9 @@ def construct(tasks: str | Path | list[dict], out_dir: str | Path, teacher: Teac
              "rejected_by_reason": dict(Counter(rejected.values())), "rejected_now_by_reason": dict(reasons)}
     if getattr(teacher, "usage", None) is not None:
         stats["tokens"] = dict(teacher.usage)
+    if shard and not any(str(r).startswith("remote:") for r in rejected.values()):
+        for path in (sft_path, rejects_path, direct_path):
+            mark_done(path, shard, records, every)
     return stats
 
 

@@ -54,6 +54,7 @@ class DPOConfig(SFTConfig):
     ablation: tuple[str, ...] = ("outcome", "prm_answer")  # other sources `chainstep run` tries in round 1
     threshold: float = 0.05  # minimum score gap between chosen and rejected
     pairs_per_question: int = 2  # i-th best vs i-th worst, while the gap holds
+    min_pairs: int = 8  # fewer is too little to change the model: the round trains nothing, says so
     beta: float = 0.1
     sft_weight: float = 1.0  # NLL on the chosen chain (TRL loss_type ["sigmoid", "sft"])
     step_weight: float = 0.2  # PRM chain score = w * mean(steps) + (1 - w) * answer
@@ -174,7 +175,9 @@ def train_dpo(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
     rows = [{"image": records[p["question_id"]]["image"], "record": json.dumps(records[p["question_id"]]),
              "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
     steps = math.ceil(cfg.epochs * len(pairs) / (cfg.per_device_train_batch_size * _world_size()))
-    cfg = replace(cfg, max_steps=max(1, min(cfg.max_steps, steps)))
+    steps = max(1, min(cfg.max_steps, steps))
+    # a short round still takes steps at a learning rate above 0, after its warm-up
+    cfg = replace(cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, steps // 2))
     model, processor = prepare_model(model_dir, cfg)
     ref = None if cfg.lora else load(model_dir)[0]
     checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
@@ -227,8 +230,8 @@ def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[di
                         "parsed": _mean(r["parsed"] for r in rows),
                         "tokens": _mean(r["tokens"] for r in rows),
                         "steps": _mean(r["steps"] for r in rows if r["steps"] is not None)}
-    stats["policy"], stats["trained"] = str(policy_dir), bool(pairs)
-    if pairs:
+    stats["policy"], stats["trained"] = str(policy_dir), len(pairs) >= max(1, cfg.min_pairs)
+    if stats["trained"]:
         train_dpo(sft_dir, pairs_path, {r["id"]: r for r in records}, out / "models" / name, cfg)
     return stats
 
@@ -248,8 +251,9 @@ def _mean(values) -> float | None:
 def iterative_dpo(sft_dir: str | Path, prm_dir: str | Path | None, records: list[dict],
                   out: str | Path, cfg: DPOConfig | None = None, batch_size: int = 64) -> dict[str, dict]:
     """`cfg.rounds` rounds; round k samples from round k-1's model (the SFT model first) and
-    writes `out/models/dpo-r{k}`. Finished rounds are skipped on a re-run. A round without a
-    pair over the threshold trains nothing (`trained: false`); the next samples from the same policy."""
+    writes `out/models/dpo-r{k}`. Finished rounds are skipped on a re-run. A round with fewer than
+    `min_pairs` pairs over the threshold trains nothing (`trained: false`), so no comparison is
+    made with it; the next samples from the same policy."""
     cfg = cfg or DPOConfig()
     sft_dir, out = Path(sft_dir), Path(out)
     prm = _load_prm(prm_dir, cfg.pair_source, batch_size)
@@ -294,6 +298,7 @@ def _round_once(policy, sft_dir, prm, records, out: Path, name: str, cfg: DPOCon
         stats = dpo_round(policy, sft_dir, prm, records, out, name, cfg, batch_size, samples_name)
         marker.write_text(json.dumps(stats, indent=2))
     if not stats["trained"]:
-        console.print(f"[yellow]{name}: no pair passed dpo.threshold={cfg.threshold}; nothing trained "
-                      "(lower the threshold or sample more chains per question)[/yellow]")
+        console.print(f"[yellow]{name}: {stats['pairs']} pairs passed dpo.threshold={cfg.threshold}, fewer "
+                      f"than dpo.min_pairs={cfg.min_pairs}: too little to change the model, nothing trained "
+                      "and no comparison made (lower the threshold or sample more questions)[/yellow]")
     return stats

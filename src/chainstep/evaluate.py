@@ -40,7 +40,7 @@ def response_row(record: dict, gen: Generation, style: str = "cos", row_id: str 
 
 
 def generation_settings(policy: Policy, params: SamplingParams, style: str, extractor=None) -> dict:
-    """What a predictions file's rows depend on: the model (its folder and weight files), the
+    """What a predictions file's rows depend on: the model (its weights' fingerprint), the
     decoding settings, the grading style and answer extraction."""
     return {"model": getattr(policy, "fingerprint", None), "params": asdict(params), "style": style,
             "extraction": f"llm:{getattr(extractor.client, 'model', '?')}" if extractor else "rules"}

@@ -175,6 +175,8 @@ def train_grpo(model_dir: str | Path, prm_dir: str | Path | None, records: list[
     if not records:
         raise ChainstepError("GRPO needs at least one training question")
     set_seed(cfg.seed)
+    # a short run still takes steps at a learning rate above 0, after its warm-up
+    cfg = replace(cfg, warmup_steps=min(cfg.warmup_steps, cfg.max_steps // 2))
     model, processor = prepare_model(model_dir, cfg)
     by_id, tok = {r["id"]: r for r in records}, processor.tokenizer
     if cfg.reward == "prm":

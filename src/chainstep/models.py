@@ -26,6 +26,7 @@ from transformers import (
     ProcessorMixin,
 )
 from transformers.utils import is_torchvision_available
+from transformers.utils import logging as hf_logging
 
 from .errors import ChainstepError
 from .steps import SPECIAL_TOKENS, TOKEN_DESCRIPTIONS
@@ -38,6 +39,7 @@ IMAGE_TOKENS = (
     "<img>", "</img>", "<IMG_CONTEXT>", "<video>",
 )
 IMAGE_SIZE = 96
+hf_logging.disable_progress_bar()  # "Loading weights" bars would break up chainstep's own progress lines
 
 
 @dataclass(frozen=True)
@@ -305,7 +307,7 @@ def save(model: PreTrainedModel, processor: ProcessorMixin, path: str | Path,
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32,
-         device: str = "cpu") -> tuple[PreTrainedModel, ProcessorMixin]:
+         device: str | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Load any local VLM directory; weights are read from safetensors only, never unpickled."""
     path = Path(path)
     if not (path / "config.json").exists():
@@ -318,7 +320,12 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32,
     if getattr(processor, "chat_template", None) is None:
         raise ChainstepError(f"{path} has no chat template on its processor; add one "
                              "(chat_template.jinja) so prompts can be built")
-    return model.to(device), processor
+    return model.to(device or default_device()), processor
+
+
+def default_device() -> str:
+    """The GPU when there is one: generation and scoring run where training does."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_step_tokens(model: PreTrainedModel, processor: ProcessorMixin) -> list[str]:

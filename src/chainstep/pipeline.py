@@ -309,7 +309,7 @@ def evaluate_improved(r: Run) -> dict:
         preds = {"sft": read_jsonl(r.eval / f"sft-{split}.jsonl")}
         for name in improved_models(r.cfg):
             if not (r.models / name).exists():
-                info[f"{name}/{split}"] = "not trained (no pairs)"
+                info[f"{name}/{split}"] = "not trained (too few pairs to change the model)"
                 continue
             policy = _policy(r, name)
             preds[name] = predict(policy, records, r.eval / f"{name}-{split}.jsonl", "cos", params)

@@ -172,15 +172,16 @@ class PerceptionHeads(nn.Module):
         return {"loss": loss, "reading_logits": logits, "token_logits": token_logits}
 
 
-def _grid(model: nn.Module, processor) -> int:
-    probe = draw(0, SuiteConfig(), 0)["image"]
+def _token_layout(model: nn.Module, processor, suite: SuiteConfig) -> tuple[int, int]:
+    """(grid side, hidden size) of the image features the language model receives."""
+    probe = draw(0, suite, 0)["image"]
     with torch.no_grad():
         tokens = image_features(model, dict(processor.image_processor([probe], return_tensors="pt")))
     grid = int(round(tokens.shape[1] ** 0.5))
     if grid * grid != tokens.shape[1]:
         raise ChainstepError(f"pretraining needs a square grid of image tokens; this model gives "
                              f"{tokens.shape[1]} per image")
-    return grid
+    return grid, tokens.shape[-1]
 
 
 def _trainer(heads: PerceptionHeads, processor, grid: int, suite: SuiteConfig, cfg: PretrainConfig,
@@ -206,7 +207,7 @@ def reading_accuracy(heads: PerceptionHeads, processor, grid: int, suite: SuiteC
     right: dict[str, list[bool]] = {f: [] for f in suite.families}
     for start in range(0, count, 128):
         items = [draw(i, suite, HELD_OUT_SEED) for i in range(start, min(count, start + 128))]
-        batch = collate(items)
+        batch = {k: v.to(heads.family.weight.device) for k, v in collate(items).items()}
         predicted = heads(**batch)["reading_logits"].argmax(-1)
         for family, ok in zip(batch["family"].tolist(), (predicted == batch["readings"]).all(-1).tolist()):
             right[suite.families[family]].append(ok)
@@ -219,7 +220,7 @@ def pretrain(model_dir: str | Path, out_dir: str | Path, suite: SuiteConfig | No
     whole model to `out_dir`, its vision marked pretrained so SFT freezes it."""
     suite, cfg = suite or SuiteConfig(), cfg or PretrainConfig()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model, processor = load(model_dir)
+    model, processor = load(model_dir, device="cpu")  # the Trainer moves it where it trains
     params = perception_parameters(model)
     if not params:
         raise ChainstepError(f"{model_dir}: found no vision tower or projector to pretrain")
@@ -242,9 +243,7 @@ def _train(model, processor, suite: SuiteConfig, cfg: PretrainConfig, checkpoint
     set_seed(cfg.seed)
     for name, param in model.named_parameters():
         param.requires_grad_(any(v in name for v in VISION_PATTERNS + PROJECTOR_PATTERNS))
-    grid = _grid(model, processor)
-    hidden = image_features(model, dict(processor.image_processor(
-        [draw(0, suite, 0)["image"]], return_tensors="pt"))).shape[-1]
+    grid, hidden = _token_layout(model, processor, suite)
     heads = PerceptionHeads(model, hidden, len(suite.families))
     trainer = _trainer(heads, processor, grid, suite, cfg, checkpoints)
     result = trainer.train(resume_from_checkpoint=last_complete_checkpoint(checkpoints))
@@ -263,7 +262,7 @@ def _store(entry: Path, model: nn.Module, info: dict) -> None:
     partial = entry.with_name(entry.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    state = {n: p.detach().contiguous() for n, p in perception_parameters(model).items()}
+    state = {n: p.detach().cpu().contiguous() for n, p in perception_parameters(model).items()}
     save_file(state, partial / "perception.safetensors")
     (partial / "meta.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(entry, ignore_errors=True)

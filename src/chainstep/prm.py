@@ -280,7 +280,7 @@ class PRM:
         return step_scores(values, tagged.kinds)
 
     @classmethod
-    def from_dir(cls, path: str | Path, device: str = "cpu", **kwargs) -> PRM:
+    def from_dir(cls, path: str | Path, device: str | None = None, **kwargs) -> PRM:
         model, processor = load(path, device=device)
         return cls(model, processor, **kwargs)
 

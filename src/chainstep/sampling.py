@@ -8,6 +8,7 @@ decoder skips special tokens. `stop_at_step` ends a sequence after `<|reasoning_
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,18 +81,25 @@ def decode_response(tokenizer, ids: list[int], ends: list[int] | None = None) ->
     return tokenizer.decode(ids[:cut], skip_special_tokens=False)
 
 
-def weights_fingerprint(path: str | Path) -> dict:
-    """A model's identity without reading its weights: its folder and each weight file's size
-    and modification time (a model retrained into the same folder gets a new one)."""
-    path = Path(path).resolve()
-    files = sorted(path.glob("*.safetensors"))
-    return {"path": str(path), "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+def weights_fingerprint(path: str | Path) -> list[list]:
+    """A model's identity, the same on any machine and in any folder, without reading all of
+    its weights: each weight file's name, size and a hash of its first and last megabyte (two
+    trainings differ there as everywhere else)."""
+    out = []
+    for file in sorted(Path(path).glob("*.safetensors")):
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            head = handle.read(1 << 20)
+            handle.seek(max(0, size - (1 << 20)))
+            digest = hashlib.sha256(head + handle.read()).hexdigest()[:16]
+        out.append([file.name, size, digest])
+    return out
 
 
 class Policy:
     """A VLM that answers task records; `batch_size` counts sequences, prompts times n."""
 
-    fingerprint: dict | None = None  # set when loaded from a folder
+    fingerprint: list | None = None  # set when loaded from a folder
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, batch_size: int = 32,
                  share_prefix: bool = True):
@@ -109,7 +117,7 @@ class Policy:
         self.suppress_ids = foreign_token_ids(tok, self.end_ids)
 
     @classmethod
-    def from_dir(cls, path: str | Path, batch_size: int = 32, device: str = "cpu",
+    def from_dir(cls, path: str | Path, batch_size: int = 32, device: str | None = None,
                  share_prefix: bool = True) -> Policy:
         model, processor = load(path, device=device)
         policy = cls(model, processor, batch_size, share_prefix)

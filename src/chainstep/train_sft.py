@@ -33,7 +33,7 @@ LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|g
 class SFTConfig:
     """Training knobs, named as in transformers' TrainingArguments."""
 
-    max_steps: int = 450  # optimizer steps; sets the time budget (~0.83 s/step, tiny model, 2 cores)
+    max_steps: int = 900  # optimizer steps; sets the time budget (~0.39 s/step, tiny model, 2 cores)
     per_device_train_batch_size: int = 16
     learning_rate: float = 1e-3  # 1e-3 for tiny random models; ~1e-5 full / 2e-4 LoRA for real
     lr_scheduler_type: str = "cosine"
