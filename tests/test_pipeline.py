@@ -53,3 +53,32 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     changed = CliRunner().invoke(app, ["run", "--quick", "--out", str(out),
                                        "--set", "sft.max_steps=3"])
     assert changed.exit_code != 0
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_training_resumes_and_finishes(tmp_path):
+    """kill -9 during CoS SFT, run the same command again: it resumes from the checkpoint and
+    ends with every result row."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "quick"
+    cmd = [sys.executable, "-m", "chainstep", "run", "--quick", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "models" / "sft-checkpoints").glob(
+            "checkpoint-*/trainer_state.json")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stages" / "sft.json").exists()  # killed inside the SFT stage
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "models" / "sft" / "chainstep.json").read_text())["resumed_from"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    models = {r["model"] for r in metrics["results"] if r["split"] == "test"}
+    assert {"sft", "base", "grpo-prm", "grpo-outcome", "grpo-prm-step"} <= models
+    assert len(list((out / "stages").glob("*.json"))) == 16

@@ -62,21 +62,24 @@ def test_params_are_validated():
         SamplingParams(top_p=0)
 
 
-@pytest.mark.parametrize("arch", ["llava", "llava_next", "idefics3", "internvl", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "idefics3", "internvl"])
 def test_shared_prefill_gives_the_same_samples(tiny_model_dir, sft_model_dir, test_records, arch):
     """n samples from one shared prefill must equal n samples from n prefills (top_k=1 makes
     sampling deterministic); prefixes of different lengths exercise left padding."""
-    from chainstep.sampling import SHARED_PREFIX_MODELS
-
     path = sft_model_dir if arch == "llava" else tiny_model_dir(arch)
     shared, plain = Policy.from_dir(path, batch_size=8), Policy.from_dir(path, batch_size=8)
     plain.share_prefix = False
-    assert shared.shares_prefix == (arch in SHARED_PREFIX_MODELS)
+    assert shared.shares_prefix and not plain.shares_prefix  # two different code paths
     params = SamplingParams(n=2, temperature=1.0, top_k=1, max_tokens=16)
     prefixes = ["", "<|reasoning_start|>\n", "<|reasoning_start|>\n<|reasoning_step_start|>\n"]
     a = [[g.text for g in gs] for gs in shared.generate(test_records[:3], params, prefixes)]
     b = [[g.text for g in gs] for gs in plain.generate(test_records[:3], params, prefixes)]
     assert a == b
+
+
+def test_qwen2_vl_never_shares_a_prefill(tiny_model_dir):
+    """Its multimodal rotary positions depend on the whole sequence: it re-encodes per sample."""
+    assert not Policy.from_dir(tiny_model_dir("qwen2_vl")).shares_prefix
 
 
 def test_image_chat_and_prm_tag_tokens_are_never_generated(policy):

@@ -196,6 +196,17 @@ def test_concurrent_requests_are_batched(served, image_url):
     assert after["batches"] - health["batches"] < 6
 
 
+def test_a_seeded_request_does_not_depend_on_its_batch_mates(served, image_url):
+    body = {"model": "tiny-sft", "messages": user("How many?", image_url), "temperature": 1.0, "n": 2,
+            "max_tokens": 24, "seed": 7}
+    alone = post(served, body)[1]["choices"]
+    with ThreadPoolExecutor(3) as pool:  # arrive together, inside one batch window
+        together = list(pool.map(lambda _: post(served, body)[1]["choices"], range(3)))
+    assert all(t == alone for t in together)
+    other = post(served, {**body, "seed": 8})[1]["choices"]
+    assert other != alone
+
+
 def _png(size) -> str:
     buffer = io.BytesIO()
     Image.new("1", size).save(buffer, format="PNG")

@@ -124,6 +124,11 @@ class Policy:
         policy.fingerprint = weights_fingerprint(path)
         return policy
 
+    def reseed(self, seed: int) -> None:
+        """Restart the random stream: what one seeded request (the server's) needs."""
+        torch.manual_seed(seed)
+        self._seeded = seed
+
     @torch.inference_mode()
     def generate(self, records: list[dict], params: SamplingParams | None = None,
                  prefixes: list[str] | None = None, progress: bool = True
@@ -132,8 +137,7 @@ class Policy:
         params = params or SamplingParams()
         prefixes = prefixes or [""] * len(records)
         if params.seed is not None and params.seed != self._seeded:
-            torch.manual_seed(params.seed)  # once: later calls (beam depths, chunks) draw on
-            self._seeded = params.seed
+            self.reseed(params.seed)  # once: later calls (beam depths, chunks) draw on
         per_batch = max(1, self.batch_size // params.n)
         results: list[list[Generation]] = []
         with Progress(disable=not progress, transient=True) as bar:

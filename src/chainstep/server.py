@@ -188,18 +188,26 @@ class Batcher:
                 await self._run_group(group[0][2], group)
 
     async def _run_group(self, params: SamplingParams, group: list) -> None:
+        if params.seed is not None and len(group) > 1:  # a seeded request owns its random stream
+            for item in group:
+                await self._run_group(params, [item])
+            return
         self.batches += 1
         self.requests += len(group)
         try:
-            out = await self.run(lambda: self.policy.generate([g[0] for g in group], params,
-                                                              prefixes=[g[1] for g in group],
-                                                              progress=False))
+            out = await self.run(lambda: self._generate(group, params))
         except Exception as err:  # noqa: BLE001 - every waiting request must hear about it
             for *_, future in group:
                 future.set_exception(err)
             return
         for (*_, future), gens in zip(group, out):
             future.set_result(gens)
+
+    def _generate(self, group: list, params: SamplingParams) -> list[list[Generation]]:
+        if params.seed is not None:
+            self.policy.reseed(params.seed)  # the same answer whoever else is asking
+        return self.policy.generate([g[0] for g in group], params, prefixes=[g[1] for g in group],
+                                    progress=False)
 
 
 # ---------------------------------------------------------------- the app
@@ -370,7 +378,8 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
         try:
             for _ in range(cfg.max_steps + 1):
                 step = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
-                                      max_tokens=left, stop_at_step=True, seed=params.seed)
+                                      max_tokens=left, stop_at_step=True,
+                                      seed=None if text else params.seed)
                 [gen] = await batcher.generate(record, step, prefix=text)
                 whole = text + gen.text
                 piece, _ = _cut_at_stop(Generation(whole, 0, gen.finish_reason), req.stop)
