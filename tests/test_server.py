@@ -17,6 +17,7 @@ from chainstep.client import image_data_url
 from chainstep.prm import PRM
 from chainstep.sampling import Policy
 from chainstep.server import ServeConfig, create_app
+from chainstep.steps import parse
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -180,7 +181,14 @@ def test_search_strategies_with_step_scores(served, image_url, train_records, st
     extra = out.model_extra["chainstep"]
     assert extra["strategy"] == strategy and extra["n"] == 2 and len(out.choices) == 1
     chosen = extra["choices"][0]
-    assert chosen["format_error"] or all(0 <= s["score"] <= 1 for s in chosen["steps"])
+    text = out.choices[0].message.content
+    assert chosen["answer"] == (None if chosen["format_error"] else parse(text).answer)
+    if strategy == "sc":  # majority vote never runs the PRM
+        assert "chain_score" not in chosen and extra["prm_chains"] == 0
+    else:  # the PRM ranked 2 candidates, and a chosen chain that parses carries its scores
+        assert extra["prm_chains"] >= 2
+        assert chosen["format_error"] or (0 <= chosen["chain_score"] <= 1
+                                          and all(0 <= s["score"] <= 1 for s in chosen["steps"]))
     if strategy == "beam":
         assert extra["prm_forward_passes"] >= 1
 
