@@ -31,7 +31,7 @@ tasks_app = typer.Typer(help="The synthetic visual reasoning suite.", no_args_is
 app.add_typer(tasks_app, name="tasks")
 
 SET_HELP = "Config override key.sub=value (repeatable), e.g. --set sft.max_steps=200"
-BACKEND_HELP = "Sampling backend: hf (transformers) or vllm (if installed)"
+BACKEND_HELP = "Sampling backend: hf (transformers) or vllm (if installed; untested, see README)"
 
 
 @app.command()
