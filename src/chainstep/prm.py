@@ -107,10 +107,6 @@ class TaggedResponse:
     tags: list[int]  # positions in `ids`
     kinds: list[str]  # "step" or "answer" per tag
 
-    @property
-    def well_formed(self) -> bool:
-        """Steps, then at most one answer, last."""
-        return "answer" not in self.kinds[:-1]
 
 
 def tag_response_ids(processor: ProcessorMixin, response: str) -> TaggedResponse:
@@ -153,6 +149,11 @@ def encode_prm_example(processor: ProcessorMixin, record: dict, response: str,
         [-100.0 if t is None else float(t) for t in targets])
     example["prm_targets"] = values
     return example
+
+
+def tags_in_order(kinds: list[str]) -> bool:
+    """Step tags, then at most one answer tag, last."""
+    return "answer" not in kinds[:-1]
 
 
 def step_scores(values: list[float], kinds: list[str]) -> StepScores:
@@ -275,9 +276,9 @@ class PRM:
         self.label_ids = tag_ids(processor)[1:]
         self.chains_scored = self.forward_passes = self.malformed_chains = 0
 
-    def _scores(self, values: list[float], tagged: TaggedResponse) -> StepScores:
-        self.malformed_chains += not tagged.well_formed
-        return step_scores(values, tagged.kinds)
+    def _scores(self, values: list[float], kinds: list[str]) -> StepScores:
+        self.malformed_chains += not tags_in_order(kinds)
+        return step_scores(values, kinds)
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | None = None, **kwargs) -> PRM:
@@ -296,7 +297,7 @@ class PRM:
             probs = self._good(hidden_states(self.model, batch)[where])
             counts = where.sum(dim=1).tolist()
             for text, chunk in zip(texts, torch.split(probs, counts)):
-                out.append(self._scores(chunk.tolist(), tag_response_ids(self.processor, text)))
+                out.append(self._scores(chunk.tolist(), tag_response_ids(self.processor, text).kinds))
             self.forward_passes += 1
         self.chains_scored += len(records)
         return out
@@ -359,8 +360,7 @@ class PRM:
         scores = []
         for i, t in enumerate(tagged):
             values = prefix_steps[i // n] + self._good(hidden[i, t.tags]).tolist()
-            scores.append(self._scores(values, TaggedResponse([], [], ["step"] * len(prefix_steps[i // n])
-                                                              + t.kinds)))
+            scores.append(self._scores(values, ["step"] * len(prefix_steps[i // n]) + t.kinds))
         return _regroup(scores, [n] * len(records))
 
     def _good(self, hidden: torch.Tensor) -> torch.Tensor:
