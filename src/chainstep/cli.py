@@ -273,7 +273,7 @@ def evaluate(
     from .evaluate import predict, summarize, update_metrics
     from .sampling import SamplingParams, load_policy
     from .search import STRATEGIES, search_predictions
-    from .shards import Shard, mark_done
+    from .shards import sharded
 
     if style not in ("cos", "direct"):
         raise ChainstepError(f"--style {style!r}: choose cos or direct")
@@ -289,16 +289,14 @@ def evaluate(
             raise ChainstepError("--extract-url applies to --benchmark evaluations")
         extractor = LLMExtractor(ChatClient(extract_url, extract_model, max_tokens=32))
         settings["extraction"] = f"llm:{extract_model}"
-    part = Shard.parse(shard)
-    if part and strategy != "greedy":
+    if shard and strategy != "greedy":
         raise ChainstepError("--shard splits greedy evaluation; search strategies run unsharded")
     policy = load_policy(model, backend, batch_size)
-    if part:
-        path, chosen = part.path(out / f"{name}-{split}.jsonl"), part.select(records)
-        preds = predict(policy, chosen, path, style, SamplingParams(max_tokens=settings["max_tokens"]),
-                        extractor)
-        mark_done(path, part, chosen, records)
-        console.print(f"shard {part}: {sum(p['correct'] for p in preds)}/{len(preds)} right -> {path}")
+    if shard:
+        with sharded(shard, records, out / f"{name}-{split}.jsonl") as (chosen, path):
+            preds = predict(policy, chosen, path, style, SamplingParams(max_tokens=settings["max_tokens"]),
+                            extractor)
+        console.print(f"shard {shard}: {sum(p['correct'] for p in preds)}/{len(preds)} right -> {path}")
         return
     if strategy == "greedy":
         preds = predict(policy, records, out / f"{name}-{split}.jsonl", style,
@@ -383,16 +381,12 @@ def sample(
     from .evaluate import sample_responses
     from .records import load_tasks
     from .sampling import SamplingParams, load_policy
-    from .shards import Shard, mark_done
+    from .shards import sharded
 
     every = load_tasks(tasks)
-    every = every[:limit] if limit else every
-    part = Shard.parse(shard)
-    records, path = (part.select(every), part.path(out)) if part else (every, out)
-    got = sample_responses(load_policy(model, backend, batch_size), records, path,
-                           SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
-    if part:
-        mark_done(path, part, records, every)
+    with sharded(shard, every[:limit] if limit else every, out) as (records, path):
+        got = sample_responses(load_policy(model, backend, batch_size), records, path,
+                               SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
     rows = [r for group in got.values() for r in group]
     console.print({"chains": len(rows), "correct": sum(r["correct"] for r in rows) / max(1, len(rows)),
                    "parsed": sum(r["parsed"] for r in rows) / max(1, len(rows))})
@@ -418,22 +412,18 @@ def label(
     from .label import label as run_label
     from .records import load_tasks, read_jsonl
     from .sampling import Policy
-    from .shards import Shard, mark_done
+    from .shards import sharded
 
     cfg = section_config(LabelConfig, set_, "label")
     judge = HTTPJudge(ChatClient(judge_url, judge_model or "default")) if judge_url else None
     if cfg.mc and policy is None:
         raise ChainstepError("Monte Carlo labels need --policy (or --set mc=false)")
-    every, rows, part = load_tasks(tasks), read_jsonl(samples), Shard.parse(shard)
-    if part:
-        records = part.select(every)
-        rows = [r for r in rows if part.holds(r.get("question_id", r["id"]))]
-        out = part.path(out)
-    else:
-        records = every
-    console.print(run_label(rows, records, out, cfg, Policy.from_dir(policy) if policy else None, judge))
-    if part:
-        mark_done(out, part, records, every)
+    rows = read_jsonl(samples)
+    with sharded(shard, load_tasks(tasks), out) as (records, path):
+        if shard:
+            mine = {r["id"] for r in records}
+            rows = [r for r in rows if r.get("question_id", r["id"]) in mine]
+        console.print(run_label(rows, records, path, cfg, Policy.from_dir(policy) if policy else None, judge))
 
 
 prm_app = typer.Typer(help="Process reward model: train and evaluate.", no_args_is_help=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import ChainstepError
 from .grading import grade_response
-from .records import JsonlWriter, iter_jsonl
+from .records import JsonlWriter, iter_jsonl, settings_path
 from .sampling import Generation, Policy, SamplingParams
 
 Z95 = 1.959963984540054
@@ -50,7 +50,7 @@ def resumable_rows(out_path: Path, settings: dict) -> dict[str, dict]:
     """Rows already in `out_path`, by id, if they were made with `settings`; a file made with
     other settings is refused rather than mixed into the new results. The settings live beside
     the file (`NAME.settings.json`)."""
-    beside = out_path.with_name(out_path.stem + ".settings.json")
+    beside = settings_path(out_path)
     settings = json.loads(json.dumps(settings))
     if out_path.exists() and out_path.stat().st_size:
         saved = json.loads(beside.read_text()) if beside.exists() else None

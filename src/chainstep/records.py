@@ -70,6 +70,12 @@ def _stored_image(image: str, folder: Path) -> str:
     return os.path.relpath(os.path.abspath(image), os.path.abspath(folder))
 
 
+def settings_path(path: str | Path) -> Path:
+    """Where the settings a records file was made under are kept: `NAME.settings.json` beside it."""
+    path = Path(path)
+    return path.with_name(path.stem + ".settings.json")
+
+
 def done_ids(path: str | Path) -> set[str]:
     """Ids already written, so a resumed stage skips them."""
     path = Path(path)

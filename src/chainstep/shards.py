@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChainstepError
-from .records import JsonlWriter, iter_jsonl
+from .records import JsonlWriter, iter_jsonl, settings_path
 
 _SPEC = re.compile(r"^(\d+)/(\d+)$")
 
@@ -59,10 +61,6 @@ def _done_path(path: Path) -> Path:
     return path.with_name(path.stem + ".done.json")
 
 
-def _settings_path(path: Path) -> Path:
-    return path.with_name(path.stem + ".settings.json")
-
-
 def mark_done(path: str | Path, shard: Shard, records: list[dict], all_records: list[dict]) -> Path:
     """Record that `shard` finished writing `path` for `records` (positions in `all_records`)."""
     position = {r["id"]: i for i, r in enumerate(all_records)}
@@ -70,6 +68,19 @@ def mark_done(path: str | Path, shard: Shard, records: list[dict], all_records: 
     done.write_text(json.dumps({"shard": str(shard), "records": [[position[r["id"]], r["id"]]
                                                                    for r in records]}))
     return done
+
+
+@contextmanager
+def sharded(spec: str | None, records: list[dict], path: str | Path) -> Iterator[tuple[list[dict], Path]]:
+    """The records and output file of shard `spec` ("I/N"; all of them and `path` itself without
+    one); the shard is marked done when the block finishes without an error."""
+    shard = Shard.parse(spec)
+    if shard is None:
+        yield records, Path(path)
+        return
+    mine, part = shard.select(records), shard.path(path)
+    yield mine, part
+    mark_done(part, shard, mine, records)
 
 
 def merge(path: str | Path, count: int) -> dict:
@@ -111,12 +122,12 @@ def merge(path: str | Path, count: int) -> dict:
     with JsonlWriter(path) as writer:
         writer.write_all(rows)
     if settings is not None:
-        _settings_path(path).write_text(json.dumps(settings, indent=2))
+        settings_path(path).write_text(json.dumps(settings, indent=2))
     return {"file": str(path), "shards": count, "records": len(order), "rows": len(rows)}
 
 
 def _same_settings(part: Path, shard: Shard, settings: dict | None) -> dict | None:
-    beside = _settings_path(part)
+    beside = settings_path(part)
     if not beside.exists():
         return settings
     mine = json.loads(beside.read_text())
