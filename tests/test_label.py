@@ -1,8 +1,7 @@
-import random
 
 from chainstep.evaluate import sample_responses
 from chainstep.judge import ProgrammaticJudge
-from chainstep.label import LabelConfig, judge_labels, label, mc_labels, monte_carlo, perturb, step_prefixes
+from chainstep.label import LabelConfig, judge_labels, label, mc_labels, monte_carlo, step_prefixes
 from chainstep.records import read_jsonl
 from chainstep.sampling import Generation, Policy, SamplingParams
 from chainstep.steps import STEP_END, parse
@@ -29,18 +28,6 @@ def test_step_prefixes_end_at_each_step(train_records):
     assert len(prefixes) == len(parse(text).steps)
     assert all(p.endswith(STEP_END) and text.startswith(p) for p in prefixes)
     assert [p.count(STEP_END) for p in prefixes] == list(range(1, len(prefixes) + 1))
-
-
-def test_perturbations_put_exactly_one_error_in(train_records):
-    teacher, judge = ProgrammaticTeacher(), ProgrammaticJudge()
-    for i, record in enumerate(train_records):
-        original = teacher.chain(record)
-        changed = perturb(record, original, random.Random(i))
-        bad_steps = judge.rate(record, changed).count("bad")
-        wrong_answer = changed.answer != original.answer
-        assert changed != original
-        assert bad_steps + wrong_answer in (1, 2)  # a wrong final step also changes the answer
-        assert bad_steps <= 1
 
 
 def test_monte_carlo_values_are_rollout_fractions(sft_model_dir, train_records):
@@ -85,7 +72,7 @@ def test_label_writes_every_source_once_and_resumes(sft_model_dir, train_records
     again = label(rows, records, out, cfg, policy)
     written = read_jsonl(out)
     assert len({r["id"] for r in written}) == len(written)
-    assert first["perturb"] == 4 and "perturb" not in again and "mc" not in again
+    assert first["perturb"] == 8 and "perturb" not in again and "mc" not in again
     assert first["mc"] >= 1 and first["judge"] >= 1
     for row in written:  # one label per tag: after every step end and the answer end
         tags = row["response"].count(STEP_END) + row["response"].count("<|answer_end|>")

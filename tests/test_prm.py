@@ -7,6 +7,7 @@ from chainstep import models
 from chainstep.errors import ChainstepError
 from chainstep.inputs import collate
 from chainstep.prm import (
+    LIKELIHOOD_OFFSET,
     PRM,
     PRMConfig,
     StepScores,
@@ -16,6 +17,8 @@ from chainstep.prm import (
     evaluate_prm,
     head_logits,
     hidden_states,
+    judged_span,
+    marker_ids,
     merge_labels,
     prm_loss,
     ranking_auroc,
@@ -25,7 +28,7 @@ from chainstep.prm import (
     train_prm,
 )
 from chainstep.records import JsonlWriter, read_jsonl
-from chainstep.steps import ANSWER_END, STEP_END, parse
+from chainstep.steps import ANSWER_END, ANSWER_START, STEP_END, THOUGHT_END, THOUGHT_START, parse
 from chainstep.teacher import ProgrammaticTeacher
 
 
@@ -219,11 +222,11 @@ def test_lora_prm_trains_and_merges(tiny_model_dir, train_records, tmp_path):
     assert changed and all("language_model" in n for n in changed)
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch,head", [("llava", "tag"), ("qwen2_vl", "tag"), ("llava", "likelihood")])
 def test_scoring_continuations_on_a_shared_prefix_equals_scoring_them_whole(tiny_model_dir, train_records,
-                                                                             arch):
+                                                                             arch, head):
     model, processor = models.load(tiny_model_dir(arch))
-    prm = PRM(model, processor, batch_size=4)
+    prm = PRM(model, processor, batch_size=4, head=head)
     texts = [ProgrammaticTeacher().explain(r) for r in train_records[:3]]
     prefixes = ["", texts[1].split(STEP_END)[0] + STEP_END,
                 STEP_END.join(texts[2].split(STEP_END)[:3]) + STEP_END]
@@ -249,3 +252,58 @@ def test_training_leaves_out_chains_whose_labels_miss_their_tags(tiny_model_dir,
     out = train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", cfg)
     meta = json.loads((out / "chainstep.json").read_text())
     assert (meta["chains"], meta["malformed_chains"]) == (4, 1)
+
+
+def test_likelihood_head_reads_the_least_likely_token_of_each_thought_and_answer(llava, train_records):
+    model, processor = llava
+    row = _rows(train_records, 1)[0]
+    batch = collate([encode_prm_example(processor, row, row["response"])], processor.tokenizer.pad_token_id)
+    tags = batch.pop("prm_targets")[0].ge(0).nonzero().flatten().tolist()
+    ids = batch["input_ids"][0].tolist()
+    with torch.no_grad():
+        logprobs = model(**batch).logits[0].float().log_softmax(-1)
+    scores = PRM(model, processor, head="likelihood").score([row], [row["response"]])[0]
+    tok = processor.tokenizer
+    starts, ends = tok.convert_tokens_to_ids([THOUGHT_START, ANSWER_START]), \
+        tok.convert_tokens_to_ids([THOUGHT_END, ANSWER_END])
+    for tag, p in zip(tags, scores.steps + [scores.answer]):
+        span = judged_span(ids, tag, marker_ids(processor))
+        assert ids[span.start - 1] in starts and ids[span.stop - 1] in ends and span.stop <= tag
+        least = min(logprobs[j - 1, ids[j]].item() for j in span)
+        assert p == pytest.approx(1 / (1 + math.exp(-(least + LIKELIHOOD_OFFSET))), abs=1e-4)
+
+
+def test_likelihood_training_targets_stop_at_the_first_error(llava, train_records):
+    from chainstep.prm import _Collator
+
+    model, processor = llava
+    right, wrong = _rows(train_records, 2)
+    steps = len(parse(wrong["response"]).steps)
+    rows = [{**right, "labels": [1] * (len(parse(right["response"]).steps) + 1)},
+            {**wrong, "labels": [1, 0] + [0] * (steps - 1)}]
+    batch = _Collator(processor, soft=False, lm=True)(rows)
+    targets = batch["prm_targets"][1][batch["prm_targets"][1].ne(-100)].tolist()
+    assert targets == [1.0, 0.0]  # the tags after the first bad one are left out
+    labels = batch["labels"]
+    assert labels[1].eq(-100).all()  # no next-token loss on a wrong chain
+    response = labels[0].ne(-100)
+    assert response.sum() > 0 and not (response & batch["prm_targets"][0].ne(-100)).any()  # tags excluded
+    assert torch.equal(labels[0][response], batch["input_ids"][0][response])
+
+
+def test_likelihood_prm_training_makes_right_chains_likelier(tiny_model_dir, train_records, tmp_path):
+    import json
+
+    path = _label_file(tmp_path / "labels.jsonl", train_records[:16], verdicts=((1, ""),))
+    rows = read_jsonl(path)
+    texts = [r["response"] for r in rows]
+    before = PRM.from_dir(tiny_model_dir("llava"), head="likelihood").score(rows, texts)
+    cfg = PRMConfig(head="likelihood", max_steps=8, per_device_train_batch_size=8, learning_rate=5e-3,
+                    save_steps=100, warmup_steps=0, bf16=False)
+    out = train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", cfg)
+    assert json.loads((out / "chainstep.json").read_text())["prm"]["head"] == "likelihood"
+    prm = PRM.from_dir(out)
+    assert prm.head == "likelihood"
+    after = prm.score(rows, texts)
+    mean = lambda scores: sum(sum(s.steps) + s.answer for s in scores) / len(scores)  # noqa: E731
+    assert mean(after) > mean(before) + 0.15

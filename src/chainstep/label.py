@@ -5,9 +5,9 @@
   good if any rollout is right, `soft` if the fraction reaches `threshold`. The value is kept
   beside the label so a PRM can train on it.
 - **Judge**: every step rated good / neutral / bad; `neutral` maps to good, bad or no label.
-- **Perturbed teacher chains**: one fact of a correct chain changed (a reading, the final
-  operation, or the answer) and judged; free labels the policy never sees, which give the
-  verifier an advantage over the policy it checks.
+- **Perturbed teacher chains** (`perturb.py`): a right chain with one error put in and
+  everything after it recomputed, beside its clean twin; free labels the policy never sees,
+  which give the verifier an advantage over the policy it checks.
 The tag after the answer is labelled by answer correctness in every source.
 
     chainstep label runs/x/data/samples.jsonl runs/x/tasks/train.jsonl runs/x/models/sft \
@@ -17,7 +17,6 @@ The tag after the answer is labelled by answer correctness in every source.
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from .construct import example_row
 from .errors import ChainstepError
 from .grading import grade_response
 from .judge import Judge, JudgeError, ProgrammaticJudge
+from .perturb import clean_labels, perturb
 from .records import JsonlWriter, done_ids
 from .sampling import Policy, SamplingParams
 from .steps import (
@@ -38,15 +38,11 @@ from .steps import (
     STEP_END,
     Chain,
     FormatError,
-    Step,
     leading_steps,
     parse,
     render,
 )
 from .teacher import ProgrammaticTeacher
-
-SIZES = ("small", "medium", "large")
-_NUMBER = re.compile(r"-?\d+$")
 
 
 @dataclass
@@ -64,7 +60,7 @@ class LabelConfig:
     threshold: float = 0.5
     neutral: str = "bad"  # what a neutral rating becomes: good, bad or drop
     mc_chains: int = 48  # MC-label at most this many sampled chains; 0 = all
-    perturbed: int = 0  # perturbed teacher chains per question, judge-labelled (hurt ranking here)
+    perturbed: int = 1  # teacher chains per question with one error put in, each beside its clean twin
     temperature: float = 1.0  # rollout sampling temperature
     max_tokens: int = 256
     concurrency: int = 8  # judge requests in flight (HTTP judge)
@@ -123,56 +119,16 @@ def monte_carlo(policy: Policy, items: list[tuple[dict, str]], k: int,
     return out
 
 
-def _other_number(value: str, rng: random.Random) -> str:
-    n = int(value)
-    return str(rng.choice([v for v in (n - 2, n - 1, n + 1, n + 2) if v >= 0]))
-
-
-def _other_option(record: dict, letter: str, rng: random.Random) -> tuple[str, str]:
-    options = record["options"]
-    j = rng.choice([i for i in range(len(options)) if "ABCD"[i] != letter])
-    return options[j], "ABCD"[j]
-
-
-def perturb(record: dict, chain: Chain, rng: random.Random) -> Chain:
-    """One error put into a correct chain: a misread value, a wrong final step, or a wrong answer."""
-    steps = list(chain.steps)
-    kind = rng.choice(("read", "final", "answer"))
-    answer = chain.answer
-    last = steps[-1].thought
-    if kind == "read":
-        i = rng.randrange(len(steps) - 1)
-        value = steps[i].thought.rstrip(".").rsplit(": ", 1)[-1]
-        new = rng.choice([s for s in SIZES if s != value]) if value in SIZES else _other_number(value, rng)
-        steps[i] = Step(steps[i].name, _replace_last(steps[i].thought, value, new), steps[i].reflection)
-    elif kind == "final" and record.get("options"):
-        colour, letter = _other_option(record, answer, rng)
-        head = last.rsplit(": ", 1)[0]
-        steps[-1] = Step(steps[-1].name, f"{head}: {colour}, option {letter}", steps[-1].reflection)
-        answer = letter
-    elif kind == "final" and _NUMBER.search(last.rstrip(".")):
-        result = _NUMBER.search(last.rstrip(".")).group()
-        answer = _other_number(result, rng)
-        steps[-1] = Step(steps[-1].name, _replace_last(last, result, answer), steps[-1].reflection)
-    else:
-        answer = _other_option(record, answer, rng)[1] if record.get("options") else \
-            _other_number(answer, rng)
-    return Chain(tuple(steps), answer)
-
-
-def _replace_last(text: str, old: str, new: str) -> str:
-    head, _, tail = text.rpartition(old)
-    return head + new + tail
-
-
 def _row(record: dict, sample_id: str, source: str, response: str, labels: list, **extra) -> dict:
     return {**example_row(record, response), "id": f"{sample_id}/{source}", "sample_id": sample_id,
             "question_id": record["id"], "source": source, "labels": labels, **extra}
 
 
 def label(samples: list[dict], records: list[dict], out_path: str | Path, cfg: LabelConfig,
-          policy: Policy | None = None, judge: Judge | None = None) -> dict:
-    """Write label rows for `samples` (graded responses) into `out_path`; resumable by id."""
+          policy: Policy | None = None, judge: Judge | None = None,
+          perturb_records: list[dict] | None = None) -> dict:
+    """Write label rows for `samples` (graded responses) into `out_path`; resumable by id.
+    Perturbed chains come from `perturb_records` (default: `records`)."""
     if cfg.mc and policy is None:
         raise ChainstepError("Monte Carlo labels need the policy (label.mc=true)")
     out_path = Path(out_path)
@@ -187,7 +143,7 @@ def label(samples: list[dict], records: list[dict], out_path: str | Path, cfg: L
             todo = [s for s in samples if f"{s['id']}/judge" not in done]
             _judge_rows(todo, by_id, judge, cfg, writer, rejected, stats)
         if cfg.perturbed:
-            _perturbed_rows(records, cfg, done, writer, stats)
+            _perturbed_rows(records if perturb_records is None else perturb_records, cfg, done, writer, stats)
         if cfg.mc:
             stats["mc_skipped_unparsed"] = len(samples) - len(chains)
             picked = chains[:cfg.mc_chains] if cfg.mc_chains else chains
@@ -234,20 +190,19 @@ def _judge_rows(todo, by_id, judge, cfg, writer, rejected, stats) -> None:
 
 
 def _perturbed_rows(records, cfg, done, writer, stats) -> None:
-    teacher, judge = ProgrammaticTeacher(cfg.seed), ProgrammaticJudge()
+    """Per question and j < `perturbed`: a teacher chain with one error and its clean twin."""
     for record in records:
         if not record.get("meta", {}).get("steps"):
             continue
         for j in range(cfg.perturbed):
-            sample_id = f"{record['id']}~p{j}"
-            if f"{sample_id}/perturb" in done:
-                continue
-            rng = random.Random(f"{cfg.seed}:{sample_id}")
-            chain = perturb(record, teacher.chain(record), rng)
-            labels = judge_labels(judge.rate(record, chain), cfg.neutral)
-            labels.append(int(matches(chain.answer, record)))
-            writer.write(_row(record, sample_id, "perturb", render(chain), labels))
-            stats["perturb"] += 1
+            chain = ProgrammaticTeacher(cfg.seed + j).chain(record)
+            wrong = perturb(record, chain, random.Random(f"{cfg.seed}:{record['id']}:{j}"))
+            for sample_id, made, labels, kind in (
+                    (f"{record['id']}~p{j}", wrong.chain, wrong.labels, wrong.kind),
+                    (f"{record['id']}~c{j}", chain, clean_labels(chain), "none")):
+                if f"{sample_id}/perturb" not in done:
+                    writer.write(_row(record, sample_id, "perturb", render(made), labels, error=kind))
+                    stats["perturb"] += 1
 
 
 def _mc_rows(todo, by_id, policy, cfg, writer, stats) -> None:

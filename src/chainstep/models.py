@@ -54,6 +54,7 @@ class Size:
 
 SIZES: dict[str, Size] = {
     "tiny": Size(hidden=192, layers=4, heads=4, vision_hidden=96, vision_layers=2, vision_heads=2),
+    "medium": Size(hidden=256, layers=4, heads=4, vision_hidden=96, vision_layers=2, vision_heads=2),
     "small": Size(hidden=320, layers=6, heads=5, vision_hidden=192, vision_layers=4,
                   vision_heads=4),
 }

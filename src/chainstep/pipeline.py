@@ -190,24 +190,61 @@ def _mean(values) -> float:
 
 
 def label_chains(r: Run) -> dict:
-    """MC + judge labels on train chains (plus perturbed teacher chains if asked); val chains get judge
-    labels (exact on the synthetic suite) and a few MC labels for the report's trace viewer."""
+    """MC + judge labels on train chains, plus perturbed teacher chains of every train question
+    DPO and GRPO leave alone (the PRM never scores chains of questions it was trained on); val
+    chains get judge labels (exact on the synthetic suite) and a few MC labels for the report's
+    trace viewer."""
     cfg, policy = r.cfg.label, _policy(r)
     train = load_tasks(r.tasks / "train.jsonl")
     val = _first(load_tasks(r.tasks / "val.jsonl"), cfg.val_questions)
+    improved = {x["id"] for x in train[cfg.questions:_improvement_end(r.cfg)]}
     return {
         "train": label(read_jsonl(r.data / "samples-train.jsonl"), train, r.data / "prm_labels.jsonl",
-                       cfg, policy),
+                       cfg, policy, perturb_records=[x for x in train if x["id"] not in improved]),
         "val": label(read_jsonl(r.data / "samples-val.jsonl"), val, r.data / "prm_labels-val.jsonl",
                      replace(cfg, perturbed=0, mc_chains=min(cfg.mc_chains or 24, 24)), policy),
     }
 
 
 def _train_prm(r: Run) -> dict:
-    start = r.models / "sft" if r.cfg.prm.init == "policy" else Path(r.cfg.prm.init)
+    info = {}
+    if r.cfg.prm.init == "policy":
+        start = r.models / "sft"
+    elif r.cfg.prm.init == "larger":
+        start, info["base"] = _larger_base(r)
+    else:
+        start = Path(r.cfg.prm.init)
     train_prm(start, r.data / "prm_labels.jsonl", r.models / "prm", r.cfg.prm)
     meta = json.loads((r.models / "prm" / "chainstep.json").read_text())
-    return {k: meta[k] for k in ("chains", "train_loss_first", "train_loss_last", "train_runtime_s")}
+    keys = ("chains", "train_loss_first", "train_loss_last", "train_runtime_s")
+    return {**info, **{k: meta[k] for k in keys}}
+
+
+def _language_width(size: str) -> int:
+    return models.SIZES[size].hidden * models.SIZES[size].layers
+
+
+def _larger_base(r: Run) -> tuple[Path, dict]:
+    """The verifier's own start, bigger than the policy (the paper pairs a 38B PRM with 8B
+    policies): a tiny VLM of size `prm.size` on the policy's tokenizer, with its own pretrained
+    vision tower (cached like the policy's)."""
+    if r.cfg.model.path:
+        raise ChainstepError("prm.init=larger builds a bigger tiny model; with model.path set, point "
+                             "prm.init at a larger local checkpoint (or use prm.init=policy)")
+    size, arch = r.cfg.prm.size, r.cfg.model.arch
+    if size not in models.SIZES or _language_width(size) <= _language_width(r.cfg.model.size):
+        raise ChainstepError(f"prm.size={size} must be a model size larger than model.size="
+                             f"{r.cfg.model.size} (sizes: {', '.join(models.SIZES)})")
+    init, pretrained = r.models / "prm-init", r.models / "prm-pretrained"
+    if not (init / "config.json").exists():
+        _, processor = models.load(r.models / "init")
+        model, processor = models.build_tiny(arch, processor.tokenizer, size, r.cfg.model.seed + 1)
+        models.save(model, processor, init, meta={"from_scratch": True, "arch": arch, "size": size,
+                                                  "parameters": models.count_parameters(model)})
+    if not r.cfg.pretrain.enabled:
+        return init, {"size": size, "pretrain": "disabled"}
+    cache = pretrain(init, pretrained, r.cfg.suite, r.cfg.pretrain)["cache"]
+    return pretrained, {"size": size, "pretrain": cache}
 
 
 def _prm(r: Run) -> PRM:
@@ -266,6 +303,11 @@ def _train_questions(r: Run, skip: int, count: int) -> list[dict]:
         raise ChainstepError(f"the train split has {len(train)} questions; {skip + count} are needed "
                              "(raise suite.train or lower dpo.questions / grpo.questions)")
     return chosen
+
+
+def _improvement_end(cfg: RunConfig) -> int:
+    """Train questions [label.questions, this) belong to DPO and GRPO."""
+    return cfg.label.questions + cfg.dpo.questions + cfg.grpo.questions
 
 
 def improve_dpo(r: Run) -> dict:

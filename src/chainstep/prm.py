@@ -1,16 +1,24 @@
-"""The process reward model: a VLM read at every `ки` tag over the two label tokens.
+"""The process reward model: a VLM that judges every step at the `ки` tag after it.
 
-P(good) of a step is the two-way softmax of the LM head's logits for {`к+и`, `к-и`} at the
-tag after that step; the tag after the answer judges the answer. Training (BCE on those two
-logits, hard 0/1 labels or soft Monte Carlo values) and scoring share one encoder and one
-forward function, so the tag positions trained on are the ones scored. Only the two head rows
-are applied, and only at tag positions: one cheap forward pass per chain.
+Two heads read the same tagged input (one encoder and one forward function for training and
+scoring, so the tags trained on are the ones scored; one forward pass per chain):
+- `tag` (the paper's): P(good) is the two-way softmax of the LM head's logits for
+  {`к+и`, `к-и`} at the tag.
+- `likelihood` (the default): P(good) = sigmoid(LIKELIHOOD_OFFSET + l), where l is the log
+  probability, under the PRM's own language model, of the least likely token of the step's
+  thought (the answer's tokens for the answer tag). A wrong count, copy, sum or letter is a
+  token the verifier did not expect. A tag head has to learn an equality check from one bit
+  per step and did not within 1,000 steps here (ranking AUROC 0.54); the likelihood head reuses
+  what next-token training teaches: to copy and to add (docs/findings.md).
+Both train with BCE at every tag (hard 0/1 labels or soft Monte Carlo values); the
+likelihood head adds next-token loss on the chains labelled right in every step.
 
     chainstep prm train runs/x/models/sft runs/x/data/prm_labels.jsonl --out runs/x/models/prm
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +33,23 @@ from .inputs import collate, encode_prompt, extend_text
 from .models import load
 from .records import JsonlWriter, read_jsonl
 from .sampling import SHARED_PREFIX_MODELS
-from .steps import ANSWER_END, BAD_TAG, GOOD_TAG, STEP_END, STEP_TAG, parse, parses
+from .steps import (
+    ANSWER_END,
+    ANSWER_START,
+    BAD_TAG,
+    GOOD_TAG,
+    STEP_END,
+    STEP_TAG,
+    THOUGHT_END,
+    THOUGHT_START,
+    parse,
+    parses,
+)
 from .train_sft import ResumableTrainer, SFTConfig, fit, prepare_model, training_arguments
 
 AGGREGATES = ("mean", "min", "last", "prod")
+HEADS = ("likelihood", "tag")
+LIKELIHOOD_OFFSET = 2.0  # a step is more likely bad than good once its least likely token has p < e^-2
 console = Console(stderr=True)
 
 
@@ -36,9 +57,12 @@ console = Console(stderr=True)
 class PRMConfig(SFTConfig):
     """PRM training knobs (as SFT's) plus how chain scores are formed."""
 
-    init: str = "policy"  # start from the SFT policy, or a model dir (e.g. a larger SFT'd model)
-    max_steps: int = 100
-    learning_rate: float = 5e-4
+    init: str = "larger"  # larger: a bigger model of its own (pipeline); policy; or a model dir
+    size: str = "medium"  # the larger base's size (models.SIZES), with init=larger
+    head: str = "likelihood"  # likelihood (of the step's tokens) or tag (the paper's two-token head)
+    max_steps: int = 900
+    learning_rate: float = 1e-3
+    bf16: bool = True  # autocast: ~1.6x faster on this CPU at the medium size
     soft_labels: bool = False  # train on MC values instead of 0/1 (others truncate these silently)
     merge: str = "union"  # label sources: union (every labelled chain) or agree (steps both agree on)
     step_weight: float = 0.2  # chain score = w * agg(steps) + (1 - w) * answer
@@ -49,6 +73,8 @@ class PRMConfig(SFTConfig):
         check_scoring(self.step_weight, self.aggregate)
         if self.merge not in ("union", "agree"):
             raise ChainstepError(f"prm.merge={self.merge!r} must be union or agree")
+        if self.head not in HEADS:
+            raise ChainstepError(f"prm.head={self.head!r} must be one of {HEADS}")
 
 
 def check_scoring(step_weight: float, aggregate: str) -> None:
@@ -130,10 +156,12 @@ def tag_count(response: str) -> int:
 
 
 def encode_prm_example(processor: ProcessorMixin, record: dict, response: str,
-                       targets: list[float | None] | None = None) -> dict[str, torch.Tensor]:
+                       targets: list[float | None] | None = None,
+                       next_token_labels: bool = False) -> dict[str, torch.Tensor]:
     """Prompt + tagged response; `prm_targets` holds a target at each response tag, -100 elsewhere.
 
     With `targets` (training) there must be exactly one per tag; without (scoring) they are 0.
+    `next_token_labels` adds `labels`: the response's tokens, tags left out.
     """
     example = encode_prompt(processor, record)
     prompt_len = example["input_ids"].shape[0]
@@ -145,9 +173,15 @@ def encode_prm_example(processor: ProcessorMixin, record: dict, response: str,
         raise ChainstepError(f"record {record.get('id')}: {len(targets)} labels for {len(tagged.tags)} "
                              "step tags in the response")
     values = torch.full(example["input_ids"].shape, -100.0)
-    values[[prompt_len + t for t in tagged.tags]] = torch.tensor(
+    tags = [prompt_len + t for t in tagged.tags]
+    values[tags] = torch.tensor(
         [-100.0 if t is None else float(t) for t in targets])
     example["prm_targets"] = values
+    if next_token_labels:
+        labels = example["input_ids"].clone()
+        labels[:prompt_len] = -100
+        labels[tags] = -100
+        example["labels"] = labels
     return example
 
 
@@ -184,6 +218,51 @@ def tag_logits(model: PreTrainedModel, batch: dict, where: torch.Tensor,
     return head_logits(model, hidden_states(model, batch)[where], label_ids)
 
 
+def marker_ids(processor: ProcessorMixin) -> tuple[int, int, int, int]:
+    """(thought start, thought end, answer start, answer end): what bounds a judged span."""
+    tok = processor.tokenizer
+    return tuple(tok.convert_tokens_to_ids(t) for t in (THOUGHT_START, THOUGHT_END, ANSWER_START, ANSWER_END))
+
+
+def judged_span(ids: list[int], tag: int, markers: tuple[int, int, int, int]) -> range:
+    """Positions of what the tag at `tag` judges: the step's thought (or the answer) with its
+    end marker; the token before the tag when the step has no such span."""
+    thought_start, _, answer_start, answer_end = markers
+    start_id = answer_start if ids[tag - 1] == answer_end else thought_start
+    start = next((i for i in range(tag - 1, -1, -1) if ids[i] == start_id or ids[i] == ids[tag]), -1)
+    if start < 0 or ids[start] == ids[tag]:
+        return range(tag - 1, tag)
+    end = next(i for i in range(start + 1, tag) if ids[i] in markers or i == tag - 1)
+    return range(start + 1, end + 1)
+
+
+def token_logprobs(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] log p(ids[:, j] | ids[:, :j]) from [B, L, H] hidden states (0 at j = 0)."""
+    logits = model.get_output_embeddings()(hidden[:, :-1]).float()
+    picked = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(picked, (1, 0))
+
+
+def least_likely(logprobs: torch.Tensor, ids: list[int], tags: list[int],
+                 markers: tuple[int, int, int, int]) -> torch.Tensor:
+    """[K] log probability of the least likely token each tag judges, from one row's [L] log probs."""
+    return torch.stack([logprobs[list(judged_span(ids, t, markers))].min() for t in tags])
+
+
+def judge_logits(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor, where: torch.Tensor,
+                 label_ids: tuple[int, int], head: str, markers: tuple[int, int, int, int],
+                 logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """[K, 2] (good, bad) logits at the tags `where` marks in a batch ([B, L] ids, [B, L, H]
+    hidden states), in row order; softmax[:, 0] is P(good)."""
+    if head == "tag":
+        return head_logits(model, hidden[where], label_ids)
+    logprobs = token_logprobs(model, hidden, ids) if logprobs is None else logprobs
+    rows = [least_likely(logprobs[b], ids[b].tolist(), where[b].nonzero().flatten().tolist(), markers)
+            for b in range(ids.shape[0]) if where[b].any()]
+    least = torch.cat(rows) if rows else hidden.new_zeros(0)
+    return torch.stack([least + LIKELIHOOD_OFFSET, torch.zeros_like(least)], -1)
+
+
 def prm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """BCE of P(good) = softmax(logits)[0] against targets in [0, 1] (soft targets kept soft)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -191,33 +270,54 @@ def prm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class PRMTrainer(ResumableTrainer):
-    def __init__(self, *args, label_ids: tuple[int, int], **kwargs):
+    def __init__(self, *args, label_ids: tuple[int, int], head: str = "tag",
+                 markers: tuple[int, int, int, int] = (), **kwargs):
         super().__init__(*args, **kwargs)
-        self.label_ids = label_ids
+        self.label_ids, self.head, self.markers = label_ids, head, markers
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = inputs.pop("prm_targets")
-        where = targets.ge(0)
-        logits = tag_logits(model, inputs, where, self.label_ids)
+        lm_labels = inputs.pop("labels", None)
+        where, ids = targets.ge(0), inputs["input_ids"]
+        hidden = hidden_states(model, inputs)
+        logprobs = token_logprobs(model, hidden, ids) if self.head == "likelihood" else None
+        logits = judge_logits(model, hidden, ids, where, self.label_ids, self.head, self.markers, logprobs)
         loss = prm_loss(logits, targets[where])
+        if lm_labels is not None and lm_labels.ge(0).any():  # labels are the ids where set
+            loss = loss - logprobs[lm_labels.ge(0)].mean()
         return (loss, logits) if return_outputs else loss
 
 
 class _Collator:
-    def __init__(self, processor: ProcessorMixin, soft: bool):
-        self.processor, self.soft = processor, soft
+    """Tagged chains with their targets; with `lm` (the likelihood head) also next-token labels
+    on the response of every chain labelled right throughout, tags left out."""
+
+    def __init__(self, processor: ProcessorMixin, soft: bool, lm: bool = False):
+        self.processor, self.soft, self.lm = processor, soft, lm
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        examples = [encode_prm_example(self.processor, r, r["response"], training_targets(r, self.soft))
-                    for r in rows]
+        examples = []
+        for row in rows:
+            right = all(y == 1 for y in row["labels"])
+            targets = training_targets(row, self.soft, past_first_error=not self.lm)
+            example = encode_prm_example(self.processor, row, row["response"], targets, self.lm)
+            if self.lm and not right:
+                example["labels"].fill_(-100)
+            examples.append(example)
         return collate(examples, self.processor.tokenizer.pad_token_id)
 
 
-def training_targets(row: dict, soft: bool) -> list[float | None]:
-    """Soft MC values where a row has them and `soft` is set; hard labels otherwise."""
+def training_targets(row: dict, soft: bool, past_first_error: bool = True) -> list[float | None]:
+    """Soft MC values where a row has them and `soft` is set; hard labels otherwise. Without
+    `past_first_error` the tags after the first bad one are left out: the likelihood head judges
+    a step given its prefix, and after the first error the prefix is already wrong."""
+    targets = row["labels"]
     if soft and row.get("values") is not None:
-        return [None if label is None else value for label, value in zip(row["labels"], row["values"])]
-    return row["labels"]
+        targets = [None if label is None else value for label, value in zip(row["labels"], row["values"])]
+    if not past_first_error and 0 in row["labels"]:
+        first = row["labels"].index(0)
+        targets = list(targets[:first + 1]) + [None] * (len(targets) - first - 1)
+    return targets
 
 
 def merge_labels(rows: list[dict], how: str = "union") -> list[dict]:
@@ -256,9 +356,10 @@ def train_prm(model_dir: str | Path, labels_path: str | Path, out_dir: str | Pat
     model, processor = prepare_model(model_dir, cfg)
     args = training_arguments(cfg, out_dir.with_name(out_dir.name + "-checkpoints"),
                               label_names=["prm_targets"])
+    likelihood = cfg.head == "likelihood"
     trainer = PRMTrainer(model=model, args=args, train_dataset=rows,
-                         data_collator=_Collator(processor, cfg.soft_labels),
-                         label_ids=tag_ids(processor)[1:])
+                         data_collator=_Collator(processor, cfg.soft_labels, lm=likelihood),
+                         label_ids=tag_ids(processor)[1:], head=cfg.head, markers=marker_ids(processor))
     fit(trainer, cfg, processor, model_dir, out_dir,
         {"role": "prm", "labels": str(labels_path), "chains": len(rows), "malformed_chains": len(malformed),
          "prm": asdict(cfg)})
@@ -269,11 +370,13 @@ class PRM:
     """Scores chains, complete or partial; counts its chains scored and forward passes."""
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, batch_size: int = 32,
-                 step_weight: float = 0.2, aggregate: str = "mean"):
+                 step_weight: float = 0.2, aggregate: str = "mean", head: str = "tag"):
         check_scoring(step_weight, aggregate)
+        if head not in HEADS:
+            raise ChainstepError(f"PRM head {head!r} must be one of {HEADS}")
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
-        self.step_weight, self.aggregate = step_weight, aggregate
-        self.label_ids = tag_ids(processor)[1:]
+        self.step_weight, self.aggregate, self.head = step_weight, aggregate, head
+        self.label_ids, self.markers = tag_ids(processor)[1:], marker_ids(processor)
         self.chains_scored = self.forward_passes = self.malformed_chains = 0
 
     def _scores(self, values: list[float], kinds: list[str]) -> StepScores:
@@ -282,8 +385,11 @@ class PRM:
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | None = None, **kwargs) -> PRM:
+        """A trained PRM, read with the head it was trained with (saved in its chainstep.json)."""
         model, processor = load(path, device=device)
-        return cls(model, processor, **kwargs)
+        meta = Path(path) / "chainstep.json"
+        trained = json.loads(meta.read_text()).get("prm", {}) if meta.exists() else {}
+        return cls(model, processor, **{"head": trained.get("head", "tag"), **kwargs})
 
     @torch.inference_mode()
     def score(self, records: list[dict], responses: list[str]) -> list[StepScores]:
@@ -294,7 +400,7 @@ class PRM:
             examples = [encode_prm_example(self.processor, r, t) for r, t in zip(recs, texts)]
             batch = collate(examples, self.processor.tokenizer.pad_token_id).to(self.model.device)
             where = batch.pop("prm_targets").ge(0)
-            probs = self._good(hidden_states(self.model, batch)[where])
+            probs = self._good(hidden_states(self.model, batch), batch["input_ids"], where)
             counts = where.sum(dim=1).tolist()
             for text, chunk in zip(texts, torch.split(probs, counts)):
                 out.append(self._scores(chunk.tolist(), tag_response_ids(self.processor, text).kinds))
@@ -341,7 +447,7 @@ class PRM:
         for b, (example, tags) in enumerate(zip(examples, prefix_tags)):
             shift = mask.shape[1] - example["input_ids"].shape[0]  # left padding
             where = [shift + t for t in tags]
-            prefix_steps.append(self._good(out.last_hidden_state[b, where]).tolist() if where else [])
+            prefix_steps.append(self._row_good(out.last_hidden_state[b], batch["input_ids"][b], where))
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)
         tagged = [tag_response_ids(self.processor, c) for group in groups for c in group]
@@ -359,13 +465,19 @@ class PRM:
         self.forward_passes += 2
         scores = []
         for i, t in enumerate(tagged):
-            values = prefix_steps[i // n] + self._good(hidden[i, t.tags]).tolist()
+            values = prefix_steps[i // n] + self._row_good(hidden[i], cand[i], t.tags)
             scores.append(self._scores(values, ["step"] * len(prefix_steps[i // n]) + t.kinds))
         return _regroup(scores, [n] * len(records))
 
-    def _good(self, hidden: torch.Tensor) -> torch.Tensor:
-        """P(good) from [K, H] hidden states at tag positions."""
-        return torch.softmax(head_logits(self.model, hidden, self.label_ids).float(), -1)[:, 0]
+    def _good(self, hidden: torch.Tensor, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """P(good) at the tags `where` marks in a batch's [B, L, H] hidden states, in row order."""
+        logits = judge_logits(self.model, hidden, ids, where, self.label_ids, self.head, self.markers)
+        return torch.softmax(logits.float(), -1)[:, 0]
+
+    def _row_good(self, hidden: torch.Tensor, ids: torch.Tensor, tags: list[int]) -> list[float]:
+        where = torch.zeros_like(ids, dtype=torch.bool)
+        where[tags] = True
+        return self._good(hidden[None], ids[None], where[None]).tolist()
 
 
 def score_joined(score, records: list[dict], prefixes: list[str],
