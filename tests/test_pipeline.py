@@ -82,3 +82,17 @@ def test_a_run_killed_mid_training_resumes_and_finishes(tmp_path):
     models = {r["model"] for r in metrics["results"] if r["split"] == "test"}
     assert {"sft", "base", "grpo-prm", "grpo-outcome", "grpo-prm-step"} <= models
     assert len(list((out / "stages").glob("*.json"))) == 16
+
+
+def test_a_larger_verifier_base_must_be_larger_and_built_for_tiny_models(tmp_path):
+    from dataclasses import replace
+
+    from chainstep.config import load_config
+    from chainstep.errors import ChainstepError
+    from chainstep.pipeline import Run, _larger_base
+
+    cfg = load_config(None, quick=True)
+    with pytest.raises(ChainstepError, match="prm.size=tiny must be a model size larger"):
+        _larger_base(Run(replace(cfg, prm=replace(cfg.prm, size="tiny")), tmp_path))
+    with pytest.raises(ChainstepError, match="model.path set"):
+        _larger_base(Run(replace(cfg, model=replace(cfg.model, path="some/dir")), tmp_path))

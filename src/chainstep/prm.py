@@ -57,12 +57,12 @@ console = Console(stderr=True)
 class PRMConfig(SFTConfig):
     """PRM training knobs (as SFT's) plus how chain scores are formed."""
 
-    init: str = "larger"  # larger: a bigger model of its own (pipeline); policy; or a model dir
+    init: str = "policy"  # policy; larger: a bigger model of its own (pipeline); or a model dir
     size: str = "medium"  # the larger base's size (models.SIZES), with init=larger
     head: str = "likelihood"  # likelihood (of the step's tokens) or tag (the paper's two-token head)
-    max_steps: int = 900
-    learning_rate: float = 1e-3
-    bf16: bool = True  # autocast: ~1.6x faster on this CPU at the medium size
+    max_steps: int = 300
+    learning_rate: float = 5e-4
+    bf16: bool = True  # autocast: faster on this CPU
     soft_labels: bool = False  # train on MC values instead of 0/1 (others truncate these silently)
     merge: str = "union"  # label sources: union (every labelled chain) or agree (steps both agree on)
     step_weight: float = 0.2  # chain score = w * agg(steps) + (1 - w) * answer

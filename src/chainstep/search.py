@@ -32,7 +32,7 @@ class SearchConfig:
 
     ns: tuple[int, ...] = (1, 2, 4, 8, 16)  # N for pass@N, SC, BoN and weighted vote
     beam_ns: tuple[int, ...] = (16,)  # N for beam search (each N is a full run)
-    questions: int = 32  # test questions searched; 0 = the whole split
+    questions: int = 100  # test questions searched; 0 = the whole split
     temperatures: tuple[float, ...] = (0.7,)  # tried on val (if several); the best BoN picks one
     val_questions: int = 40  # val questions for the temperature choice
     keep: int = 1  # beams kept per question (k); 1 is the paper's setting
