@@ -307,3 +307,10 @@ def test_likelihood_prm_training_makes_right_chains_likelier(tiny_model_dir, tra
     after = prm.score(rows, texts)
     mean = lambda scores: sum(sum(s.steps) + s.answer for s in scores) / len(scores)  # noqa: E731
     assert mean(after) > mean(before) + 0.15
+
+
+def test_prm_config_names_a_bad_head_or_label_weight():
+    with pytest.raises(ChainstepError, match="prm.head"):
+        PRMConfig(head="logits")
+    with pytest.raises(ChainstepError, match="prm.label_weight"):
+        PRMConfig(label_weight=-1.0)

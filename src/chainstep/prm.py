@@ -10,8 +10,10 @@ scoring, so the tags trained on are the ones scored; one forward pass per chain)
   token the verifier did not expect. A tag head has to learn an equality check from one bit
   per step and did not within 1,000 steps here (ranking AUROC 0.54); the likelihood head reuses
   what next-token training teaches: to copy and to add (docs/findings.md).
-Both train with BCE at every tag (hard 0/1 labels or soft Monte Carlo values); the
-likelihood head adds next-token loss on the chains labelled right in every step.
+The tag head trains with BCE at every tag (hard 0/1 labels or soft Monte Carlo values). The
+likelihood head trains with next-token loss on the chains labelled right in every step, plus
+`label_weight` x BCE up to each chain's first error: a verifier that generates better than the
+policy judges better, and BCE on the policy's labelled samples lowered its ranking here.
 
     chainstep prm train runs/x/models/sft runs/x/data/prm_labels.jsonl --out runs/x/models/prm
 """
@@ -60,7 +62,8 @@ class PRMConfig(SFTConfig):
     init: str = "policy"  # policy; larger: a bigger model of its own (pipeline); or a model dir
     size: str = "medium"  # the larger base's size (models.SIZES), with init=larger
     head: str = "likelihood"  # likelihood (of the step's tokens) or tag (the paper's two-token head)
-    max_steps: int = 300
+    label_weight: float = 0.0  # likelihood head: weight of the BCE on labels beside next-token loss
+    max_steps: int = 450
     learning_rate: float = 5e-4
     bf16: bool = True  # autocast: faster on this CPU
     soft_labels: bool = False  # train on MC values instead of 0/1 (others truncate these silently)
@@ -75,6 +78,8 @@ class PRMConfig(SFTConfig):
             raise ChainstepError(f"prm.merge={self.merge!r} must be union or agree")
         if self.head not in HEADS:
             raise ChainstepError(f"prm.head={self.head!r} must be one of {HEADS}")
+        if self.label_weight < 0:
+            raise ChainstepError(f"prm.label_weight={self.label_weight} must be >= 0")
 
 
 def check_scoring(step_weight: float, aggregate: str) -> None:
@@ -271,9 +276,9 @@ def prm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class PRMTrainer(ResumableTrainer):
     def __init__(self, *args, label_ids: tuple[int, int], head: str = "tag",
-                 markers: tuple[int, int, int, int] = (), **kwargs):
+                 markers: tuple[int, int, int, int] = (), label_weight: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.label_ids, self.head, self.markers = label_ids, head, markers
+        self.label_ids, self.head, self.markers, self.label_weight = label_ids, head, markers, label_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = inputs.pop("prm_targets")
@@ -282,7 +287,7 @@ class PRMTrainer(ResumableTrainer):
         hidden = hidden_states(model, inputs)
         logprobs = token_logprobs(model, hidden, ids) if self.head == "likelihood" else None
         logits = judge_logits(model, hidden, ids, where, self.label_ids, self.head, self.markers, logprobs)
-        loss = prm_loss(logits, targets[where])
+        loss = self.label_weight * prm_loss(logits, targets[where])
         if lm_labels is not None and lm_labels.ge(0).any():  # labels are the ids where set
             loss = loss - logprobs[lm_labels.ge(0)].mean()
         return (loss, logits) if return_outputs else loss
@@ -359,7 +364,8 @@ def train_prm(model_dir: str | Path, labels_path: str | Path, out_dir: str | Pat
     likelihood = cfg.head == "likelihood"
     trainer = PRMTrainer(model=model, args=args, train_dataset=rows,
                          data_collator=_Collator(processor, cfg.soft_labels, lm=likelihood),
-                         label_ids=tag_ids(processor)[1:], head=cfg.head, markers=marker_ids(processor))
+                         label_ids=tag_ids(processor)[1:], head=cfg.head, markers=marker_ids(processor),
+                         label_weight=cfg.label_weight if likelihood else 1.0)
     fit(trainer, cfg, processor, model_dir, out_dir,
         {"role": "prm", "labels": str(labels_path), "chains": len(rows), "malformed_chains": len(malformed),
          "prm": asdict(cfg)})
