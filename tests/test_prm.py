@@ -291,7 +291,9 @@ def test_likelihood_training_targets_stop_at_the_first_error(llava, train_record
     assert torch.equal(labels[0][response], batch["input_ids"][0][response])
 
 
-def test_likelihood_prm_training_makes_right_chains_likelier(tiny_model_dir, train_records, tmp_path):
+@pytest.mark.parametrize("label_weight,gain", [(1.0, 0.15), (0.0, 0.01)])
+def test_likelihood_prm_training_makes_right_chains_likelier(tiny_model_dir, train_records, tmp_path,
+                                                             label_weight, gain):
     import json
 
     path = _label_file(tmp_path / "labels.jsonl", train_records[:16], verdicts=((1, ""),))
@@ -299,14 +301,14 @@ def test_likelihood_prm_training_makes_right_chains_likelier(tiny_model_dir, tra
     texts = [r["response"] for r in rows]
     before = PRM.from_dir(tiny_model_dir("llava"), head="likelihood").score(rows, texts)
     cfg = PRMConfig(head="likelihood", max_steps=8, per_device_train_batch_size=8, learning_rate=5e-3,
-                    save_steps=100, warmup_steps=0, bf16=False)
+                    save_steps=100, warmup_steps=0, bf16=False, label_weight=label_weight)
     out = train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", cfg)
     assert json.loads((out / "chainstep.json").read_text())["prm"]["head"] == "likelihood"
     prm = PRM.from_dir(out)
     assert prm.head == "likelihood"
     after = prm.score(rows, texts)
     mean = lambda scores: sum(sum(s.steps) + s.answer for s in scores) / len(scores)  # noqa: E731
-    assert mean(after) > mean(before) + 0.15
+    assert mean(after) > mean(before) + gain
 
 
 def test_prm_config_names_a_bad_head_or_label_weight():
