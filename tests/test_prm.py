@@ -17,6 +17,7 @@ from chainstep.prm import (
     evaluate_prm,
     head_logits,
     hidden_states,
+    judge_logits,
     judged_span,
     marker_ids,
     merge_labels,
@@ -24,7 +25,6 @@ from chainstep.prm import (
     ranking_auroc,
     ranking_pairs,
     tag_ids,
-    tag_logits,
     train_prm,
 )
 from chainstep.records import JsonlWriter, read_jsonl
@@ -104,7 +104,8 @@ def test_tag_logits_equal_the_full_lm_head(llava, train_records):
     good, bad = tag_ids(processor)[1:]
     with torch.no_grad():
         full = model(**batch).logits[where][:, [good, bad]]
-        fast = tag_logits(model, batch, where, (good, bad))
+        fast = judge_logits(model, hidden_states(model, batch), batch["input_ids"], where, (good, bad), "tag",
+                            marker_ids(processor))
     assert torch.allclose(full, fast, atol=1e-5)
 
 

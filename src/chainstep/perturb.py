@@ -102,7 +102,7 @@ def _nearby(value: int, rng: random.Random, low: int = 1) -> int:
     return rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= low])
 
 
-def _finish(record: dict, chain: Chain, kind: str, first: int, steps: list[Step], final: str,
+def _finish(record: dict, kind: str, first: int, steps: list[Step], final: str,
             answer: str) -> Perturbed | None:
     if answer == record["answer"]:
         return None
@@ -125,7 +125,7 @@ def _read(record: dict, chain: Chain, rng: random.Random) -> Perturbed | None:
                 continue
             steps = list(chain.steps)
             steps[i] = _with_value(steps[i], value, new)
-            if (made := _finish(record, chain, "read", i, steps, *combined)) is not None:
+            if (made := _finish(record, "read", i, steps, *combined)) is not None:
                 return made
     return None
 
@@ -142,13 +142,13 @@ def _copy(record: dict, chain: Chain, rng: random.Random) -> Perturbed | None:
         a = rng.choice([v for v in others if v != a] or [_nearby(a, rng)])
     else:
         b = rng.choice([v for v in others if v != b] or [_nearby(b, rng)])
-    return _finish(record, chain, "copy", len(chain.steps) - 1, list(chain.steps), *_arithmetic(a, op, b))
+    return _finish(record, "copy", len(chain.steps) - 1, list(chain.steps), *_arithmetic(a, op, b))
 
 
 def _wrong_arithmetic(record: dict, chain: Chain, rng: random.Random) -> Perturbed | None:
     a, op, b, result = _final_parts(record)
     made = _arithmetic(a, op, b, _nearby(result, rng, low=0))
-    return _finish(record, chain, "arithmetic", len(chain.steps) - 1, list(chain.steps), *made)
+    return _finish(record, "arithmetic", len(chain.steps) - 1, list(chain.steps), *made)
 
 
 def _other_letter(record: dict, letter: str, rng: random.Random) -> str:
@@ -159,14 +159,14 @@ def _choice(record: dict, chain: Chain, rng: random.Random) -> Perturbed | None:
     picked = _CHOICE.match(record["meta"]["steps"][-1]["value"]).group(1)
     colour = rng.choice([c for c in _readings(record) if c != picked])
     letter = LETTERS[record["options"].index(colour)]
-    return _finish(record, chain, "choice", len(chain.steps) - 1, list(chain.steps),
+    return _finish(record, "choice", len(chain.steps) - 1, list(chain.steps),
                    f"{colour}, option {letter}", letter)
 
 
 def _letter(record: dict, chain: Chain, rng: random.Random) -> Perturbed | None:
     picked = _CHOICE.match(record["meta"]["steps"][-1]["value"]).group(1)
     letter = _other_letter(record, record["answer"], rng)
-    return _finish(record, chain, "letter", len(chain.steps) - 1, list(chain.steps),
+    return _finish(record, "letter", len(chain.steps) - 1, list(chain.steps),
                    f"{picked}, option {letter}", letter)
 
 

@@ -76,10 +76,14 @@ class PRMConfig(SFTConfig):
         check_scoring(self.step_weight, self.aggregate)
         if self.merge not in ("union", "agree"):
             raise ChainstepError(f"prm.merge={self.merge!r} must be union or agree")
-        if self.head not in HEADS:
-            raise ChainstepError(f"prm.head={self.head!r} must be one of {HEADS}")
+        check_head(self.head)
         if self.label_weight < 0:
             raise ChainstepError(f"prm.label_weight={self.label_weight} must be >= 0")
+
+
+def check_head(head: str) -> None:
+    if head not in HEADS:
+        raise ChainstepError(f"prm.head={head!r} must be one of {HEADS}")
 
 
 def check_scoring(step_weight: float, aggregate: str) -> None:
@@ -215,12 +219,6 @@ def head_logits(model: PreTrainedModel, hidden: torch.Tensor, label_ids: tuple[i
     if getattr(head, "bias", None) is not None:
         logits = logits + head.bias[list(label_ids)]
     return logits
-
-
-def tag_logits(model: PreTrainedModel, batch: dict, where: torch.Tensor,
-               label_ids: tuple[int, int]) -> torch.Tensor:
-    """[K, 2] logits for (good, bad) at the K positions `where` marks, without the full LM head."""
-    return head_logits(model, hidden_states(model, batch)[where], label_ids)
 
 
 def marker_ids(processor: ProcessorMixin) -> tuple[int, int, int, int]:
@@ -378,8 +376,7 @@ class PRM:
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, batch_size: int = 32,
                  step_weight: float = 0.2, aggregate: str = "mean", head: str = "tag"):
         check_scoring(step_weight, aggregate)
-        if head not in HEADS:
-            raise ChainstepError(f"PRM head {head!r} must be one of {HEADS}")
+        check_head(head)
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
         self.step_weight, self.aggregate, self.head = step_weight, aggregate, head
         self.label_ids, self.markers = tag_ids(processor)[1:], marker_ids(processor)
