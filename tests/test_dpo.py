@@ -16,6 +16,7 @@ from chainstep.dpo import (
     pair_stats,
     sample_scores,
     train_dpo,
+    train_rft,
     write_pairs,
 )
 from chainstep.errors import ChainstepError
@@ -84,6 +85,13 @@ def test_sample_scores_by_source(sft_model_dir, train_records):
         sample_scores(rows, [record], "prm", None)
 
 
+def test_verified_source_counts_a_lucky_guess_as_wrong():
+    rows = [{"correct": True, "steps_right": True}, {"correct": True, "steps_right": False},
+            {"correct": False, "steps_right": True}, {"correct": True, "steps_right": None}]
+    assert sample_scores(rows, [], "verified", None) == [1.0, 0.0, 0.0, 1.0]  # None: no step facts
+    assert sample_scores(rows, [], "outcome", None) == [1.0, 1.0, 0.0, 1.0]
+
+
 def test_config_rejects_unknown_sources():
     with pytest.raises(ChainstepError, match="pair_source"):
         DPOConfig(pair_source="judge")
@@ -132,6 +140,38 @@ def test_train_dpo_moves_the_policy_towards_chosen(sft_model_dir, train_records,
     margin = [_logp(m, processor, records, pairs, "chosen") - _logp(m, processor, records, pairs, "rejected")
               for m in (before, after)]
     assert margin[1] > margin[0]  # chosen rose relative to rejected
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    return dict(load(model_dir)[0].state_dict())
+
+
+def test_dpo_at_learning_rate_zero_is_a_no_op_and_says_so(sft_model_dir, train_records, tmp_path, capsys):
+    records = train_records[:4]
+    path = _pairs_file(tmp_path, records)
+    cfg = DPOConfig(max_steps=3, epochs=3, per_device_train_batch_size=4, learning_rate=0.0, save_steps=100)
+    out = train_dpo(sft_model_dir, path, {r["id"]: r for r in records}, tmp_path / "dpo", cfg)
+    before, after = _weights(sft_model_dir), _weights(out)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((out / "chainstep.json").read_text())["weights_changed"] is False
+    assert "left every weight unchanged" in capsys.readouterr().err
+
+
+def test_rft_control_trains_on_the_chosen_chains_with_dpo_steps(sft_model_dir, train_records, tmp_path):
+    records = train_records[:4]
+    path = _pairs_file(tmp_path, records)
+    cfg = DPOConfig(max_steps=5, epochs=3, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=100)
+    by_id = {r["id"]: r for r in records}
+    out = train_rft(sft_model_dir, path, by_id, tmp_path / "rft", cfg)
+    meta = json.loads((out / "chainstep.json").read_text())
+    assert meta["weights_changed"] is True and meta["control_for"] == "dpo"
+    assert meta["dpo"]["max_steps"] == 3  # the steps DPO takes on the same pairs
+    pairs = [json.loads(line) for line in path.read_text().splitlines()]
+    before, processor = load(sft_model_dir)
+    after, _ = load(out)
+    chosen = [_logp(m, processor, records, pairs, "chosen") for m in (before, after)]
+    assert chosen[1] > chosen[0]  # the chosen chains became likelier
 
 
 def _logp(model, processor, records, pairs, side: str) -> float:

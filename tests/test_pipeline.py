@@ -15,10 +15,11 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {(r["model"], r["split"]): r for r in metrics["results"] if r["split"] == "test"}
-    improved = {"dpo-r1", "dpo-r2", "dpo-r3", "dpo-r1-outcome", "dpo-r1-prm_answer", "grpo-prm",
+    improved = {"dpo-r1", "dpo-r2", "dpo-r3", "rft", "dpo-r1-outcome", "dpo-r1-prm_answer", "grpo-prm",
                 "grpo-outcome", "grpo-prm-step"}
     trained = {m for m in improved if (out / "models" / m / "model.safetensors").exists()}
-    assert {"dpo-r1", "grpo-prm", "grpo-outcome", "grpo-prm-step"} <= trained
+    assert {"dpo-r1", "rft", "grpo-prm", "grpo-outcome", "grpo-prm-step"} <= trained
+    assert metrics["dpo"]["control"]["trained"]  # the RFT control of the last round that trained
     assert set(rows) == {(m, "test") for m in {"sft", "base"} | trained}
     for row in rows.values():
         assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1

@@ -182,7 +182,36 @@ def test_sampled_strategies_score_with_the_task_records(searchers, test_records,
     assert pass_at[2] >= pass_at[1]
 
 
-def test_a_single_temperature_is_used_without_a_sweep(tmp_path):
-    cfg = SearchConfig(temperatures=(0.7,))
-    assert choose_temperature(None, None, [], cfg, tmp_path, max_tokens=8) == (0.7, [])
-    assert not any(tmp_path.iterdir())  # nothing sampled
+def test_the_temperature_sweep_picks_on_val_and_records_every_temperature(tmp_path, monkeypatch):
+    """Scripted val samples: at 0.5 half the chains are right and the PRM finds them; at the
+    other temperatures none is. The sweep must pick 0.5 and keep a row for each."""
+    from chainstep.prm import StepScores
+
+    right_at = {0.2: 0.0, 0.5: 0.5, 0.9: 0.0}
+    seen = []
+
+    def sample_and_score(policy, prm, records, path, n, temperature, max_tokens, seed, extractor=None):
+        seen.append((temperature, path.name))
+        by_q = {}
+        for r in records:
+            rows = [row("4" if j < right_at[temperature] * n else "5", correct=j < right_at[temperature] * n,
+                        i=j) for j in range(n)]
+            scores = [StepScores([0.5], 0.9 if x["correct"] else 0.1) for x in rows]
+            by_q[r["id"]] = (rows, scores)
+        return by_q, 0.0, 0.0
+
+    monkeypatch.setattr("chainstep.search._sample_and_score", sample_and_score)
+
+    class Verifier:
+        step_weight, aggregate = 0.2, "mean"
+
+    records = [{"id": f"v{i}"} for i in range(3)]
+    cfg = SearchConfig(ns=(1, 4), temperatures=(0.2, 0.5, 0.9))
+    chosen, sweep = choose_temperature(None, Verifier(), records, cfg, tmp_path, max_tokens=8)
+    assert chosen == 0.5
+    assert [r["temperature"] for r in sweep] == [0.2, 0.5, 0.9]
+    assert [r["bon"] for r in sweep] == [0.0, 1.0, 0.0] and sweep[1]["sample"] == 0.5
+    assert [name for _, name in seen] == ["val-samples-t0.2.jsonl", "val-samples-t0.5.jsonl",
+                                          "val-samples-t0.9.jsonl"]
+    one, rows = choose_temperature(None, Verifier(), records, SearchConfig(temperatures=(0.9,)), tmp_path, 8)
+    assert one == 0.9 and len(rows) == 1  # a single temperature is still measured and recorded

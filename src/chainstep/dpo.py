@@ -14,7 +14,6 @@ latest policy, so a bad round cannot compound.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,14 +29,24 @@ from trl import DPOTrainer
 
 from .errors import ChainstepError
 from .evaluate import sample_responses
-from .inputs import collate, encode_example
+from .inputs import SFTCollator, collate, encode_example
 from .models import load
 from .prm import PRM, chain_score
 from .records import JsonlWriter, read_jsonl
 from .sampling import Policy, SamplingParams
-from .train_sft import ResumeWeights, SFTConfig, fit, prepare_model, training_kwargs
+from .train_sft import (
+    ResumableTrainer,
+    ResumeWeights,
+    SFTConfig,
+    fit,
+    prepare_model,
+    training_arguments,
+    training_kwargs,
+    weights_digest,
+)
 
-PAIR_SOURCES = ("prm", "prm_answer", "outcome")
+PAIR_SOURCES = ("prm", "prm_answer", "outcome", "verified")
+GROUND_TRUTH = ("outcome", "verified")  # sources that need no PRM
 console = Console(stderr=True)
 
 
@@ -46,22 +55,22 @@ class DPOConfig(SFTConfig):
     """Rounds, pair building and DPO knobs; training knobs as in SFTConfig."""
 
     rounds: int = 3
-    questions: int = 48  # train questions sampled per round (taken after those the PRM saw)
-    samples: int = 6  # chains per question per round (paper: 16)
+    questions: int = 96  # train questions sampled per round (taken after those the PRM saw)
+    samples: int = 16  # chains per question per round (the paper's 16)
     temperature: float = 1.0
     max_tokens: int = 256
-    pair_source: str = "prm"  # prm (0.2 step + 0.8 answer), prm_answer, outcome (ground truth)
-    ablation: tuple[str, ...] = ("outcome", "prm_answer")  # other sources `chainstep run` tries in round 1
+    pair_source: str = "prm"  # prm (0.2 step + 0.8 answer), prm_answer, outcome, verified (step truth)
+    ablation: tuple[str, ...] = ("outcome", "verified", "prm_answer")  # sources also tried in round 1
     threshold: float = 0.05  # minimum score gap between chosen and rejected
     pairs_per_question: int = 2  # i-th best vs i-th worst, while the gap holds
     min_pairs: int = 8  # fewer is too little to change the model: the round trains nothing, says so
     beta: float = 0.1
     sft_weight: float = 1.0  # NLL on the chosen chain (TRL loss_type ["sigmoid", "sft"])
     step_weight: float = 0.2  # PRM chain score = w * mean(steps) + (1 - w) * answer
-    max_steps: int = 24  # at most; fewer when `epochs` over the pairs is reached first
+    max_steps: int = 60  # at most; fewer when `epochs` over the pairs is reached first
     epochs: float = 2.0  # passes over a round's pairs: more overfits a few dozen pairs and breaks the format
     per_device_train_batch_size: int = 8
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-5  # >= 3e-5 lowered val accuracy, 1e-4 by 14 points (docs/findings.md)
     warmup_steps: int = 5
     save_steps: int = 12
     seed: int = 0
@@ -80,10 +89,15 @@ class DPOConfig(SFTConfig):
 
 def sample_scores(rows: list[dict], records: list[dict], source: str, prm: PRM | None,
                   step_weight: float = 0.2) -> list[float]:
-    """One score per sampled chain: the PRM chain score, the PRM answer score alone, or the
-    ground-truth outcome (1 right, 0 wrong)."""
+    """One score per sampled chain: the PRM chain score, the PRM answer score alone, the
+    ground-truth outcome (1 right, 0 wrong), or `verified`: 1 for a right answer reached by a
+    chain the grader finds right in every step (the step-level ground truth; records without
+    step facts fall back to the answer). Outcome counts a lucky guess as right: at T = 1 most
+    right answers of the exact-value families come after a wrong step (docs/findings.md)."""
     if source == "outcome":
         return [float(r["correct"]) for r in rows]
+    if source == "verified":
+        return [float(r["correct"] and r.get("steps_right") is not False) for r in rows]
     if prm is None:
         raise ChainstepError(f"pair source {source!r} needs a PRM")
     by_id = {r["id"]: r for r in records}
@@ -115,6 +129,8 @@ def build_pairs(rows: list[dict], scores: list[float], threshold: float,
                           "rejected": rejected["response"], "chosen_id": chosen["id"],
                           "rejected_id": rejected["id"], "chosen_score": hi, "rejected_score": lo,
                           "chosen_correct": chosen["correct"], "rejected_correct": rejected["correct"],
+                          "chosen_steps_right": chosen.get("steps_right"),
+                          "rejected_steps_right": rejected.get("steps_right"),
                           "chosen_tokens": chosen["tokens"], "rejected_tokens": rejected["tokens"]})
     return pairs
 
@@ -122,13 +138,16 @@ def build_pairs(rows: list[dict], scores: list[float], threshold: float,
 def pair_stats(pairs: list[dict], questions: int) -> dict:
     """What the log and report show about a round's pairs."""
     def mean(key):
-        return sum(p[key] for p in pairs) / len(pairs) if pairs else None
+        values = [p[key] for p in pairs if p.get(key) is not None]
+        return sum(values) / len(values) if values else None
 
     return {"pairs": len(pairs), "questions": questions,
             "questions_with_pairs": len({p["question_id"] for p in pairs}),
             "mean_gap": (mean("chosen_score") - mean("rejected_score")) if pairs else None,
             "chosen_tokens": mean("chosen_tokens"), "rejected_tokens": mean("rejected_tokens"),
-            "chosen_correct": mean("chosen_correct"), "rejected_correct": mean("rejected_correct")}
+            "chosen_correct": mean("chosen_correct"), "rejected_correct": mean("rejected_correct"),
+            "chosen_steps_right": mean("chosen_steps_right"),
+            "rejected_steps_right": mean("rejected_steps_right")}
 
 
 class PreferenceCollator:
@@ -166,18 +185,10 @@ def train_dpo(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
     cfg = cfg or DPOConfig()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     set_seed(cfg.seed)
-    pairs = read_jsonl(pairs_path, required=("id", "question_id", "chosen", "rejected"))
-    if not pairs:
-        raise ChainstepError(f"{pairs_path} holds no pairs; lower dpo.threshold or sample more chains")
-    missing = [p["question_id"] for p in pairs if p["question_id"] not in records]
-    if missing:
-        raise ChainstepError(f"{pairs_path}: question {missing[0]} is not in the task records given")
+    pairs = read_pairs(pairs_path, records)
     rows = [{"image": records[p["question_id"]]["image"], "record": json.dumps(records[p["question_id"]]),
              "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
-    steps = math.ceil(cfg.epochs * len(pairs) / (cfg.per_device_train_batch_size * _world_size()))
-    steps = max(1, min(cfg.max_steps, steps))
-    # a short round still takes steps at a learning rate above 0, after its warm-up
-    cfg = replace(cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, steps // 2))
+    cfg = round_schedule(cfg, len(pairs))
     model, processor = prepare_model(model_dir, cfg)
     ref = None if cfg.lora else load(model_dir)[0]
     checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
@@ -192,6 +203,45 @@ def train_dpo(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
     return out_dir
 
 
+def round_schedule(cfg: DPOConfig, pairs: int) -> DPOConfig:
+    """`epochs` passes over the pairs, at most `max_steps`; a short round still takes steps at a
+    learning rate above 0 after its warm-up."""
+    steps = math.ceil(cfg.epochs * pairs / (cfg.per_device_train_batch_size * _world_size()))
+    steps = max(1, min(cfg.max_steps, steps))
+    return replace(cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, steps // 2))
+
+
+def read_pairs(pairs_path: str | Path, records: dict[str, dict]) -> list[dict]:
+    pairs = read_jsonl(pairs_path, required=("id", "question_id", "chosen", "rejected"))
+    if not pairs:
+        raise ChainstepError(f"{pairs_path} holds no pairs; lower dpo.threshold or sample more chains")
+    missing = [p["question_id"] for p in pairs if p["question_id"] not in records]
+    if missing:
+        raise ChainstepError(f"{pairs_path}: question {missing[0]} is not in the task records given")
+    return pairs
+
+
+def train_rft(model_dir: str | Path, pairs_path: str | Path, records: dict[str, dict],
+              out_dir: str | Path, cfg: DPOConfig | None = None) -> Path:
+    """The control a DPO model is read against: SFT continued from `model_dir` on the pairs'
+    chosen chains alone (rejection-sampling fine-tuning), with the optimizer steps, batch,
+    learning rate and schedule DPO takes on the same pairs. What DPO gains over this is what
+    the preference signal adds beyond more training on right chains."""
+    cfg = cfg or DPOConfig()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    set_seed(cfg.seed)
+    pairs = read_pairs(pairs_path, records)
+    rows = [{**records[p["question_id"]], "id": p["id"], "response": p["chosen"]} for p in pairs]
+    cfg = round_schedule(cfg, len(pairs))
+    model, processor = prepare_model(model_dir, cfg)
+    args = training_arguments(cfg, out_dir.with_name(out_dir.name + "-checkpoints"))
+    trainer = ResumableTrainer(model=model, args=args, train_dataset=rows,
+                               data_collator=SFTCollator(processor, cfg.max_length))
+    fit(trainer, cfg, processor, model_dir, out_dir,
+        {"pairs": str(pairs_path), "num_pairs": len(pairs), "control_for": "dpo", "dpo": asdict(cfg)})
+    return out_dir
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -202,12 +252,9 @@ def _record_rank(checkpoints: Path, trainer, collator: PreferenceCollator) -> No
     checkpoints.mkdir(parents=True, exist_ok=True)
     rank = trainer.args.process_index
     model = trainer.accelerator.unwrap_model(trainer.model)
-    digest = hashlib.sha256()
-    for _, param in sorted(model.named_parameters()):
-        digest.update(param.detach().float().cpu().numpy().tobytes())
     (checkpoints / f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world_size": trainer.args.world_size, "pairs_seen": collator.examples_seen,
-         "pid": os.getpid(), "weights_sha256": digest.hexdigest()}))
+         "pid": os.getpid(), "weights_sha256": weights_digest(model)}))
 
 
 def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[dict], out: Path,
@@ -228,6 +275,7 @@ def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[di
     stats = pair_stats(pairs, len(records))
     stats["sampled"] = {"chains": len(rows), "correct": _mean(r["correct"] for r in rows),
                         "parsed": _mean(r["parsed"] for r in rows),
+                        "grammar_acted": _mean(r.get("grammar_interventions", 0) > 0 for r in rows),
                         "tokens": _mean(r["tokens"] for r in rows),
                         "steps": _mean(r["steps"] for r in rows if r["steps"] is not None)}
     stats["policy"], stats["trained"] = str(policy_dir), len(pairs) >= max(1, cfg.min_pairs)
@@ -266,23 +314,38 @@ def iterative_dpo(sft_dir: str | Path, prm_dir: str | Path | None, records: list
     return stats
 
 
+def rft_control(sft_dir: str | Path, records: list[dict], out: str | Path, cfg: DPOConfig,
+                rounds: dict[str, dict]) -> dict:
+    """The RFT control of the last round that trained: SFT continued from `sft_dir` on that
+    round's chosen chains, with its steps (`out/models/rft`). Skipped when it exists."""
+    out = Path(out)
+    last = next((name for name in reversed(list(rounds)) if rounds[name]["trained"]), None)
+    if last is None:
+        return {"trained": False, "reason": "no DPO round trained"}
+    target = out / "models" / "rft"
+    if not (target / "chainstep.json").exists():
+        train_rft(sft_dir, out / "data" / f"{last}-pairs.jsonl", {r["id"]: r for r in records}, target, cfg)
+    return {"trained": True, "chosen_of": last, "pairs": rounds[last]["pairs"]}
+
+
 def pair_source_ablation(sft_dir: str | Path, prm_dir: str | Path | None, records: list[dict],
                          out: str | Path, cfg: DPOConfig, batch_size: int = 64) -> dict[str, dict]:
     """Round 1 again with each source in `cfg.ablation`, on round 1's own samples, so the
     sources differ only in how pairs are picked: `out/models/dpo-r1-{source}`."""
     sft_dir, out = Path(sft_dir), Path(out)
-    scored = next((source for source in cfg.ablation if source != "outcome"), None)
+    scored = next((source for source in cfg.ablation if source not in GROUND_TRUTH), None)
     prm = _load_prm(prm_dir, scored, batch_size) if scored else None  # loaded once for all sources
     stats = {}
     for source in cfg.ablation:
         name = f"dpo-r1-{source}"
-        stats[name] = _round_once(sft_dir, sft_dir, prm if source != "outcome" else None, records, out, name,
+        scorer = None if source in GROUND_TRUTH else prm
+        stats[name] = _round_once(sft_dir, sft_dir, scorer, records, out, name,
                                   replace(cfg, pair_source=source), batch_size, samples_name="dpo-r1")
     return stats
 
 
 def _load_prm(prm_dir, source: str, batch_size: int) -> PRM | None:
-    if source == "outcome":
+    if source in GROUND_TRUTH:
         return None
     if prm_dir is None:
         raise ChainstepError(f"pair source {source!r} needs a PRM (--prm DIR)")

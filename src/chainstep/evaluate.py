@@ -36,7 +36,8 @@ def response_row(record: dict, gen: Generation, style: str = "cos", row_id: str 
     """One graded response, as predictions and samples files hold it."""
     return {"id": row_id or record["id"], "question_id": record["id"], "family": family_of(record),
             "answer": record["answer"], "response": gen.text, "tokens": gen.num_tokens,
-            "finish_reason": gen.finish_reason, **grade_response(gen.text, record, style, extractor)}
+            "finish_reason": gen.finish_reason, "grammar_interventions": gen.grammar_interventions,
+            **grade_response(gen.text, record, style, extractor)}
 
 
 def generation_settings(policy: Policy, params: SamplingParams, style: str, extractor=None) -> dict:

@@ -46,9 +46,9 @@ class GRPOConfig(SFTConfig):
     max_tokens: int = 192
     beta: float = 0.0  # KL to the start model; 0 loads no reference model
     step_weight: float = 0.2
-    max_steps: int = 8
+    max_steps: int = 16
     per_device_train_batch_size: int = 16  # completions per step: 2 prompts x 8
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-5  # as DPO: 1e-4 lowered accuracy (docs/findings.md)
     warmup_steps: int = 2
     save_steps: int = 4
 

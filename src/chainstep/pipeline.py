@@ -24,7 +24,7 @@ from rich.console import Console
 from . import models
 from .config import RunConfig, dump_config, to_dict
 from .construct import construct
-from .dpo import iterative_dpo, pair_source_ablation
+from .dpo import iterative_dpo, pair_source_ablation, rft_control
 from .errors import ChainstepError
 from .evaluate import paired_comparison, predict, sample_responses, summarize, update_metrics
 from .grpo import train_grpo, variant
@@ -180,7 +180,8 @@ def sample_chains(r: Run) -> dict:
         got = sample_responses(policy, records, r.data / f"samples-{split}.jsonl", params)
         rows = [row for rows in got.values() for row in rows]
         info[split] = {"chains": len(rows), "correct": _mean(x["correct"] for x in rows),
-                       "parsed": _mean(x["parsed"] for x in rows)}
+                       "parsed": _mean(x["parsed"] for x in rows),
+                       "grammar_acted": _mean(x.get("grammar_interventions", 0) > 0 for x in rows)}
     return info
 
 
@@ -316,11 +317,13 @@ def improve_dpo(r: Run) -> dict:
     records = _train_questions(r, r.cfg.label.questions, cfg.questions)
     args = (r.models / "sft", r.models / "prm", records, r.dir, cfg, r.cfg.eval.batch_size)
     rounds = iterative_dpo(*args)
+    control = rft_control(r.models / "sft", records, r.dir, cfg, rounds)
     ablation = pair_source_ablation(*args)
-    update_metrics(r.metrics, dpo={"rounds": rounds, "ablation": ablation, "pair_source": cfg.pair_source,
-                                   "threshold": cfg.threshold, "questions": len(records)})
-    return {name: {"pairs": s["pairs"], "mean_gap": s["mean_gap"]}
-            for name, s in {**rounds, **ablation}.items()}
+    update_metrics(r.metrics, dpo={"rounds": rounds, "ablation": ablation, "control": control,
+                                   "pair_source": cfg.pair_source, "threshold": cfg.threshold,
+                                   "questions": len(records)})
+    return {"rft": control, **{name: {"pairs": s["pairs"], "mean_gap": s["mean_gap"]}
+                               for name, s in {**rounds, **ablation}.items()}}
 
 
 def improve_grpo(r: Run) -> dict:
@@ -337,7 +340,8 @@ def improve_grpo(r: Run) -> dict:
 
 
 def improved_models(cfg: RunConfig) -> list[str]:
-    return ([f"dpo-r{k}" for k in range(1, cfg.dpo.rounds + 1)] + [f"dpo-r1-{s}" for s in cfg.dpo.ablation]
+    return ([f"dpo-r{k}" for k in range(1, cfg.dpo.rounds + 1)] + ["rft"]
+            + [f"dpo-r1-{s}" for s in cfg.dpo.ablation]
             + [f"grpo-{run}" for run in cfg.grpo.runs])
 
 
@@ -373,7 +377,7 @@ def evaluate_improved(r: Run) -> dict:
 
 def _claims(cfg: RunConfig) -> list[tuple[str, str]]:
     last = f"dpo-r{cfg.dpo.rounds}"
-    pairs = [("dpo-r1", "sft"), (last, "sft"), (last, "dpo-r1")]
+    pairs = [("dpo-r1", "sft"), (last, "sft"), (last, "dpo-r1"), ("rft", "sft"), (last, "rft")]
     pairs += [("dpo-r1", f"dpo-r1-{s}") for s in cfg.dpo.ablation]
     runs = [f"grpo-{run}" for run in cfg.grpo.runs]
     pairs += [(a, "sft") for a in runs] + [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]]

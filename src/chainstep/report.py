@@ -15,7 +15,8 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .records import iter_jsonl, load_tasks
 
-MODEL_ORDER = ("base", "sft", "dpo-r1", "dpo-r2", "dpo-r3", "grpo-prm", "grpo-outcome", "grpo-prm-step")
+MODEL_ORDER = ("base", "sft", "dpo-r1", "dpo-r2", "dpo-r3", "rft", "grpo-prm", "grpo-outcome",
+               "grpo-prm-step")
 ABLATION_PREFIX = "dpo-r1-"
 
 

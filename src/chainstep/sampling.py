@@ -9,14 +9,15 @@ decoder skips special tokens. `stop_at_step` ends a sequence after `<|reasoning_
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from rich.progress import Progress
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import LogitsProcessorList, PreTrainedModel, ProcessorMixin
 
 from .errors import ChainstepError
+from .grammar import StepGrammar
 from .inputs import PER_TOKEN_KEYS, collate, encode_prompt
 from .models import load
 from .steps import BAD_TAG, GOOD_TAG, SPECIAL_TOKENS, STEP_END, STEP_TAG
@@ -37,6 +38,11 @@ class SamplingParams:
     max_tokens: int = 256  # new tokens per completion
     stop_at_step: bool = False  # also stop after each <|reasoning_step_end|>
     seed: int | None = None
+    grammar: bool | None = None  # decode under the step grammar; None: when sampling (temperature > 0)
+
+    @property
+    def constrained(self) -> bool:
+        return self.temperature > 0 if self.grammar is None else self.grammar
 
     def __post_init__(self):
         if self.n < 1:
@@ -54,6 +60,7 @@ class Generation:
     text: str
     num_tokens: int
     finish_reason: str  # "stop" (end of sequence), "step" (step end), or "length"
+    grammar_interventions: int = 0  # positions where the step grammar masked the model's top token
 
 
 def end_ids(tokenizer, generation_config=None) -> list[int]:
@@ -158,13 +165,24 @@ class Policy:
                      top_p=params.top_p if sample else None, top_k=params.top_k if sample else None,
                      eos_token_id=stops, pad_token_id=self.pad_id,
                      suppress_tokens=self.suppress_ids or None)
+        grammar = self._grammar(prefixes, params.n, stops) if params.constrained else None
+        if grammar:
+            knobs["logits_processor"] = LogitsProcessorList([grammar])
         if params.n > 1 and self.shares_prefix:
             out = self._generate_shared(batch, params.n, knobs)
         else:
             out = self.model.generate(**batch, num_return_sequences=params.n, **knobs)
         new = out[:, batch["input_ids"].shape[1]:].tolist()
         gens = [self._finish(ids, stops) for ids in new]
+        if grammar:
+            gens = [replace(g, grammar_interventions=k) for g, k in zip(gens, grammar.interventions)]
         return [gens[i * params.n:(i + 1) * params.n] for i in range(len(records))]
+
+    def _grammar(self, prefixes: list[str], n: int, stops: list[int]) -> StepGrammar:
+        """One grammar matcher per generated row (rows of a prompt are consecutive)."""
+        tok = self.processor.tokenizer
+        ids = [tok(p, add_special_tokens=False)["input_ids"] if p else [] for p in prefixes]
+        return StepGrammar(tok, self.end_ids, [row for row in ids for _ in range(n)], stops)
 
     @property
     def shares_prefix(self) -> bool:
@@ -200,7 +218,8 @@ class VLLMPolicy(Policy):
 
     Prompts are built by the same chat template and stops are the same token ids; the model runs
     in vLLM's engine instead of `transformers`. Token suppression of non-step added tokens is not
-    applied here (vLLM has no per-request token mask that survives every version)."""
+    applied here (vLLM has no per-request token mask that survives every version), and neither
+    is the step grammar: vLLM's own structured outputs take llguidance grammars, untested here."""
 
     def __init__(self, path: str | Path, batch_size: int = 256, **engine_kwargs):
         try:

@@ -33,7 +33,7 @@ class SearchConfig:
     ns: tuple[int, ...] = (1, 2, 4, 8, 16)  # N for pass@N, SC, BoN and weighted vote
     beam_ns: tuple[int, ...] = (16,)  # N for beam search (each N is a full run)
     questions: int = 100  # test questions searched; 0 = the whole split
-    temperatures: tuple[float, ...] = (0.7,)  # tried on val (if several); the best BoN picks one
+    temperatures: tuple[float, ...] = (0.3, 0.7, 1.0)  # tried on val; the best BoN picks one
     val_questions: int = 40  # val questions for the temperature choice
     keep: int = 1  # beams kept per question (k); 1 is the paper's setting
     step_tokens: int = 96  # new-token cap for one step
@@ -197,9 +197,8 @@ def _predictions(by_q: dict, strategy: str, n: int, prm: PRM | None,
 
 def choose_temperature(policy: Policy, prm: PRM, records: list[dict], cfg: SearchConfig,
                        out_dir: Path, max_tokens: int, seed: int = 0) -> tuple[float, list[dict]]:
-    """Sample the val questions at each temperature; the best BoN accuracy picks the one used."""
-    if len(cfg.temperatures) == 1:
-        return cfg.temperatures[0], []
+    """Sample the val questions at each temperature; the best BoN accuracy (then SC, then the
+    lower temperature) picks the one used. Every temperature tried is recorded, a single one too."""
     n = min(8, max(cfg.ns))
     sweep = []
     for t in cfg.temperatures:
@@ -211,7 +210,7 @@ def choose_temperature(policy: Policy, prm: PRM, records: list[dict], cfg: Searc
             preds = _predictions(by_q, strategy, n, prm)
             row[strategy] = sum(p["correct"] for p in preds) / len(preds)
         sweep.append(row)
-    best = max(sweep, key=lambda r: (r["bon"], r["sc"]))
+    best = max(sweep, key=lambda r: (r["bon"], r["sc"], -r["temperature"]))
     return best["temperature"], sweep
 
 

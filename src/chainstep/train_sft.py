@@ -10,6 +10,7 @@ directory (LoRA adapters merged), loadable by `chainstep.models.load`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from .inputs import SFTCollator
 from .models import load, save
 from .records import read_jsonl
 
+console = Console(stderr=True)
 VISION_PATTERNS = ("vision_tower", "vision_model", "visual.", "vision_encoder")
 LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -182,17 +184,33 @@ def quiet_progress(trainer: Trainer, description: str, log_path: Path) -> Traine
     return trainer
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for _, param in sorted(model.named_parameters()):
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def fit(trainer: ResumableTrainer, cfg: SFTConfig, processor, model_dir: Path, out_dir: Path,
         meta: dict) -> Path:
-    """Train (resuming from the last complete checkpoint), merge LoRA, save with a summary."""
+    """Train (resuming from the last complete checkpoint), merge LoRA, save with a summary.
+
+    A run that leaves every weight as it found it (a learning rate of 0, a schedule that never
+    leaves warm-up) is the no-op guard's case: it says so, and the summary records
+    `weights_changed: false`, so no finding is drawn from a model that is its start model."""
     last = last_complete_checkpoint(Path(trainer.args.output_dir))
+    start = weights_digest(trainer.model)
     quiet_progress(trainer, out_dir.name, Path(trainer.args.output_dir) / "train_log.jsonl")
     result = trainer.train(resume_from_checkpoint=last)
     model = trainer.model.merge_and_unload() if cfg.lora else trainer.model
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    changed = last is not None or weights_digest(model) != start
     if not trainer.is_world_process_zero():
         return out_dir
-    return save(model, processor, out_dir, meta={
+    if not changed:
+        console.print(f"[yellow]{out_dir.name}: training left every weight unchanged (learning rate "
+                      f"{cfg.learning_rate}); this model is its start model[/yellow]")
+    return save(model, processor, out_dir, meta={"weights_changed": changed, 
         "from_scratch": not _is_pretrained(model_dir), "vision_pretrained": _sees(model_dir),
         "trained_from": str(model_dir), **meta,
         "train_loss_first": losses[0] if losses else None,

@@ -1,0 +1,78 @@
+"""Decoding under the step grammar: what the matcher allows, and sampled chains that parse."""
+
+from dataclasses import replace
+
+import torch
+
+from chainstep.grammar import StepGrammar
+from chainstep.sampling import Policy, SamplingParams
+from chainstep.steps import (
+    ANSWER_LINE,
+    PROCEED,
+    REASONING_END,
+    REASONING_START,
+    STEP_END,
+    Chain,
+    Step,
+    parses,
+    render,
+)
+
+CHAIN = render(Chain([Step("Count red", "Red shapes: 2", "Checked."), Step("Add", "2 + 1 = 3", "Ok.")], "3"))
+
+
+def _grammar(processor, prefixes: list[str]) -> tuple[StepGrammar, list[int]]:
+    tok = processor.tokenizer
+    ends = [tok.eos_token_id]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] if p else [] for p in prefixes]
+    return StepGrammar(tok, ends, ids), ends
+
+
+def _allowed(grammar: StepGrammar, vocab: int, rows: int) -> list[set[int]]:
+    scores = grammar(torch.zeros(rows, 3, dtype=torch.long), torch.zeros(rows, vocab))
+    return [set(torch.isfinite(row).nonzero().flatten().tolist()) for row in scores]
+
+
+def test_only_the_structure_the_format_needs_next_is_allowed(tiny_model_dir):
+    from chainstep.models import load
+
+    _, processor = load(tiny_model_dir("llava"))
+    tok, vocab = processor.tokenizer, len(processor.tokenizer)
+    after_step = CHAIN[:CHAIN.index(STEP_END) + len(STEP_END)]
+    grammar, ends = _grammar(processor, ["", after_step, after_step + "\n", CHAIN])
+    start, newline, choice, done = _allowed(grammar, vocab, 4)
+    assert start == {tok.convert_tokens_to_ids(REASONING_START)}
+    assert newline and all(tok.decode([t]).startswith("\n") for t in newline)
+    names = {tok.convert_ids_to_tokens(t) for t in choice}
+    assert {PROCEED, REASONING_END} <= names
+    assert not any(n.startswith("<|") for n in names - {PROCEED, REASONING_END})
+    assert done == set(ends)  # a complete chain may only end
+    assert grammar.free == [False] * 4
+
+
+def test_a_broken_prefix_is_left_unconstrained_and_interventions_are_counted(tiny_model_dir):
+    from chainstep.models import load
+
+    _, processor = load(tiny_model_dir("llava"))
+    tok, vocab = processor.tokenizer, len(processor.tokenizer)
+    grammar, _ = _grammar(processor, ["", CHAIN.replace(ANSWER_LINE, "Reply:")])
+    assert grammar.free == [False, True]
+    scores = torch.zeros(2, vocab)
+    scores[:, tok.convert_tokens_to_ids(PROCEED)] = 5.0  # the model's top token breaks the format
+    out = grammar(torch.zeros(2, 3, dtype=torch.long), scores)
+    assert out[0].argmax() == tok.convert_tokens_to_ids(REASONING_START) and grammar.interventions == [1, 0]
+    assert torch.isfinite(out[1]).all()
+
+
+def test_every_sampled_chain_parses_under_the_grammar(sft_model_dir, test_records):
+    """Hot sampling from a briefly trained policy breaks the format often; under the grammar a
+    chain that ends (not cut at max_tokens) always parses."""
+    policy = Policy.from_dir(sft_model_dir, batch_size=16)
+    hot = SamplingParams(n=4, temperature=1.3, max_tokens=256, seed=0)
+    free = [g for gens in policy.generate(test_records[:4], replace(hot, grammar=False)) for g in gens]
+    bound = [g for gens in policy.generate(test_records[:4], hot) for g in gens]
+    assert hot.constrained and not SamplingParams().constrained  # on when sampling, off for greedy
+    assert not all(parses(g.text) for g in free) and all(g.grammar_interventions == 0 for g in free)
+    finished = [g for g in bound if g.finish_reason == "stop"]
+    assert finished and all(parses(g.text) for g in finished)
+    assert sum(g.grammar_interventions for g in bound) > 0
