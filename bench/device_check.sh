@@ -12,10 +12,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=wheels
-# pure-Python wheels only: binary packages (pydantic-core, tokenizers, pyyaml) stay the machine's own
+# pure-Python wheels, and llguidance (abi3: its cp39-abi3 manylinux wheel serves Python 3.12 too);
+# other binary packages (pydantic-core, tokenizers, pyyaml) stay the machine's own (issue 25: incomplete)
 PINS=(transformers==5.23.0 huggingface_hub==2.4.0 trl==1.16.0 peft==0.21.2 accelerate==1.15.0
       datasets==5.2.0 typer==0.29.1 click==8.5.1 shellingham==1.5.4 annotated-doc==0.0.7 rich==15.0.0
-      openai==3.51.0 fastapi==0.163.2 uvicorn==0.54.0)
+      openai==3.51.0 fastapi==0.163.2 uvicorn==0.54.0 llguidance==1.9.1)
 PARTS=(
   "versions|30|python -c 'import torch, transformers, trl; print(torch.__version__, torch.version.cuda, transformers.__version__, trl.__version__, torch.cuda.get_device_name(0))'"
   "tests on CUDA|150|python -m pytest -q -x -m 'not slow' tests/test_models.py tests/test_pretrain.py tests/test_train_sft.py tests/test_prm.py tests/test_sampling.py tests/test_search.py"
