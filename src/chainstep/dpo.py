@@ -28,22 +28,13 @@ from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
 from .errors import ChainstepError
-from .evaluate import sample_responses
-from .inputs import SFTCollator, collate, encode_example
+from .evaluate import sample_responses, sample_stats
+from .inputs import collate, encode_example
 from .models import load
 from .prm import PRM, chain_score
 from .records import JsonlWriter, read_jsonl
 from .sampling import Policy, SamplingParams
-from .train_sft import (
-    ResumableTrainer,
-    ResumeWeights,
-    SFTConfig,
-    fit,
-    prepare_model,
-    training_arguments,
-    training_kwargs,
-    weights_digest,
-)
+from .train_sft import ResumeWeights, SFTConfig, fit, fit_rows, prepare_model, training_kwargs, weights_digest
 
 PAIR_SOURCES = ("prm", "prm_answer", "outcome", "verified")
 GROUND_TRUTH = ("outcome", "verified")  # sources that need no PRM
@@ -227,19 +218,11 @@ def train_rft(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
     chosen chains alone (rejection-sampling fine-tuning), with the optimizer steps, batch,
     learning rate and schedule DPO takes on the same pairs. What DPO gains over this is what
     the preference signal adds beyond more training on right chains."""
-    cfg = cfg or DPOConfig()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    set_seed(cfg.seed)
     pairs = read_pairs(pairs_path, records)
     rows = [{**records[p["question_id"]], "id": p["id"], "response": p["chosen"]} for p in pairs]
-    cfg = round_schedule(cfg, len(pairs))
-    model, processor = prepare_model(model_dir, cfg)
-    args = training_arguments(cfg, out_dir.with_name(out_dir.name + "-checkpoints"))
-    trainer = ResumableTrainer(model=model, args=args, train_dataset=rows,
-                               data_collator=SFTCollator(processor, cfg.max_length))
-    fit(trainer, cfg, processor, model_dir, out_dir,
-        {"pairs": str(pairs_path), "num_pairs": len(pairs), "control_for": "dpo", "dpo": asdict(cfg)})
-    return out_dir
+    cfg = round_schedule(cfg or DPOConfig(), len(pairs))
+    return fit_rows(model_dir, rows, out_dir, cfg, {"pairs": str(pairs_path), "num_pairs": len(pairs),
+                                                    "control_for": "dpo", "dpo": asdict(cfg)})
 
 
 def _world_size() -> int:
@@ -273,11 +256,7 @@ def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[di
                         cfg.threshold, cfg.pairs_per_question)
     write_pairs(pairs, pairs_path)
     stats = pair_stats(pairs, len(records))
-    stats["sampled"] = {"chains": len(rows), "correct": _mean(r["correct"] for r in rows),
-                        "parsed": _mean(r["parsed"] for r in rows),
-                        "grammar_acted": _mean(r.get("grammar_interventions", 0) > 0 for r in rows),
-                        "tokens": _mean(r["tokens"] for r in rows),
-                        "steps": _mean(r["steps"] for r in rows if r["steps"] is not None)}
+    stats["sampled"] = sample_stats(rows)
     stats["policy"], stats["trained"] = str(policy_dir), len(pairs) >= max(1, cfg.min_pairs)
     if stats["trained"]:
         train_dpo(sft_dir, pairs_path, {r["id"]: r for r in records}, out / "models" / name, cfg)
@@ -289,11 +268,6 @@ def write_pairs(pairs: list[dict], path: Path) -> None:
     with JsonlWriter(tmp) as writer:
         writer.write_all(pairs)
     tmp.replace(path)
-
-
-def _mean(values) -> float | None:
-    values = list(values)
-    return round(sum(values) / len(values), 4) if values else None
 
 
 def iterative_dpo(sft_dir: str | Path, prm_dir: str | Path | None, records: list[dict],

@@ -40,6 +40,20 @@ def response_row(record: dict, gen: Generation, style: str = "cos", row_id: str 
             **grade_response(gen.text, record, style, extractor)}
 
 
+def sample_stats(rows: list[dict]) -> dict:
+    """What a stage reports about the chains it sampled: how many, how many right and parsed,
+    and on how many the step grammar had to act."""
+    def mean(values) -> float | None:
+        values = list(values)
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {"chains": len(rows), "correct": mean(r["correct"] for r in rows),
+            "parsed": mean(r["parsed"] for r in rows),
+            "grammar_acted": mean(r.get("grammar_interventions", 0) > 0 for r in rows),
+            "tokens": mean(r["tokens"] for r in rows),
+            "steps": mean(r["steps"] for r in rows if r["steps"] is not None)}
+
+
 def generation_settings(policy: Policy, params: SamplingParams, style: str, extractor=None) -> dict:
     """What a predictions file's rows depend on: the model (its weights' fingerprint), the
     decoding settings, the grading style and answer extraction."""

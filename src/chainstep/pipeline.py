@@ -26,7 +26,7 @@ from .config import RunConfig, dump_config, to_dict
 from .construct import construct
 from .dpo import iterative_dpo, pair_source_ablation, rft_control
 from .errors import ChainstepError
-from .evaluate import paired_comparison, predict, sample_responses, summarize, update_metrics
+from .evaluate import paired_comparison, predict, sample_responses, sample_stats, summarize, update_metrics
 from .grpo import train_grpo, variant
 from .label import label
 from .pretrain import pretrain
@@ -179,15 +179,8 @@ def sample_chains(r: Run) -> dict:
         records = _first(load_tasks(r.tasks / f"{split}.jsonl"), count)
         got = sample_responses(policy, records, r.data / f"samples-{split}.jsonl", params)
         rows = [row for rows in got.values() for row in rows]
-        info[split] = {"chains": len(rows), "correct": _mean(x["correct"] for x in rows),
-                       "parsed": _mean(x["parsed"] for x in rows),
-                       "grammar_acted": _mean(x.get("grammar_interventions", 0) > 0 for x in rows)}
+        info[split] = sample_stats(rows)
     return info
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return round(sum(values) / len(values), 4) if values else 0.0
 
 
 def label_chains(r: Run) -> dict:

@@ -184,10 +184,11 @@ def quiet_progress(trainer: Trainer, description: str, log_path: Path) -> Traine
     return trainer
 
 
-def weights_digest(model: torch.nn.Module) -> str:
+def weights_digest(model: torch.nn.Module, trainable_only: bool = False) -> str:
     digest = hashlib.sha256()
     for _, param in sorted(model.named_parameters()):
-        digest.update(param.detach().float().cpu().numpy().tobytes())
+        if param.requires_grad or not trainable_only:
+            digest.update(param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -199,18 +200,19 @@ def fit(trainer: ResumableTrainer, cfg: SFTConfig, processor, model_dir: Path, o
     leaves warm-up) is the no-op guard's case: it says so, and the summary records
     `weights_changed: false`, so no finding is drawn from a model that is its start model."""
     last = last_complete_checkpoint(Path(trainer.args.output_dir))
-    start = weights_digest(trainer.model)
+    start = weights_digest(trainer.model, trainable_only=True)  # frozen weights cannot move
     quiet_progress(trainer, out_dir.name, Path(trainer.args.output_dir) / "train_log.jsonl")
     result = trainer.train(resume_from_checkpoint=last)
+    changed = last is not None or weights_digest(trainer.model, trainable_only=True) != start
     model = trainer.model.merge_and_unload() if cfg.lora else trainer.model
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    changed = last is not None or weights_digest(model) != start
     if not trainer.is_world_process_zero():
         return out_dir
     if not changed:
         console.print(f"[yellow]{out_dir.name}: training left every weight unchanged (learning rate "
                       f"{cfg.learning_rate}); this model is its start model[/yellow]")
-    return save(model, processor, out_dir, meta={"weights_changed": changed, 
+    return save(model, processor, out_dir, meta={
+        "weights_changed": changed,
         "from_scratch": not _is_pretrained(model_dir), "vision_pretrained": _sees(model_dir),
         "trained_from": str(model_dir), **meta,
         "train_loss_first": losses[0] if losses else None,
@@ -223,14 +225,21 @@ def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
               cfg: SFTConfig | None = None) -> Path:
     """Fine-tune the model in `model_dir` on `data_path`; returns the saved model directory."""
     cfg = cfg or SFTConfig()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    set_seed(cfg.seed)
     rows = read_jsonl(data_path, required=("id", "image", "question", "response"))
     if not rows:
         raise ChainstepError(f"{data_path} holds no training rows")
+    return fit_rows(model_dir, rows, out_dir, cfg, {"data": str(data_path), "sft": asdict(cfg)})
+
+
+def fit_rows(model_dir: str | Path, rows: list[dict], out_dir: str | Path, cfg: SFTConfig,
+             meta: dict) -> Path:
+    """SFT on in-memory rows (record fields + `response`): the one SFT loop, shared by `train_sft`
+    and the RFT control."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    set_seed(cfg.seed)
     model, processor = prepare_model(model_dir, cfg)
     args = training_arguments(cfg, out_dir.with_name(out_dir.name + "-checkpoints"))
     trainer = ResumableTrainer(model=model, args=args, train_dataset=rows,
-                      data_collator=SFTCollator(processor, cfg.max_length))
-    fit(trainer, cfg, processor, model_dir, out_dir, {"data": str(data_path), "sft": asdict(cfg)})
+                               data_collator=SFTCollator(processor, cfg.max_length))
+    fit(trainer, cfg, processor, model_dir, out_dir, meta)
     return out_dir
