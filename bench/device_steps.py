@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 
 from chainstep import models
+from chainstep.config import PRMConfig, SFTConfig
 from chainstep.construct import construct
 from chainstep.dpo import DPOConfig, train_dpo, write_pairs
 from chainstep.inputs import collate, encode_prompt
-from chainstep.prm import PRMConfig, train_prm
+from chainstep.prm_train import train_prm
 from chainstep.records import JsonlWriter, load_tasks, read_jsonl
 from chainstep.steps import parse
 from chainstep.synthetic import SuiteConfig, make_tasks
 from chainstep.teacher import ProgrammaticTeacher
-from chainstep.train_sft import SFTConfig, train_sft
+from chainstep.train_sft import train_sft
 
 
 def losses(model_dir: Path) -> tuple[float, float]:

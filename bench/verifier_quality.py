@@ -27,7 +27,8 @@ from rich.table import Table
 from chainstep.errors import ChainstepError
 from chainstep.evaluate import paired_comparison, predict, sample_responses
 from chainstep.judge import JudgeVerifier
-from chainstep.prm import PRM, chain_score, evaluate_prm
+from chainstep.prm import PRM
+from chainstep.prm_metrics import evaluate_prm
 from chainstep.records import load_tasks, read_jsonl
 from chainstep.sampling import Policy, SamplingParams
 from chainstep.search import beam_search, select
@@ -38,7 +39,7 @@ def search_rows(policy: Policy, verifier, records: list[dict], samples: dict[str
     """Best-of-N and weighted vote over the shared samples, and a beam search of its own."""
     flat = [row for rec in records for row in samples[rec["id"]]]
     scores = verifier.score([rec for rec in records for _ in range(n)], [r["response"] for r in flat])
-    chain = [chain_score(s, verifier.step_weight, verifier.aggregate) for s in scores]
+    chain = [verifier.scoring(s) for s in scores]
     out = {s: [select(s, samples[rec["id"]], chain[i * n:(i + 1) * n]) for i, rec in enumerate(records)]
            for s in ("bon", "weighted")}
     start = time.perf_counter()

@@ -71,7 +71,8 @@ def tiny_model_dir(tmp_path_factory, tokenizer_texts):
 @pytest.fixture(scope="session")
 def sft_model_dir(tmp_path_factory, tiny_model_dir, suite_dir) -> Path:
     """The tiny Llava after a short CoS SFT: it writes step-format chains (not always right)."""
-    from chainstep.train_sft import SFTConfig, train_sft
+    from chainstep.config import SFTConfig
+    from chainstep.train_sft import train_sft
 
     cfg = SFTConfig(max_steps=60, per_device_train_batch_size=8, learning_rate=3e-3, warmup_steps=5,
                     save_steps=1000)

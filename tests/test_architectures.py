@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from chainstep import models
+from chainstep.config import SFTConfig
 from chainstep.evaluate import predict, summarize
 from chainstep.inputs import collate, encode_example
 from chainstep.records import read_jsonl
 from chainstep.sampling import Policy, SamplingParams
-from chainstep.train_sft import SFTConfig, train_sft
+from chainstep.train_sft import train_sft
 
 
 @pytest.mark.parametrize("arch", sorted(models.ARCHITECTURES))

@@ -49,8 +49,7 @@ def test_one_line_errors_for_common_mistakes(tmp_path):
 
 
 def test_stage_commands_take_section_keys_with_or_without_the_prefix():
-    from chainstep.config import section_config
-    from chainstep.train_sft import SFTConfig
+    from chainstep.config import SFTConfig, section_config
 
     assert section_config(SFTConfig, ["sft.max_steps=5"], "sft").max_steps == 5
     assert section_config(SFTConfig, ["max_steps=7", "learning_rate=2e-4"], "sft").learning_rate == 2e-4

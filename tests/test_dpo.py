@@ -77,7 +77,7 @@ def test_sample_scores_by_source(sft_model_dir, train_records):
     assert sample_scores(rows, [record], "outcome", None) == [1.0, 0.0]
     prm = PRM.from_dir(sft_model_dir)
     s = prm.score([record], [rows[0]["response"]])[0]
-    step_answer = sample_scores(rows, [record], "prm", prm, step_weight=0.2)
+    step_answer = sample_scores(rows, [record], "prm", prm)
     answer_only = sample_scores(rows, [record], "prm_answer", prm)
     assert step_answer[0] == pytest.approx(0.2 * sum(s.steps) / len(s.steps) + 0.8 * s.answer, abs=1e-5)
     assert answer_only[0] == pytest.approx(s.answer, abs=1e-5)

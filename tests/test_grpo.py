@@ -19,7 +19,8 @@ from chainstep.grpo import (
 )
 from chainstep.inputs import encode_prompt
 from chainstep.models import load
-from chainstep.prm import PRM, StepScores, chain_score
+from chainstep.prm import PRM
+from chainstep.scoring import ChainScore, StepScores
 from chainstep.steps import Chain, Step, render
 
 
@@ -50,13 +51,14 @@ def test_outcome_and_format_rewards(processor, train_records):
 def test_prm_reward_is_the_chain_score_of_the_decoded_chain(sft_model_dir, processor, train_records):
     record = train_records[0]
     text = render(Chain([Step("Read", "Value: 1", "ok"), Step("Add", "1 + 1 = 2", "ok")], "2"))
-    prm = PRM.from_dir(sft_model_dir)
-    reward = PRMReward("prm", {record["id"]: record}, processor.tokenizer, prm, step_weight=0.2)
+    prm = PRM.from_dir(sft_model_dir, aggregate="min")
+    reward = PRMReward("prm", {record["id"]: record}, processor.tokenizer, prm)
     got = reward(prompts=[None], completions=[None], completion_ids=[_ids(processor.tokenizer, text)],
                  record_id=[record["id"]])
     want = prm.score([record], [text])[0]
     assert len(reward.last[0].steps) == 2 and reward.last[0].answer is not None
-    assert got[0] == pytest.approx(chain_score(want, 0.2), abs=1e-5)
+    assert got[0] == pytest.approx(ChainScore(0.2, "min")(want), abs=1e-5)
+    assert prm.scoring.source == "override"
 
 
 def test_step_advantages_give_each_step_its_own_normalised_score():

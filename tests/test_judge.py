@@ -3,7 +3,7 @@ import pytest
 from chainstep.client import ChatClient
 from chainstep.errors import ChainstepError
 from chainstep.judge import HTTPJudge, JudgeError, JudgeVerifier, ProgrammaticJudge, parse_ratings
-from chainstep.prm import chain_score
+from chainstep.scoring import ChainScore
 from chainstep.steps import STEP_END, Chain, Step, render
 from chainstep.teacher import ProgrammaticTeacher
 
@@ -113,6 +113,6 @@ def test_noisy_verifier_flips_that_share_of_verdicts_the_same_way_each_time(trai
     assert 0.15 < steps.count(0.0) / len(steps) < 0.45  # all 1.0 without noise
     assert all(v == 0.0 for s in JudgeVerifier(flip=1.0).score(train_records, texts) for v in s.steps)
     assert JudgeVerifier(flip=0.3, seed=1).score(train_records, texts) != noisy
-    assert chain_score(noisy[0]) == pytest.approx(sum(noisy[0].steps) / len(noisy[0].steps))
+    assert ChainScore()(noisy[0]) == pytest.approx(sum(noisy[0].steps) / len(noisy[0].steps))
     with pytest.raises(ChainstepError, match="flip"):
         JudgeVerifier(flip=1.5)

@@ -11,7 +11,8 @@ from chainstep.cli import app
 @pytest.mark.slow
 def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     out = tmp_path / "quick"
-    result = CliRunner().invoke(app, ["run", "--quick", "--out", str(out)])
+    rule = ["--set", "prm.aggregate=min", "--set", "prm.step_weight=0.4"]  # reaches every consumer
+    result = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {(r["model"], r["split"]): r for r in metrics["results"] if r["split"] == "test"}
@@ -40,6 +41,13 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert 0 <= metrics["prm"]["step_accuracy"] <= 1 and metrics["prm"]["chains"] > 0
     assert metrics["search"]["temperature"] == 1.0
     assert len(metrics["search"]["step_weight_ablation"]) == 6
+    scoring = {"step_weight": 0.4, "aggregate": "min", "source": "verifier"}
+    assert metrics["search"]["scoring"] == scoring
+    assert all(s["scoring"] == {"source": "prm", **scoring} for s in metrics["dpo"]["rounds"].values())
+    assert metrics["dpo"]["ablation"]["dpo-r1-outcome"]["scoring"] == {"source": "outcome"}
+    grpo = {run: json.loads((out / "models" / f"grpo-{run}" / "chainstep.json").read_text())["scoring"]
+            for run in ("prm", "prm-step", "outcome")}
+    assert grpo == {"prm": scoring, "prm-step": scoring, "outcome": {"source": "outcome"}}
     html = (out / "report.html").read_text()
     assert "Table 1" in html and "sft" in html and "base" in html
     assert "Process reward model" in html and "accuracy against N" in html
@@ -47,11 +55,11 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert (out / "models" / "sft" / "model.safetensors").exists()
     assert (out / "config.yaml").exists()
 
-    again = CliRunner().invoke(app, ["run", "--quick", "--out", str(out)])
+    again = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule])
     assert again.exit_code == 0, again.output
     assert again.output.count("done, skipping") == 16
 
-    changed = CliRunner().invoke(app, ["run", "--quick", "--out", str(out),
+    changed = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule,
                                        "--set", "sft.max_steps=3"])
     assert changed.exit_code != 0
 

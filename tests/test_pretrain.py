@@ -7,6 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from chainstep import models
+from chainstep.config import SFTConfig
 from chainstep.pretrain import (
     PretrainConfig,
     SceneCollator,
@@ -16,7 +17,7 @@ from chainstep.pretrain import (
     token_colours,
 )
 from chainstep.synthetic import COLOURS, FAMILIES, ORDER, SIZES, SuiteConfig, readings
-from chainstep.train_sft import SFTConfig, prepare_model
+from chainstep.training import prepare_model
 
 SMALL = dict(images=256, batch_size=32, learning_rate=3e-3, warmup_steps=0, save_steps=4, held_out=64)
 

@@ -4,29 +4,22 @@ import pytest
 import torch
 
 from chainstep import models
+from chainstep.config import PRMConfig
 from chainstep.errors import ChainstepError
 from chainstep.inputs import collate
 from chainstep.prm import (
     LIKELIHOOD_OFFSET,
     PRM,
-    PRMConfig,
-    StepScores,
-    auroc,
-    chain_score,
     encode_prm_example,
-    evaluate_prm,
     head_logits,
     hidden_states,
     judge_logits,
     judged_span,
     marker_ids,
-    merge_labels,
-    prm_loss,
-    ranking_auroc,
-    ranking_pairs,
     tag_ids,
-    train_prm,
 )
+from chainstep.prm_metrics import auroc, evaluate_prm, ranking_auroc, ranking_pairs
+from chainstep.prm_train import merge_labels, prm_loss, train_prm
 from chainstep.records import JsonlWriter, read_jsonl
 from chainstep.steps import ANSWER_END, ANSWER_START, STEP_END, THOUGHT_END, THOUGHT_START, parse
 from chainstep.teacher import ProgrammaticTeacher
@@ -84,7 +77,7 @@ def test_malformed_chains_are_scored_and_counted_not_misread(llava, train_record
 
 
 def test_training_and_scoring_read_the_same_positions(llava, train_records):
-    from chainstep.prm import _Collator
+    from chainstep.prm_train import _Collator
 
     model, processor = llava
     rows = [{**r, "labels": [1] * (len(parse(r["response"]).steps) + 1)} for r in _rows(train_records)]
@@ -132,17 +125,6 @@ def test_soft_targets_stay_soft():
     best = torch.tensor([[math.log(0.3 / 0.7), 0.0]], requires_grad=True)
     prm_loss(best, torch.tensor([0.3])).backward()
     assert best.grad.abs().max().item() < 1e-6
-
-
-def test_chain_score_formula():
-    s = StepScores([0.5, 1.0, 0.0, 0.5], answer=0.9)
-    assert chain_score(s) == pytest.approx(0.2 * 0.5 + 0.8 * 0.9)
-    assert chain_score(s, 0.5, "min") == pytest.approx(0.5 * 0.0 + 0.5 * 0.9)
-    assert chain_score(s, 1.0, "last") == pytest.approx(0.5)
-    assert chain_score(s, 0.2, "prod") == pytest.approx(0.8 * 0.9)
-    assert chain_score(StepScores([0.4, 0.6], None)) == pytest.approx(0.5)
-    with pytest.raises(ChainstepError):
-        PRMConfig(aggregate="median")
 
 
 def test_score_shapes_for_complete_and_partial_chains(llava, train_records):
@@ -195,13 +177,16 @@ def _label_file(path, records, verdicts=((1, "a"), (0, "b"))):
 def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_records, tmp_path):
     path = _label_file(tmp_path / "labels.jsonl", train_records[:16])
     cfg = PRMConfig(max_steps=6, per_device_train_batch_size=8, learning_rate=5e-3, save_steps=100,
-                    warmup_steps=0)
+                    warmup_steps=0, aggregate="min", step_weight=0.5)
     out = train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", cfg)
     import json
 
     meta = json.loads((out / "chainstep.json").read_text())
     assert meta["role"] == "prm" and meta["chains"] == 32 and meta["malformed_chains"] == 0
-    metrics = evaluate_prm(PRM.from_dir(out), read_jsonl(path))
+    prm = PRM.from_dir(out)  # scores as it was trained to
+    assert (prm.scoring.step_weight, prm.scoring.aggregate, prm.scoring.source) == (0.5, "min", "verifier")
+    assert PRM.from_dir(out, step_weight=0.1).scoring.source == "override"
+    metrics = evaluate_prm(prm, read_jsonl(path))
     assert metrics["steps"] == sum(len(parse(r["response"]).steps) for r in read_jsonl(path))
     assert metrics["majority_baseline"] == pytest.approx(0.5)
     assert metrics["ranking_auroc"] == pytest.approx(0.5)  # identical chains tie
@@ -275,7 +260,7 @@ def test_likelihood_head_reads_the_least_likely_token_of_each_thought_and_answer
 
 
 def test_likelihood_training_targets_stop_at_the_first_error(llava, train_records):
-    from chainstep.prm import _Collator
+    from chainstep.prm_train import _Collator
 
     model, processor = llava
     right, wrong = _rows(train_records, 2)

@@ -2,6 +2,7 @@ import pytest
 
 from chainstep.prm import PRM
 from chainstep.sampling import Policy
+from chainstep.scoring import ChainScore
 from chainstep.search import (
     SearchConfig,
     beam_search,
@@ -121,10 +122,10 @@ class ScriptedPRM:
     """Scores a candidate by the j its thought names, with a per-question twist, so the best
     candidate differs between questions."""
 
-    step_weight, aggregate, forward_passes = 0.2, "mean", 0
+    scoring, forward_passes = ChainScore(), 0
 
     def score_continuations(self, records, prefixes, continuations):
-        from chainstep.prm import StepScores
+        from chainstep.scoring import StepScores
 
         self.forward_passes += 1
         return [[StepScores([self.value(r, c)], self.value(r, c) if ANSWER_END in c else None) for c in group]
@@ -185,7 +186,7 @@ def test_sampled_strategies_score_with_the_task_records(searchers, test_records,
 def test_the_temperature_sweep_picks_on_val_and_records_every_temperature(tmp_path, monkeypatch):
     """Scripted val samples: at 0.5 half the chains are right and the PRM finds them; at the
     other temperatures none is. The sweep must pick 0.5 and keep a row for each."""
-    from chainstep.prm import StepScores
+    from chainstep.scoring import StepScores
 
     right_at = {0.2: 0.0, 0.5: 0.5, 0.9: 0.0}
     seen = []
@@ -203,7 +204,7 @@ def test_the_temperature_sweep_picks_on_val_and_records_every_temperature(tmp_pa
     monkeypatch.setattr("chainstep.search._sample_and_score", sample_and_score)
 
     class Verifier:
-        step_weight, aggregate = 0.2, "mean"
+        scoring = ChainScore()
 
     records = [{"id": f"v{i}"} for i in range(3)]
     cfg = SearchConfig(ns=(1, 4), temperatures=(0.2, 0.5, 0.9))

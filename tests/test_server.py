@@ -117,6 +117,23 @@ def test_the_prm_runs_only_when_asked(served, image_url):
     assert choice["format_error"] or ("chain_score" in choice and scored() == before + 1)
 
 
+def test_health_names_the_chain_score_rule(served):
+    health = json.loads(urllib.request.urlopen(f"{served}/health").read())
+    assert health["scoring"] == {"step_weight": 0.2, "aggregate": "mean", "source": "default"}
+
+
+def test_choices_are_scored_under_the_verifiers_rule(tiny_model_dir, train_records):
+    from chainstep.scoring import ChainScore
+    from chainstep.server import describe
+    from chainstep.steps import Chain, Step, render
+
+    prm = PRM.from_dir(tiny_model_dir("llava"), aggregate="min", step_weight=0.6)
+    text = render(Chain([Step("Read", "Value: 1", "ok"), Step("Add", "1 + 1 = 2", "ok")], "2"))
+    [choice] = describe([text], train_records[0], prm)
+    want = ChainScore(0.6, "min")(prm.score([train_records[0]], [text])[0])
+    assert choice["chain_score"] == pytest.approx(want, abs=1e-6)
+
+
 def test_a_body_past_the_limit_is_refused_before_parsing(served):
     import http.client
     from urllib.parse import urlparse

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from chainstep import models
+from chainstep.config import SFTConfig
 from chainstep.inputs import SFTCollator
 from chainstep.records import read_jsonl
-from chainstep.train_sft import ResumableTrainer, SFTConfig, train_sft, training_arguments, vision_parameters
+from chainstep.train_sft import train_sft
+from chainstep.training import ResumableTrainer, training_arguments, vision_parameters
 
 
 def test_labels_cover_the_response_only(tiny_model_dir, suite_dir):
@@ -138,7 +140,7 @@ def test_resume_after_kill(tiny_model_dir, suite_dir, tmp_path):
 
 
 def test_partial_checkpoint_is_skipped(tmp_path):
-    from chainstep.train_sft import last_complete_checkpoint
+    from chainstep.training import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path) is None
     for step, complete in ((4, True), (6, False)):

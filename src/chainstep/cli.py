@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .config import DEFAULT_SEARCH_TEMPERATURE
 from .errors import ChainstepError
 
 console = Console()
@@ -32,6 +33,10 @@ app.add_typer(tasks_app, name="tasks")
 
 SET_HELP = "Config override key.sub=value (repeatable), e.g. --set sft.max_steps=200"
 BACKEND_HELP = "Sampling backend: hf (transformers) or vllm (if installed; untested, see README)"
+STEP_WEIGHT_OPTION = typer.Option(None, help="Chain score = w * agg(steps) + (1 - w) * answer "
+                                  "[default: the rule the PRM was trained with]")
+AGGREGATE_OPTION = typer.Option(None, help="How step scores aggregate: mean, min, last or prod "
+                                "[default: the PRM's own]")
 
 
 @app.command()
@@ -207,8 +212,7 @@ def pretrain(
 
     Example: chainstep pretrain models/init --out models/pretrained
     """
-    from .config import section_config
-    from .pretrain import PretrainConfig
+    from .config import PretrainConfig, section_config
     from .pretrain import pretrain as pretrain_perception
 
     info = pretrain_perception(model, out, cfg=section_config(PretrainConfig, set_, "pretrain"))
@@ -224,8 +228,8 @@ def sft(
     set_: list[str] = typer.Option([], "--set", help="SFT override, e.g. --set max_steps=200"),
 ):
     """Fine-tune on step chains; resumes from the last checkpoint after a kill."""
-    from .config import section_config
-    from .train_sft import SFTConfig, train_sft
+    from .config import SFTConfig, section_config
+    from .train_sft import train_sft
 
     train_sft(model, data, out, section_config(SFTConfig, set_, "sft"))
     console.print(f"saved -> {out}")
@@ -249,8 +253,11 @@ def evaluate(
     prm: str = typer.Option(None, help="PRM directory (bon, weighted, beam); `judge` for the "
                                        "programmatic judge as an oracle verifier (synthetic "
                                        "tasks), `judge:0.2` for one that flips 20% of its verdicts"),
-    temperature: float = typer.Option(1.0, help="Sampling temperature for n > 1 strategies"),
-    step_weight: float = typer.Option(0.2, help="Chain score = w * mean(steps) + (1 - w) * answer"),
+    temperature: float = typer.Option(
+        DEFAULT_SEARCH_TEMPERATURE, help="Sampling temperature for n > 1 strategies (`chainstep run` "
+        "picks one on val: metrics.json search.temperature)"),
+    step_weight: float = STEP_WEIGHT_OPTION,
+    aggregate: str = AGGREGATE_OPTION,
     max_tokens: int = typer.Option(None, help="Token budget [default: 256; a benchmark's own]"),
     extract_url: str = typer.Option(None, help="OpenAI-compatible endpoint that extracts answers "
                                     "(MathVista's official way, VLMEvalKit's multiple-choice fallback)"),
@@ -303,7 +310,9 @@ def evaluate(
                         SamplingParams(max_tokens=settings["max_tokens"]), extractor)
         compute = {}
     else:
-        scorer = _verifier(prm, step_weight, batch_size) if prm else None
+        scorer = _verifier(prm, step_weight, aggregate, batch_size) if prm else None
+        if scorer is not None:
+            settings["scoring"] = scorer.scoring.describe()
         preds, compute = search_predictions(strategy, policy, records, n, out, name, split, scorer,
                                             temperature, settings["max_tokens"], extractor=extractor)
     n = 1 if strategy == "greedy" else n
@@ -320,19 +329,21 @@ def evaluate(
         console.print(table)
 
 
-def _verifier(spec: str, step_weight: float, batch_size: int):
+def _verifier(spec: str, step_weight: float | None, aggregate: str | None, batch_size: int):
     """A PRM directory, or `judge[:FLIP]`: the programmatic judge as a (noisy) oracle."""
     if spec == "judge" or spec.startswith("judge:"):
         from .judge import JudgeVerifier
 
         flip = spec.partition(":")[2]
         try:
-            return JudgeVerifier(flip=float(flip or 0), step_weight=step_weight)
+            from .scoring import ChainScore
+
+            return JudgeVerifier(flip=float(flip or 0), scoring=ChainScore().override(step_weight, aggregate))
         except ValueError:
             raise ChainstepError(f"--prm {spec!r}: write judge or judge:FLIP, FLIP in [0, 1]") from None
     from .prm import PRM
 
-    return PRM.from_dir(spec, step_weight=step_weight, batch_size=batch_size)
+    return PRM.from_dir(spec, step_weight=step_weight, aggregate=aggregate, batch_size=batch_size)
 
 
 def _eval_records(tasks: Path | None, benchmark: str | None, data: Path | None, out: Path,
@@ -406,9 +417,8 @@ def label(
 ):
     """Step labels from MC rollouts, a judge, and perturbed teacher chains."""
     from .client import ChatClient
-    from .config import section_config
+    from .config import LabelConfig, section_config
     from .judge import HTTPJudge
-    from .label import LabelConfig
     from .label import label as run_label
     from .records import load_tasks, read_jsonl
     from .sampling import Policy
@@ -438,8 +448,8 @@ def prm_train(
     set_: list[str] = typer.Option([], "--set", help="PRM override, e.g. --set soft_labels=true"),
 ):
     """Train a PRM (BCE at every step tag); resumes from the last checkpoint after a kill."""
-    from .config import section_config
-    from .prm import PRMConfig, train_prm
+    from .config import PRMConfig, section_config
+    from .prm_train import train_prm
 
     train_prm(model, labels, out, section_config(PRMConfig, set_, "prm"))
     console.print(f"saved -> {out}")
@@ -452,7 +462,8 @@ def prm_eval(
     source: str = typer.Option("judge", help="Label source to evaluate against (judge, mc, perturb)"),
 ):
     """Step accuracy, AUROC, bad-step F1, first-error accuracy and within-question ranking AUROC."""
-    from .prm import PRM, evaluate_prm
+    from .prm import PRM
+    from .prm_metrics import evaluate_prm
     from .records import read_jsonl
 
     rows = [r for r in read_jsonl(labels) if r["source"] == source]
@@ -474,8 +485,8 @@ def dpo_run(
     set_: list[str] = typer.Option([], "--set", help="DPO override, e.g. --set rounds=2 --set threshold=0.2"),
 ):
     """Sample, score, pair and train for dpo.rounds rounds; finished rounds are skipped on a re-run."""
-    from .config import section_config
-    from .dpo import DPOConfig, iterative_dpo
+    from .config import DPOConfig, section_config
+    from .dpo import iterative_dpo
     from .records import load_tasks
 
     cfg = section_config(DPOConfig, set_, "dpo")
@@ -495,8 +506,8 @@ def dpo_train(
 ):
     """One DPO training run on a pairs file. Launch under accelerate or torchrun for DDP:
     accelerate launch --multi_gpu --num_processes 2 -m chainstep dpo train ..."""
-    from .config import section_config
-    from .dpo import DPOConfig, train_dpo
+    from .config import DPOConfig, section_config
+    from .dpo import train_dpo
     from .records import load_tasks
 
     cfg = section_config(DPOConfig, set_, "dpo")
@@ -514,8 +525,8 @@ def grpo(
                                    "--set advantages=step"),
 ):
     """GRPO with the PRM chain score (or the outcome) as reward; resumes after a kill."""
-    from .config import section_config
-    from .grpo import GRPOConfig, train_grpo
+    from .config import GRPOConfig, section_config
+    from .grpo import train_grpo
     from .records import load_tasks
 
     cfg = section_config(GRPOConfig, set_, "grpo")
@@ -536,6 +547,8 @@ def serve(
     max_tokens: int = typer.Option(2048, help="Largest max_tokens a request may ask for"),
     batch_window_ms: float = typer.Option(5.0, help="How long to gather concurrent requests into a batch"),
     backend: str = typer.Option("hf", help=BACKEND_HELP),
+    step_weight: float = STEP_WEIGHT_OPTION,
+    aggregate: str = AGGREGATE_OPTION,
 ):
     """OpenAI-compatible chat completions for a step-reasoning VLM (streaming, search strategies).
 
@@ -545,7 +558,8 @@ def serve(
     from .server import serve as run_server
 
     run_server(model, prm, ServeConfig(host=host, port=port, api_key=api_key, name=name, max_n=max_n,
-                                       max_tokens=max_tokens, batch_window_ms=batch_window_ms), backend)
+                                       max_tokens=max_tokens, batch_window_ms=batch_window_ms), backend,
+               step_weight, aggregate)
 
 
 @app.command()

@@ -1,7 +1,8 @@
-"""Stage configs as dataclasses, read from YAML and `key.sub=value` overrides.
+"""Every stage's config as a typed dataclass, read from YAML and `key.sub=value` overrides.
 
-The resolved config is saved into the run directory, so a run can be inspected and resumed.
-An unknown key is an error that names the closest valid one.
+The configs live here, not in their stages, so reading or validating one loads no trainer (no
+torch, no TRL). The resolved config is saved into the run directory, so a run can be inspected
+and resumed. An unknown key is an error that names the closest valid one.
 """
 
 from __future__ import annotations
@@ -16,15 +17,235 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from .construct import FilterConfig
-from .dpo import DPOConfig
 from .errors import ChainstepError
-from .grpo import GRPOConfig
-from .label import LabelConfig
-from .pretrain import PretrainConfig
-from .prm import PRMConfig
-from .search import SearchConfig
+from .scoring import ChainScore
 from .synthetic import SuiteConfig
-from .train_sft import SFTConfig
+
+HEADS = ("likelihood", "tag")  # the PRM's judging heads (chainstep.prm)
+PAIR_SOURCES = ("prm", "prm_answer", "outcome", "verified")  # how DPO ranks sampled chains
+GROUND_TRUTH = ("outcome", "verified")  # pair sources that need no PRM
+REWARDS = ("prm", "outcome")  # GRPO rewards
+ADVANTAGES = ("chain", "step")  # GRPO advantages: one per completion, or one per step
+DEFAULT_SEARCH_TEMPERATURE = 0.7  # `chainstep eval --strategy`'s; `chainstep run` picks one on val
+# keys that moved: an old config gets the new name instead of a bare "unknown key"
+MOVED = {"dpo.step_weight": "prm.step_weight", "grpo.step_weight": "prm.step_weight"}
+
+
+@dataclass
+class TrainConfig:
+    """Training knobs every trainer shares (SFT, PRM, DPO, GRPO), named as in transformers'
+    TrainingArguments; the defaults are SFT's."""
+
+    max_steps: int = 900  # optimizer steps; sets the time budget (~0.39 s/step, tiny model, 2 cores)
+    per_device_train_batch_size: int = 16
+    learning_rate: float = 1e-3  # 1e-3 for tiny random models; ~1e-5 full / 2e-4 LoRA for real
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    save_steps: int = 100  # checkpoint interval, for resume after a kill
+    max_length: int = 1024  # tokens per example, prompt included; longer ones are cut
+    seed: int = 0
+    bf16: bool = False  # faster on recent CPUs/GPUs; fp32 is the reproducible default
+    freeze_vision: bool | None = None  # None: freeze a pretrained tower, train one built from scratch
+    lora: bool = False  # PEFT LoRA on the language model's projections (for 2B+ models)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+
+    def __post_init__(self):
+        if self.max_steps <= 0:
+            raise ChainstepError(f"max_steps={self.max_steps} must be positive")
+        if self.per_device_train_batch_size <= 0:
+            raise ChainstepError("per_device_train_batch_size must be positive")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """CoS SFT and the direct-answer baseline: the shared training knobs at their defaults."""
+
+
+@dataclass
+class PretrainConfig:
+    """Perception pretraining of a tiny model's vision tower and projector."""
+
+    enabled: bool = True  # false: SFT starts from the random tower (the pre-2026-11 default)
+    images: int = 40_000  # freshly drawn training images; sets the time (~1 min per 40k, 2 cores)
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 20
+    save_steps: int = 100  # checkpoint interval, for resume after a kill
+    held_out: int = 500  # fresh images for the reported reading accuracy (0 = skip)
+    cache: bool = True  # reuse a tower pretrained from the same start with the same config
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.images < self.batch_size:
+            raise ChainstepError(f"pretrain.images={self.images} must be at least "
+                                 f"pretrain.batch_size={self.batch_size}")
+
+    @property
+    def max_steps(self) -> int:
+        return self.images // self.batch_size
+
+
+@dataclass
+class LabelConfig:
+    """Which labellers run and how their verdicts become 0/1 labels."""
+
+    questions: int = 160  # training questions whose policy samples get labelled; 0 = all
+    samples: int = 4  # chains sampled per question (paper: 16)
+    sample_temperature: float = 1.0
+    val_questions: int = 60  # held-out questions for the PRM evaluation
+    mc: bool = True  # Monte Carlo rollouts (the costly source)
+    judge: bool = True  # judge ratings (programmatic for the synthetic suite)
+    rollouts: int = 4  # k per step prefix (paper: 16)
+    rule: str = "hard"  # hard: any rollout right; soft: fraction >= threshold
+    threshold: float = 0.5
+    neutral: str = "bad"  # what a neutral rating becomes: good, bad or drop
+    mc_chains: int = 48  # MC-label at most this many sampled chains; 0 = all
+    perturbed: int = 1  # teacher chains per question with one error put in, each beside its clean twin
+    temperature: float = 1.0  # rollout sampling temperature
+    max_tokens: int = 256
+    concurrency: int = 8  # judge requests in flight (HTTP judge)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rule not in ("hard", "soft"):
+            raise ChainstepError(f"label.rule={self.rule!r} must be hard or soft")
+        if self.neutral not in ("good", "bad", "drop"):
+            raise ChainstepError(f"label.neutral={self.neutral!r} must be good, bad or drop")
+        if self.rollouts < 1:
+            raise ChainstepError("label.rollouts must be >= 1")
+
+
+@dataclass
+class PRMConfig(TrainConfig):
+    """PRM training knobs (as SFT's) plus how chain scores are formed."""
+
+    init: str = "policy"  # policy; larger: a bigger model of its own (pipeline); or a model dir
+    size: str = "medium"  # the larger base's size (models.SIZES), with init=larger
+    head: str = "likelihood"  # likelihood (of the step's tokens) or tag (the paper's two-token head)
+    label_weight: float = 0.0  # likelihood head: weight of the BCE on labels beside next-token loss
+    max_steps: int = 450
+    learning_rate: float = 5e-4
+    bf16: bool = True  # autocast: faster on this CPU
+    soft_labels: bool = False  # train on MC values instead of 0/1 (others truncate these silently)
+    merge: str = "union"  # label sources: union (every labelled chain) or agree (steps both agree on)
+    step_weight: float = 0.2  # chain score = w * agg(steps) + (1 - w) * answer; the verifier keeps it
+    aggregate: str = "mean"  # mean, min, last or prod over step scores
+
+    def __post_init__(self):
+        super().__post_init__()
+        ChainScore(self.step_weight, self.aggregate)  # raises on a bad rule
+        if self.merge not in ("union", "agree"):
+            raise ChainstepError(f"prm.merge={self.merge!r} must be union or agree")
+        check_head(self.head)
+        if self.label_weight < 0:
+            raise ChainstepError(f"prm.label_weight={self.label_weight} must be >= 0")
+
+    @property
+    def scoring(self) -> ChainScore:
+        """The chain-score rule this verifier is trained to be read with."""
+        return ChainScore(self.step_weight, self.aggregate, "verifier")
+
+
+@dataclass
+class SearchConfig:
+    """What `chainstep run` searches with, and on how many test questions."""
+
+    ns: tuple[int, ...] = (1, 2, 4, 8, 16)  # N for pass@N, SC, BoN and weighted vote
+    beam_ns: tuple[int, ...] = (16,)  # N for beam search (each N is a full run)
+    questions: int = 100  # test questions searched; 0 = the whole split
+    temperatures: tuple[float, ...] = (0.3, 0.7, 1.0)  # tried on val; the best BoN picks one
+    val_questions: int = 40  # val questions for the temperature choice
+    keep: int = 1  # beams kept per question (k); 1 is the paper's setting
+    step_tokens: int = 96  # new-token cap for one step
+    max_steps: int = 10  # steps before a beam is cut off
+    step_weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # BoN ablation at max N
+
+    def __post_init__(self):
+        for name in ("ns", "beam_ns", "temperatures", "step_weights"):
+            setattr(self, name, tuple(getattr(self, name)))
+        if any(n < 1 for n in self.ns + self.beam_ns) or self.keep < 1:
+            raise ChainstepError("search: every N and keep must be >= 1")
+        if any(t <= 0 for t in self.temperatures):
+            raise ChainstepError("search.temperatures must be > 0 (sampling)")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Rounds, pair building and DPO knobs; training knobs as in TrainConfig."""
+
+    rounds: int = 3
+    questions: int = 96  # train questions sampled per round (taken after those the PRM saw)
+    samples: int = 16  # chains per question per round (the paper's 16)
+    temperature: float = 1.0
+    max_tokens: int = 256
+    pair_source: str = "prm"  # prm (the verifier's chain score), prm_answer, outcome, verified (step truth)
+    ablation: tuple[str, ...] = ("outcome", "verified", "prm_answer")  # sources also tried in round 1
+    threshold: float = 0.05  # minimum score gap between chosen and rejected
+    pairs_per_question: int = 2  # i-th best vs i-th worst, while the gap holds
+    min_pairs: int = 8  # fewer is too little to change the model: the round trains nothing, says so
+    beta: float = 0.1
+    sft_weight: float = 1.0  # NLL on the chosen chain (TRL loss_type ["sigmoid", "sft"])
+    max_steps: int = 60  # at most; fewer when `epochs` over the pairs is reached first
+    epochs: float = 2.0  # passes over a round's pairs: more overfits a few dozen pairs and breaks the format
+    per_device_train_batch_size: int = 8
+    learning_rate: float = 1e-5  # >= 3e-5 lowered val accuracy, 1e-4 by 14 points (docs/findings.md)
+    warmup_steps: int = 5
+    save_steps: int = 12
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if any(s not in PAIR_SOURCES for s in (self.pair_source, *self.ablation)):
+            raise ChainstepError(f"dpo.pair_source and dpo.ablation must be among {PAIR_SOURCES}")
+        if self.rounds < 1 or self.samples < 2:
+            raise ChainstepError("dpo.rounds must be >= 1 and dpo.samples >= 2 (pairs need two chains)")
+        if self.epochs <= 0:
+            raise ChainstepError(f"dpo.epochs={self.epochs} must be positive")
+        if self.threshold < 0:
+            raise ChainstepError(f"dpo.threshold={self.threshold} must be >= 0")
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Reward, advantage and sampling knobs; training knobs as in TrainConfig."""
+
+    reward: str = "prm"  # prm: PRM chain score; outcome: 1 if the answer is right
+    advantages: str = "chain"  # chain: one per completion (TRL); step: per-step PRM advantages
+    format_weight: float = 0.0  # weight of a 0/1 reward for a parseable step chain
+    runs: tuple[str, ...] = ("prm", "outcome", "prm-step")  # what `chainstep run` trains: reward[-step]
+    questions: int = 32  # train questions (taken after those the PRM and DPO saw)
+    num_generations: int = 8  # completions per prompt (the group)
+    temperature: float = 1.0
+    max_tokens: int = 192
+    beta: float = 0.0  # KL to the start model; 0 loads no reference model
+    max_steps: int = 16
+    per_device_train_batch_size: int = 16  # completions per step: 2 prompts x 8
+    learning_rate: float = 1e-5  # as DPO: 1e-4 lowered accuracy (docs/findings.md)
+    warmup_steps: int = 2
+    save_steps: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reward not in REWARDS:
+            raise ChainstepError(f"grpo.reward={self.reward!r} must be one of {REWARDS}")
+        if self.advantages not in ADVANTAGES:
+            raise ChainstepError(f"grpo.advantages={self.advantages!r} must be one of {ADVANTAGES}")
+        if self.advantages == "step" and self.reward != "prm":
+            raise ChainstepError("grpo.advantages=step needs grpo.reward=prm (step scores come from the PRM)")
+        for run in self.runs:
+            if run.removesuffix("-step") not in REWARDS:
+                raise ChainstepError(f"grpo.runs: {run!r} is not one of prm, outcome, prm-step")
+        if self.per_device_train_batch_size % self.num_generations:
+            raise ChainstepError("grpo.per_device_train_batch_size must be a multiple of "
+                                 "grpo.num_generations")
+
+
+def check_head(head: str) -> None:
+    if head not in HEADS:
+        raise ChainstepError(f"prm.head={head!r} must be one of {HEADS}")
 
 
 @dataclass
@@ -94,6 +315,10 @@ def from_dict(cls, data: dict | None, where: str = ""):
     data = data or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
+        if where + key in MOVED:
+            raise ChainstepError(f"config key {where + key!r} is now {MOVED[where + key]!r}: the "
+                                 "verifier carries the one chain-score rule search, DPO, GRPO and the "
+                                 "server read")
         if key not in fields:
             _unknown(where + key, list(fields), where)
     hints = typing.get_type_hints(cls)
@@ -203,5 +428,6 @@ def _plain(value):
     return value
 
 
-__all__ = ["RunConfig", "ModelConfig", "EvalConfig", "load_config", "dump_config",
-           "parse_overrides", "section_config", "QUICK"]
+__all__ = ["RunConfig", "ModelConfig", "EvalConfig", "TrainConfig", "SFTConfig", "PretrainConfig",
+           "LabelConfig", "PRMConfig", "SearchConfig", "DPOConfig", "GRPOConfig", "load_config",
+           "dump_config", "parse_overrides", "section_config", "QUICK"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -27,60 +27,22 @@ from transformers import ProcessorMixin, set_seed
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
+from .config import GROUND_TRUTH, DPOConfig
 from .errors import ChainstepError
 from .evaluate import sample_responses, sample_stats
 from .inputs import collate, encode_example
 from .models import load
-from .prm import PRM, chain_score
+from .prm import PRM
 from .records import JsonlWriter, read_jsonl
 from .sampling import Policy, SamplingParams
-from .train_sft import ResumeWeights, SFTConfig, fit, fit_rows, prepare_model, training_kwargs, weights_digest
+from .train_sft import fit_rows
+from .training import ResumeWeights, fit, prepare_model, training_kwargs, weights_digest
 
-PAIR_SOURCES = ("prm", "prm_answer", "outcome", "verified")
-GROUND_TRUTH = ("outcome", "verified")  # sources that need no PRM
 console = Console(stderr=True)
 
 
-@dataclass
-class DPOConfig(SFTConfig):
-    """Rounds, pair building and DPO knobs; training knobs as in SFTConfig."""
-
-    rounds: int = 3
-    questions: int = 96  # train questions sampled per round (taken after those the PRM saw)
-    samples: int = 16  # chains per question per round (the paper's 16)
-    temperature: float = 1.0
-    max_tokens: int = 256
-    pair_source: str = "prm"  # prm (0.2 step + 0.8 answer), prm_answer, outcome, verified (step truth)
-    ablation: tuple[str, ...] = ("outcome", "verified", "prm_answer")  # sources also tried in round 1
-    threshold: float = 0.05  # minimum score gap between chosen and rejected
-    pairs_per_question: int = 2  # i-th best vs i-th worst, while the gap holds
-    min_pairs: int = 8  # fewer is too little to change the model: the round trains nothing, says so
-    beta: float = 0.1
-    sft_weight: float = 1.0  # NLL on the chosen chain (TRL loss_type ["sigmoid", "sft"])
-    step_weight: float = 0.2  # PRM chain score = w * mean(steps) + (1 - w) * answer
-    max_steps: int = 60  # at most; fewer when `epochs` over the pairs is reached first
-    epochs: float = 2.0  # passes over a round's pairs: more overfits a few dozen pairs and breaks the format
-    per_device_train_batch_size: int = 8
-    learning_rate: float = 1e-5  # >= 3e-5 lowered val accuracy, 1e-4 by 14 points (docs/findings.md)
-    warmup_steps: int = 5
-    save_steps: int = 12
-    seed: int = 0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if any(s not in PAIR_SOURCES for s in (self.pair_source, *self.ablation)):
-            raise ChainstepError(f"dpo.pair_source and dpo.ablation must be among {PAIR_SOURCES}")
-        if self.rounds < 1 or self.samples < 2:
-            raise ChainstepError("dpo.rounds must be >= 1 and dpo.samples >= 2 (pairs need two chains)")
-        if self.epochs <= 0:
-            raise ChainstepError(f"dpo.epochs={self.epochs} must be positive")
-        if self.threshold < 0:
-            raise ChainstepError(f"dpo.threshold={self.threshold} must be >= 0")
-
-
-def sample_scores(rows: list[dict], records: list[dict], source: str, prm: PRM | None,
-                  step_weight: float = 0.2) -> list[float]:
-    """One score per sampled chain: the PRM chain score, the PRM answer score alone, the
+def sample_scores(rows: list[dict], records: list[dict], source: str, prm: PRM | None) -> list[float]:
+    """One score per sampled chain: the PRM chain score (its `scoring` rule), the PRM answer score alone, the
     ground-truth outcome (1 right, 0 wrong), or `verified`: 1 for a right answer reached by a
     chain the grader finds right in every step (the step-level ground truth; records without
     step facts fall back to the answer). Outcome counts a lucky guess as right: at T = 1 most
@@ -92,9 +54,9 @@ def sample_scores(rows: list[dict], records: list[dict], source: str, prm: PRM |
     if prm is None:
         raise ChainstepError(f"pair source {source!r} needs a PRM")
     by_id = {r["id"]: r for r in records}
-    weight = step_weight if source == "prm" else 0.0
+    rule = prm.scoring if source == "prm" else prm.scoring.answer_only()
     scores = prm.score([by_id[r["question_id"]] for r in rows], [r["response"] for r in rows])
-    return [chain_score(s, weight, "mean") for s in scores]
+    return [rule(s) for s in scores]
 
 
 def build_pairs(rows: list[dict], scores: list[float], threshold: float,
@@ -139,6 +101,14 @@ def pair_stats(pairs: list[dict], questions: int) -> dict:
             "chosen_correct": mean("chosen_correct"), "rejected_correct": mean("rejected_correct"),
             "chosen_steps_right": mean("chosen_steps_right"),
             "rejected_steps_right": mean("rejected_steps_right")}
+
+
+def pair_scoring(source: str, prm: PRM | None) -> dict:
+    """The rule a round ranked its chains by, for its stats."""
+    if source in GROUND_TRUTH:
+        return {"source": source}
+    rule = prm.scoring if source == "prm" else prm.scoring.answer_only()
+    return {"source": source, **rule.describe()}
 
 
 class PreferenceCollator:
@@ -252,11 +222,12 @@ def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[di
     samples = sample_responses(Policy.from_dir(policy_dir, batch_size=batch_size), records,
                                samples_path, params)
     rows = [row for r in records for row in samples[r["id"]]]
-    pairs = build_pairs(rows, sample_scores(rows, records, cfg.pair_source, prm, cfg.step_weight),
+    pairs = build_pairs(rows, sample_scores(rows, records, cfg.pair_source, prm),
                         cfg.threshold, cfg.pairs_per_question)
     write_pairs(pairs, pairs_path)
     stats = pair_stats(pairs, len(records))
     stats["sampled"] = sample_stats(rows)
+    stats["scoring"] = pair_scoring(cfg.pair_source, prm)
     stats["policy"], stats["trained"] = str(policy_dir), len(pairs) >= max(1, cfg.min_pairs)
     if stats["trained"]:
         train_dpo(sft_dir, pairs_path, {r["id"]: r for r in records}, out / "models" / name, cfg)

@@ -11,7 +11,7 @@ supervision of the GRPO paper: a wrong step is pushed down even inside a chain t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -20,52 +20,15 @@ from transformers import set_seed
 from trl import GRPOConfig as TRLGRPOConfig
 from trl import GRPOTrainer
 
+from .config import GRPOConfig
 from .errors import ChainstepError
 from .grading import grade_response
-from .prm import PRM, StepScores, chain_score
+from .prm import PRM
 from .records import load_image, prompt_text
 from .sampling import decode_response, foreign_token_ids
+from .scoring import StepScores
 from .steps import STEP_END
-from .train_sft import ResumeWeights, SFTConfig, fit, prepare_model, training_kwargs
-
-REWARDS = ("prm", "outcome")
-ADVANTAGES = ("chain", "step")
-
-
-@dataclass
-class GRPOConfig(SFTConfig):
-    """Reward, advantage and sampling knobs; training knobs as in SFTConfig."""
-
-    reward: str = "prm"  # prm: PRM chain score; outcome: 1 if the answer is right
-    advantages: str = "chain"  # chain: one per completion (TRL); step: per-step PRM advantages
-    format_weight: float = 0.0  # weight of a 0/1 reward for a parseable step chain
-    runs: tuple[str, ...] = ("prm", "outcome", "prm-step")  # what `chainstep run` trains: reward[-step]
-    questions: int = 32  # train questions (taken after those the PRM and DPO saw)
-    num_generations: int = 8  # completions per prompt (the group)
-    temperature: float = 1.0
-    max_tokens: int = 192
-    beta: float = 0.0  # KL to the start model; 0 loads no reference model
-    step_weight: float = 0.2
-    max_steps: int = 16
-    per_device_train_batch_size: int = 16  # completions per step: 2 prompts x 8
-    learning_rate: float = 1e-5  # as DPO: 1e-4 lowered accuracy (docs/findings.md)
-    warmup_steps: int = 2
-    save_steps: int = 4
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.reward not in REWARDS:
-            raise ChainstepError(f"grpo.reward={self.reward!r} must be one of {REWARDS}")
-        if self.advantages not in ADVANTAGES:
-            raise ChainstepError(f"grpo.advantages={self.advantages!r} must be one of {ADVANTAGES}")
-        if self.advantages == "step" and self.reward != "prm":
-            raise ChainstepError("grpo.advantages=step needs grpo.reward=prm (step scores come from the PRM)")
-        for run in self.runs:
-            if run.removesuffix("-step") not in REWARDS:
-                raise ChainstepError(f"grpo.runs: {run!r} is not one of prm, outcome, prm-step")
-        if self.per_device_train_batch_size % self.num_generations:
-            raise ChainstepError("grpo.per_device_train_batch_size must be a multiple of "
-                                 "grpo.num_generations")
+from .training import ResumeWeights, fit, prepare_model, training_kwargs
 
 
 class Reward:
@@ -94,16 +57,17 @@ class FormatReward(Reward):
 
 
 class PRMReward(Reward):
-    """The PRM chain score; the step scores of the last batch are kept for step advantages."""
+    """The PRM chain score under its `scoring` rule; the step scores of the last batch are kept
+    for step advantages."""
 
-    def __init__(self, name, records, tokenizer, prm: PRM, step_weight: float = 0.2):
+    def __init__(self, name, records, tokenizer, prm: PRM):
         super().__init__(name, records, tokenizer)
-        self.prm, self.step_weight = prm, step_weight
+        self.prm = prm
         self.last: list[StepScores] = []
 
     def rewards(self, records, texts):
         self.last = self.prm.score(records, texts)
-        return [chain_score(s, self.step_weight, "mean") for s in self.last]
+        return [self.prm.scoring(s) for s in self.last]
 
 
 def step_advantages(scores: list[StepScores], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -182,14 +146,16 @@ def train_grpo(model_dir: str | Path, prm_dir: str | Path | None, records: list[
     if cfg.reward == "prm":
         if prm_dir is None:
             raise ChainstepError("grpo.reward=prm needs a PRM (--prm DIR)")
-        main = PRMReward("prm", by_id, tok, PRM.from_dir(prm_dir, batch_size=batch_size), cfg.step_weight)
+        main = PRMReward("prm", by_id, tok, PRM.from_dir(prm_dir, batch_size=batch_size))
+        scoring = main.prm.scoring.describe()
     else:
-        main = OutcomeReward("outcome", by_id, tok)
+        main, scoring = OutcomeReward("outcome", by_id, tok), {"source": "outcome"}
     funcs = [main] + ([FormatReward("format", by_id, tok)] if cfg.format_weight else [])
     checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
     trainer = StepGRPOTrainer(
         model=model, reward_funcs=funcs, args=grpo_arguments(cfg, checkpoints, tok, len(funcs)),
         train_dataset=prompt_dataset(records), processing_class=processor,
         step_reward=main if cfg.advantages == "step" else None)
-    fit(trainer, cfg, processor, model_dir, out_dir, {"grpo": asdict(cfg), "questions": len(records)})
+    fit(trainer, cfg, processor, model_dir, out_dir,
+        {"grpo": asdict(cfg), "questions": len(records), "scoring": scoring})
     return out_dir

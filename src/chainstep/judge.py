@@ -19,8 +19,8 @@ from typing import Protocol
 
 from .client import ChatClient, user_message
 from .errors import ChainstepError
-from .prm import StepScores, check_scoring, score_joined
 from .records import load_image
+from .scoring import ChainScore, StepScores, score_joined
 from .steps import ANSWER_END, Chain, leading_steps, parses
 
 RATINGS = ("good", "neutral", "bad")
@@ -131,8 +131,8 @@ def parse_ratings(text: str, num_steps: int) -> list[str]:
 
 
 class JudgeVerifier:
-    """A judge with the PRM's scoring interface (`score`, `score_continuations`, `step_weight`,
-    `aggregate`, `forward_passes`): with the programmatic judge, an oracle PRM for the synthetic
+    """A judge with the PRM's scoring interface (`score`, `score_continuations`, `scoring`,
+    `forward_passes`): with the programmatic judge, an oracle PRM for the synthetic
     suite, the ceiling of PRM-guided search. `flip` turns each step rating into its opposite with
     that probability (deterministic per question and step prefix, so best-of-N and beam search
     see the same noisy verdicts): a verifier of known step accuracy, to measure how good a PRM
@@ -140,12 +140,11 @@ class JudgeVerifier:
     separate view of it; a chain that breaks the grammar gets 0 there."""
 
     def __init__(self, judge: Judge | None = None, flip: float = 0.0, seed: int = 0,
-                 step_weight: float = 0.2, aggregate: str = "mean"):
-        check_scoring(step_weight, aggregate)
+                 scoring: ChainScore | None = None):
         if not 0 <= flip <= 1:
             raise ChainstepError(f"flip={flip} must be in [0, 1]")
         self.judge, self.flip, self.seed = judge or ProgrammaticJudge(), flip, seed
-        self.step_weight, self.aggregate = step_weight, aggregate
+        self.scoring = scoring or ChainScore()
         self.chains_scored = self.forward_passes = 0
 
     def score(self, records: list[dict], responses: list[str]) -> list[StepScores]:

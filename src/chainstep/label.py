@@ -19,13 +19,13 @@ from __future__ import annotations
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.progress import track
 
 from .answers import matches
 from .client import RemoteError
+from .config import LabelConfig
 from .construct import example_row
 from .errors import ChainstepError
 from .grading import grade_response
@@ -43,36 +43,6 @@ from .steps import (
     render,
 )
 from .teacher import ProgrammaticTeacher
-
-
-@dataclass
-class LabelConfig:
-    """Which labellers run and how their verdicts become 0/1 labels."""
-
-    questions: int = 160  # training questions whose policy samples get labelled; 0 = all
-    samples: int = 4  # chains sampled per question (paper: 16)
-    sample_temperature: float = 1.0
-    val_questions: int = 60  # held-out questions for the PRM evaluation
-    mc: bool = True  # Monte Carlo rollouts (the costly source)
-    judge: bool = True  # judge ratings (programmatic for the synthetic suite)
-    rollouts: int = 4  # k per step prefix (paper: 16)
-    rule: str = "hard"  # hard: any rollout right; soft: fraction >= threshold
-    threshold: float = 0.5
-    neutral: str = "bad"  # what a neutral rating becomes: good, bad or drop
-    mc_chains: int = 48  # MC-label at most this many sampled chains; 0 = all
-    perturbed: int = 1  # teacher chains per question with one error put in, each beside its clean twin
-    temperature: float = 1.0  # rollout sampling temperature
-    max_tokens: int = 256
-    concurrency: int = 8  # judge requests in flight (HTTP judge)
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.rule not in ("hard", "soft"):
-            raise ChainstepError(f"label.rule={self.rule!r} must be hard or soft")
-        if self.neutral not in ("good", "bad", "drop"):
-            raise ChainstepError(f"label.neutral={self.neutral!r} must be good, bad or drop")
-        if self.rollouts < 1:
-            raise ChainstepError("label.rollouts must be >= 1")
 
 
 def mc_labels(values: list[float], rule: str = "hard", threshold: float = 0.5) -> list[int]:

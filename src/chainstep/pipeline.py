@@ -30,7 +30,9 @@ from .evaluate import paired_comparison, predict, sample_responses, sample_stats
 from .grpo import train_grpo, variant
 from .label import label
 from .pretrain import pretrain
-from .prm import PRM, evaluate_prm, label_agreement, train_prm, write_traces
+from .prm import PRM
+from .prm_metrics import evaluate_prm, label_agreement, write_traces
+from .prm_train import train_prm
 from .records import load_tasks, read_jsonl
 from .report import write_report
 from .sampling import Policy, SamplingParams
@@ -242,8 +244,9 @@ def _larger_base(r: Run) -> tuple[Path, dict]:
 
 
 def _prm(r: Run) -> PRM:
-    return PRM.from_dir(r.models / "prm", step_weight=r.cfg.prm.step_weight,
-                        aggregate=r.cfg.prm.aggregate, batch_size=r.cfg.eval.batch_size)
+    """The run's verifier, scoring with the rule it was trained with (`prm.step_weight`,
+    `prm.aggregate`), as DPO and GRPO read it too."""
+    return PRM.from_dir(r.models / "prm", batch_size=r.cfg.eval.batch_size)
 
 
 def evaluate_verifier(r: Run) -> dict:
@@ -283,7 +286,8 @@ def search(r: Run) -> dict:
                    for a, b in zip(order, order[1:])]
     update_metrics(r.metrics, results, comparisons,
                    search={"temperature": temperature, "temperature_sweep": sweep,
-                           "step_weight_ablation": ablation, "split": split})
+                           "step_weight_ablation": ablation, "split": split,
+                           "scoring": prm.scoring.describe()})
     return {"temperature": temperature, **{f"{row['strategy']}@{row['n']}": round(row["accuracy"], 3)
                                            for row in results if row["n"] in (1, top)}}
 

@@ -24,7 +24,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,39 +33,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments, set_seed
 
+from .config import PretrainConfig
 from .errors import ChainstepError
 from .models import load, save
 from .synthetic import COLOURS, FAMILIES, ORDER, SuiteConfig, readings
-from .train_sft import VISION_PATTERNS, last_complete_checkpoint, model_meta, quiet_progress
+from .training import VISION_PATTERNS, last_complete_checkpoint, model_meta, quiet_progress
 
 VERSION = 1  # bump when the targets or heads change, so old cache entries are not reused
 PROJECTOR_PATTERNS = ("multi_modal_projector", "connector", "mlp1", "merger")
 READING_CLASSES = 10  # a reading is 0 (colour absent) .. 9
 HELD_OUT_SEED = 7_777  # held-out images come from another seed stream than training images
-
-
-@dataclass
-class PretrainConfig:
-    """Perception pretraining of a tiny model's vision tower and projector."""
-
-    enabled: bool = True  # false: SFT starts from the random tower (the pre-2026-11 default)
-    images: int = 40_000  # freshly drawn training images; sets the time (~1 min per 40k, 2 cores)
-    batch_size: int = 128
-    learning_rate: float = 2e-3
-    warmup_steps: int = 20
-    save_steps: int = 100  # checkpoint interval, for resume after a kill
-    held_out: int = 500  # fresh images for the reported reading accuracy (0 = skip)
-    cache: bool = True  # reuse a tower pretrained from the same start with the same config
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.images < self.batch_size:
-            raise ChainstepError(f"pretrain.images={self.images} must be at least "
-                                 f"pretrain.batch_size={self.batch_size}")
-
-    @property
-    def max_steps(self) -> int:
-        return self.images // self.batch_size
 
 
 def cache_root() -> Path:

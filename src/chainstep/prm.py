@@ -10,31 +10,25 @@ scoring, so the tags trained on are the ones scored; one forward pass per chain)
   token the verifier did not expect. A tag head has to learn an equality check from one bit
   per step and did not within 1,000 steps here (ranking AUROC 0.54); the likelihood head reuses
   what next-token training teaches: to copy and to add (docs/findings.md).
-The tag head trains with BCE at every tag (hard 0/1 labels or soft Monte Carlo values). The
-likelihood head trains with next-token loss on the chains labelled right in every step, plus
-`label_weight` x BCE up to each chain's first error: a verifier that generates better than the
-policy judges better, and BCE on the policy's labelled samples lowered its ranking here.
-
-    chainstep prm train runs/x/models/sft runs/x/data/prm_labels.jsonl --out runs/x/models/prm
+This module scores; `prm_train` trains the heads on step labels, `prm_metrics` measures a
+verifier, and `scoring` turns step scores into one chain score.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from rich.console import Console
-from transformers import PreTrainedModel, ProcessorMixin, set_seed
+from transformers import PreTrainedModel, ProcessorMixin
 
+from .config import check_head
 from .errors import ChainstepError
 from .inputs import collate, encode_prompt, extend_text
 from .models import load
-from .records import JsonlWriter, read_jsonl
 from .sampling import SHARED_PREFIX_MODELS
+from .scoring import ChainScore, StepScores, regroup, score_joined
 from .steps import (
     ANSWER_END,
     ANSWER_START,
@@ -44,83 +38,9 @@ from .steps import (
     STEP_TAG,
     THOUGHT_END,
     THOUGHT_START,
-    parse,
-    parses,
 )
-from .train_sft import ResumableTrainer, SFTConfig, fit, prepare_model, training_arguments
 
-AGGREGATES = ("mean", "min", "last", "prod")
-HEADS = ("likelihood", "tag")
 LIKELIHOOD_OFFSET = 2.0  # a step is more likely bad than good once its least likely token has p < e^-2
-console = Console(stderr=True)
-
-
-@dataclass
-class PRMConfig(SFTConfig):
-    """PRM training knobs (as SFT's) plus how chain scores are formed."""
-
-    init: str = "policy"  # policy; larger: a bigger model of its own (pipeline); or a model dir
-    size: str = "medium"  # the larger base's size (models.SIZES), with init=larger
-    head: str = "likelihood"  # likelihood (of the step's tokens) or tag (the paper's two-token head)
-    label_weight: float = 0.0  # likelihood head: weight of the BCE on labels beside next-token loss
-    max_steps: int = 450
-    learning_rate: float = 5e-4
-    bf16: bool = True  # autocast: faster on this CPU
-    soft_labels: bool = False  # train on MC values instead of 0/1 (others truncate these silently)
-    merge: str = "union"  # label sources: union (every labelled chain) or agree (steps both agree on)
-    step_weight: float = 0.2  # chain score = w * agg(steps) + (1 - w) * answer
-    aggregate: str = "mean"  # mean, min, last or prod over step scores
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_scoring(self.step_weight, self.aggregate)
-        if self.merge not in ("union", "agree"):
-            raise ChainstepError(f"prm.merge={self.merge!r} must be union or agree")
-        check_head(self.head)
-        if self.label_weight < 0:
-            raise ChainstepError(f"prm.label_weight={self.label_weight} must be >= 0")
-
-
-def check_head(head: str) -> None:
-    if head not in HEADS:
-        raise ChainstepError(f"prm.head={head!r} must be one of {HEADS}")
-
-
-def check_scoring(step_weight: float, aggregate: str) -> None:
-    if not 0 <= step_weight <= 1:
-        raise ChainstepError(f"step_weight={step_weight} must be in [0, 1]")
-    if aggregate not in AGGREGATES:
-        raise ChainstepError(f"aggregate={aggregate!r} must be one of {AGGREGATES}")
-
-
-@dataclass
-class StepScores:
-    """P(good) per step tag, and for the answer tag (None for a partial chain)."""
-
-    steps: list[float]
-    answer: float | None
-
-
-def chain_score(s: StepScores, step_weight: float = 0.2, aggregate: str = "mean") -> float:
-    """w * agg(steps) + (1 - w) * answer; a partial chain is scored by its steps alone."""
-    agg = _aggregate(s.steps, aggregate)
-    if s.answer is None:
-        return agg if agg is not None else 0.0
-    if agg is None:
-        return s.answer
-    return step_weight * agg + (1 - step_weight) * s.answer
-
-
-def _aggregate(values: list[float], how: str) -> float | None:
-    if not values:
-        return None
-    if how == "mean":
-        return sum(values) / len(values)
-    if how == "min":
-        return min(values)
-    if how == "last":
-        return values[-1]
-    return math.prod(values)
 
 
 def tag_ids(processor: ProcessorMixin) -> tuple[int, int, int]:
@@ -266,119 +186,15 @@ def judge_logits(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor
     return torch.stack([least + LIKELIHOOD_OFFSET, torch.zeros_like(least)], -1)
 
 
-def prm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BCE of P(good) = softmax(logits)[0] against targets in [0, 1] (soft targets kept soft)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(targets * logp[:, 0] + (1 - targets) * logp[:, 1]).mean()
-
-
-class PRMTrainer(ResumableTrainer):
-    def __init__(self, *args, label_ids: tuple[int, int], head: str = "tag",
-                 markers: tuple[int, int, int, int] = (), label_weight: float = 1.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.label_ids, self.head, self.markers, self.label_weight = label_ids, head, markers, label_weight
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = inputs.pop("prm_targets")
-        lm_labels = inputs.pop("labels", None)
-        where, ids = targets.ge(0), inputs["input_ids"]
-        hidden = hidden_states(model, inputs)
-        logprobs = token_logprobs(model, hidden, ids) if self.head == "likelihood" else None
-        logits = judge_logits(model, hidden, ids, where, self.label_ids, self.head, self.markers, logprobs)
-        loss = self.label_weight * prm_loss(logits, targets[where])
-        if lm_labels is not None and lm_labels.ge(0).any():  # labels are the ids where set
-            loss = loss - logprobs[lm_labels.ge(0)].mean()
-        return (loss, logits) if return_outputs else loss
-
-
-class _Collator:
-    """Tagged chains with their targets; with `lm` (the likelihood head) also next-token labels
-    on the response of every chain labelled right throughout, tags left out."""
-
-    def __init__(self, processor: ProcessorMixin, soft: bool, lm: bool = False):
-        self.processor, self.soft, self.lm = processor, soft, lm
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        examples = []
-        for row in rows:
-            right = all(y == 1 for y in row["labels"])
-            targets = training_targets(row, self.soft, past_first_error=not self.lm)
-            example = encode_prm_example(self.processor, row, row["response"], targets, self.lm)
-            if self.lm and not right:
-                example["labels"].fill_(-100)
-            examples.append(example)
-        return collate(examples, self.processor.tokenizer.pad_token_id)
-
-
-def training_targets(row: dict, soft: bool, past_first_error: bool = True) -> list[float | None]:
-    """Soft MC values where a row has them and `soft` is set; hard labels otherwise. Without
-    `past_first_error` the tags after the first bad one are left out: the likelihood head judges
-    a step given its prefix, and after the first error the prefix is already wrong."""
-    targets = row["labels"]
-    if soft and row.get("values") is not None:
-        targets = [None if label is None else value for label, value in zip(row["labels"], row["values"])]
-    if not past_first_error and 0 in row["labels"]:
-        first = row["labels"].index(0)
-        targets = list(targets[:first + 1]) + [None] * (len(targets) - first - 1)
-    return targets
-
-
-def merge_labels(rows: list[dict], how: str = "union") -> list[dict]:
-    """`union`: every labelled chain; `agree`: chains labelled by both MC and the judge, with
-    the steps they disagree on masked."""
-    if how == "union":
-        return rows
-    merged = []
-    for sources in _by_sample(rows).values():
-        if "mc" in sources and "judge" in sources:
-            mc, judge = sources["mc"], sources["judge"]
-            labels = [a if a == b else None for a, b in zip(mc["labels"], judge["labels"])]
-            merged.append({**judge, "id": f"{judge['sample_id']}/agree", "source": "agree",
-                           "labels": labels, "values": mc.get("values")})
-        elif "perturb" in sources:
-            merged.append(sources["perturb"])
-    return merged
-
-
-def train_prm(model_dir: str | Path, labels_path: str | Path, out_dir: str | Path,
-              cfg: PRMConfig | None = None) -> Path:
-    """Train a PRM from `model_dir` (an SFT'd policy, or any VLM with the step tokens)."""
-    cfg = cfg or PRMConfig()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    set_seed(cfg.seed)
-    rows = merge_labels(read_jsonl(labels_path, required=("id", "image", "question", "response",
-                                                          "labels", "source")), cfg.merge)
-    rows = [r for r in rows if any(label is not None for label in r["labels"])]
-    malformed = [r["id"] for r in rows if len(r["labels"]) != tag_count(r["response"])]
-    rows = [r for r in rows if len(r["labels"]) == tag_count(r["response"])]
-    if malformed:
-        console.print(f"[yellow]prm: {len(malformed)} chains whose labels do not match their step "
-                      f"tags left out (first: {malformed[0]})[/yellow]")
-    if not rows:
-        raise ChainstepError(f"{labels_path} holds no labelled chains (merge={cfg.merge})")
-    model, processor = prepare_model(model_dir, cfg)
-    args = training_arguments(cfg, out_dir.with_name(out_dir.name + "-checkpoints"),
-                              label_names=["prm_targets"])
-    likelihood = cfg.head == "likelihood"
-    trainer = PRMTrainer(model=model, args=args, train_dataset=rows,
-                         data_collator=_Collator(processor, cfg.soft_labels, lm=likelihood),
-                         label_ids=tag_ids(processor)[1:], head=cfg.head, markers=marker_ids(processor),
-                         label_weight=cfg.label_weight if likelihood else 1.0)
-    fit(trainer, cfg, processor, model_dir, out_dir,
-        {"role": "prm", "labels": str(labels_path), "chains": len(rows), "malformed_chains": len(malformed),
-         "prm": asdict(cfg)})
-    return out_dir
-
-
 class PRM:
-    """Scores chains, complete or partial; counts its chains scored and forward passes."""
+    """Scores chains, complete or partial, under one chain-score rule (`scoring`); counts its
+    chains scored and forward passes."""
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, batch_size: int = 32,
-                 step_weight: float = 0.2, aggregate: str = "mean", head: str = "tag"):
-        check_scoring(step_weight, aggregate)
+                 scoring: ChainScore | None = None, head: str = "tag"):
         check_head(head)
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
-        self.step_weight, self.aggregate, self.head = step_weight, aggregate, head
+        self.scoring, self.head = scoring or ChainScore(), head
         self.label_ids, self.markers = tag_ids(processor)[1:], marker_ids(processor)
         self.chains_scored = self.forward_passes = self.malformed_chains = 0
 
@@ -387,12 +203,17 @@ class PRM:
         return step_scores(values, kinds)
 
     @classmethod
-    def from_dir(cls, path: str | Path, device: str | None = None, **kwargs) -> PRM:
-        """A trained PRM, read with the head it was trained with (saved in its chainstep.json)."""
+    def from_dir(cls, path: str | Path, device: str | None = None, batch_size: int = 32,
+                 step_weight: float | None = None, aggregate: str | None = None,
+                 head: str | None = None) -> PRM:
+        """A trained PRM, read with the head and the chain-score rule it was trained with (its
+        chainstep.json); `step_weight` / `aggregate` override the rule (recorded as such), `head`
+        reads an untrained checkpoint with either head."""
         model, processor = load(path, device=device)
         meta = Path(path) / "chainstep.json"
-        trained = json.loads(meta.read_text()).get("prm", {}) if meta.exists() else {}
-        return cls(model, processor, **{"head": trained.get("head", "tag"), **kwargs})
+        meta = json.loads(meta.read_text()) if meta.exists() else {}
+        scoring = ChainScore.trained(meta).override(step_weight, aggregate)
+        return cls(model, processor, batch_size, scoring, head or meta.get("prm", {}).get("head", "tag"))
 
     @torch.inference_mode()
     def score(self, records: list[dict], responses: list[str]) -> list[StepScores]:
@@ -412,7 +233,7 @@ class PRM:
         return out
 
     def chain_scores(self, records: list[dict], responses: list[str]) -> list[float]:
-        return [chain_score(s, self.step_weight, self.aggregate) for s in self.score(records, responses)]
+        return [self.scoring(s) for s in self.score(records, responses)]
 
     @torch.inference_mode()
     def score_continuations(self, records: list[dict], prefixes: list[str],
@@ -470,7 +291,7 @@ class PRM:
         for i, t in enumerate(tagged):
             values = prefix_steps[i // n] + self._row_good(hidden[i], cand[i], t.tags)
             scores.append(self._scores(values, ["step"] * len(prefix_steps[i // n]) + t.kinds))
-        return _regroup(scores, [n] * len(records))
+        return regroup(scores, [n] * len(records))
 
     def _good(self, hidden: torch.Tensor, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """P(good) at the tags `where` marks in a batch's [B, L, H] hidden states, in row order."""
@@ -481,135 +302,3 @@ class PRM:
         where = torch.zeros_like(ids, dtype=torch.bool)
         where[tags] = True
         return self._good(hidden[None], ids[None], where[None]).tolist()
-
-
-def score_joined(score, records: list[dict], prefixes: list[str],
-                 continuations: list[list[str]]) -> list[list[StepScores]]:
-    """Continuation scores the plain way: `score` on every prefix + continuation, regrouped."""
-    flat = score([r for r, g in zip(records, continuations) for _ in g],
-                 [p + c for p, g in zip(prefixes, continuations) for c in g])
-    return _regroup(flat, [len(g) for g in continuations])
-
-
-def _regroup(flat: list, sizes: list[int]) -> list[list]:
-    out, at = [], 0
-    for size in sizes:
-        out.append(flat[at:at + size])
-        at += size
-    return out
-
-
-def auroc(scores: list[float], labels: list[int]) -> float | None:
-    """Area under the ROC curve by the rank-sum statistic (ties count half)."""
-    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
-    pos, neg = int(y.sum()), int((~y).sum())
-    if pos == 0 or neg == 0:
-        return None
-    order = s.argsort(kind="mergesort")
-    _, inverse, counts = np.unique(s[order], return_inverse=True, return_counts=True)
-    ranks = np.empty(len(s))
-    ranks[order] = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
-    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def evaluate_prm(prm: PRM, rows: list[dict]) -> dict:
-    """Step-level and selection-level quality on held-out labelled chains.
-
-    `ranking_auroc` is what selection needs: for two chains of one question, one right and one
-    wrong, how often the right one scores higher. Pooled step metrics mostly measure how hard
-    each question is.
-    """
-    scores = prm.score(rows, [r["response"] for r in rows])
-    families = {r["question_id"]: r.get("family") or r.get("meta", {}).get("family") or "all" for r in rows}
-    step_p, step_y, first_hits, by_question, parsed = [], [], [], {}, {}
-    for row, s in zip(rows, scores):
-        labels = row["labels"][:len(s.steps)]
-        pairs = [(p, y) for p, y in zip(s.steps, labels) if y is not None]
-        step_p += [p for p, _ in pairs]
-        step_y += [int(y) for _, y in pairs]
-        if all(y is not None for y in labels):
-            first_hits.append(_first_bad([p < 0.5 for p in s.steps]) == _first_bad([y == 0 for y in labels]))
-        correct = row["labels"][-1] if s.answer is not None else None
-        if correct is not None:
-            score = chain_score(s, prm.step_weight, prm.aggregate)
-            by_question.setdefault(row["question_id"], []).append((score, int(correct)))
-            if parses(row["response"]):
-                parsed.setdefault(row["question_id"], []).append((score, int(correct)))
-    pred = [p >= 0.5 for p in step_p]
-    good_rate = sum(step_y) / len(step_y) if step_y else 0.0
-    tp = sum(not p and not y for p, y in zip(pred, step_y))
-    fp = sum(not p and y for p, y in zip(pred, step_y))
-    fn = sum(p and not y for p, y in zip(pred, step_y))
-    return {
-        "chains": len(rows), "steps": len(step_y),
-        "step_accuracy": sum(p == bool(y) for p, y in zip(pred, step_y)) / len(step_y) if step_y else 0.0,
-        "majority_baseline": max(good_rate, 1 - good_rate),
-        "step_auroc": auroc(step_p, step_y),
-        "bad_step_f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
-        "first_error_accuracy": sum(first_hits) / len(first_hits) if first_hits else None,
-        "ranking_auroc": ranking_auroc(by_question),
-        "ranking_pairs": ranking_pairs(by_question),
-        "ranking_auroc_parsed": ranking_auroc(parsed),  # what best-of-N and beam search rank
-        "ranking_pairs_parsed": ranking_pairs(parsed),
-        "per_family_ranking_auroc": {
-            family: ranking_auroc({q: c for q, c in by_question.items() if families[q] == family})
-            for family in sorted(set(families.values()))},
-    }
-
-
-def _first_bad(flags: list[bool]) -> int:
-    return next((i for i, bad in enumerate(flags) if bad), -1)
-
-
-def ranking_pairs(by_question: dict[str, list[tuple[float, int]]]) -> int:
-    """How many (right, wrong) chain pairs within a question `ranking_auroc` averages over."""
-    return sum(sum(c for _, c in chains) * sum(1 - c for _, c in chains) for chains in by_question.values())
-
-
-def ranking_auroc(by_question: dict[str, list[tuple[float, int]]]) -> float | None:
-    """P(score of a right chain > score of a wrong chain of the same question), ties half."""
-    wins = total = 0.0
-    for chains in by_question.values():
-        right = [s for s, c in chains if c]
-        wrong = [s for s, c in chains if not c]
-        for a in right:
-            for b in wrong:
-                wins += 1.0 if a > b else 0.5 if a == b else 0.0
-                total += 1
-    return wins / total if total else None
-
-
-def _by_sample(rows: list[dict]) -> dict[str, dict[str, dict]]:
-    out: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        out.setdefault(row["sample_id"], {})[row["source"]] = row
-    return out
-
-
-def label_agreement(rows: list[dict]) -> float | None:
-    """Fraction of step labels on which MC and the judge agree (chains labelled by both)."""
-    same = [a == b for sources in _by_sample(rows).values() if {"mc", "judge"} <= sources.keys()
-            for a, b in zip(sources["mc"]["labels"][:-1], sources["judge"]["labels"][:-1])
-            if a is not None and b is not None]
-    return sum(same) / len(same) if same else None
-
-
-def write_traces(prm: PRM, rows: list[dict], path: str | Path, limit: int = 12) -> Path:
-    """Chains labelled by both MC and the judge, with the PRM's score for every step: the
-    report's step-trace viewer."""
-    both = [s for s in _by_sample(rows).values() if {"mc", "judge"} <= s.keys()][:limit]
-    scores = prm.score([s["judge"] for s in both], [s["judge"]["response"] for s in both])
-    path = Path(path)
-    path.unlink(missing_ok=True)
-    with JsonlWriter(path) as writer:
-        for sources, score in zip(both, scores):
-            judge, mc = sources["judge"], sources["mc"]
-            chain = parse(judge["response"])
-            steps = [{"name": st.name, "thought": st.thought, "prm": p, "judge": rating, "mc": value}
-                     for st, p, rating, value in
-                     zip(chain.steps, score.steps, judge["ratings"], mc["values"])]
-            writer.write({"id": judge["sample_id"], "question_id": judge["question_id"],
-                          "image": judge["image"], "question": judge["question"],
-                          "answer": judge["answer"], "predicted": chain.answer,
-                          "correct": bool(judge["labels"][-1]), "answer_prm": score.answer, "steps": steps})
-    return path

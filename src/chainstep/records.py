@@ -152,3 +152,11 @@ def prompt_text(record: dict) -> str:
                                         for i, o in enumerate(record["options"]))
     instruction = (record.get("meta") or {}).get("instruction")
     return f"{text}\n{instruction}" if instruction else text
+
+
+def by_sample(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """Label rows grouped by the sampled chain they label, then by label source (mc, judge, ...)."""
+    out: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        out.setdefault(row["sample_id"], {})[row["source"]] = row
+    return out

@@ -12,41 +12,18 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from .answers import normalize
+from .config import SearchConfig
 from .errors import ChainstepError
 from .evaluate import response_row, sample_responses, summarize
-from .prm import PRM, chain_score
+from .prm import PRM
 from .records import JsonlWriter
 from .sampling import Generation, Policy, SamplingParams
 from .steps import ANSWER_END, STEP_END, leading_steps, parses
 
 STRATEGIES = ("greedy", "sc", "bon", "weighted", "beam", "pass")
-
-
-@dataclass
-class SearchConfig:
-    """What `chainstep run` searches with, and on how many test questions."""
-
-    ns: tuple[int, ...] = (1, 2, 4, 8, 16)  # N for pass@N, SC, BoN and weighted vote
-    beam_ns: tuple[int, ...] = (16,)  # N for beam search (each N is a full run)
-    questions: int = 100  # test questions searched; 0 = the whole split
-    temperatures: tuple[float, ...] = (0.3, 0.7, 1.0)  # tried on val; the best BoN picks one
-    val_questions: int = 40  # val questions for the temperature choice
-    keep: int = 1  # beams kept per question (k); 1 is the paper's setting
-    step_tokens: int = 96  # new-token cap for one step
-    max_steps: int = 10  # steps before a beam is cut off
-    step_weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # BoN ablation at max N
-
-    def __post_init__(self):
-        for name in ("ns", "beam_ns", "temperatures", "step_weights"):
-            setattr(self, name, tuple(getattr(self, name)))
-        if any(n < 1 for n in self.ns + self.beam_ns) or self.keep < 1:
-            raise ChainstepError("search: every N and keep must be >= 1")
-        if any(t <= 0 for t in self.temperatures):
-            raise ChainstepError("search.temperatures must be > 0 (sampling)")
 
 
 def _answer_key(row: dict) -> str | None:
@@ -128,7 +105,7 @@ def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int
             tokens[qid] += sum(g.num_tokens for g in group)
         step_scores = prm.score_continuations([by_id[q] for q, _ in active], [p for _, p in active],
                                               [[g.text for g in group] for group in gens])
-        scores = [chain_score(s, prm.step_weight, prm.aggregate) for group in step_scores for s in group]
+        scores = [prm.scoring(s) for group in step_scores for s in group]
         grouped = defaultdict(list)
         for (qid, text, done), score in zip(candidates, scores):
             grouped[qid].append((score, text, done))
@@ -189,8 +166,8 @@ def _predictions(by_q: dict, strategy: str, n: int, prm: PRM | None,
     for rows, scores in by_q.values():
         chain = None
         if prm is not None:
-            w = prm.step_weight if step_weight is None else step_weight
-            chain = [chain_score(s, w, prm.aggregate) for s in scores[:n]]
+            rule = prm.scoring if step_weight is None else prm.scoring.with_step_weight(step_weight)
+            chain = [rule(s) for s in scores[:n]]
         preds.append(select(strategy, rows[:n], chain))
     return preds
 

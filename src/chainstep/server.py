@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 
 from .errors import ChainstepError
 from .inputs import encode_prompt
-from .prm import PRM, chain_score
+from .prm import PRM
 from .sampling import Generation, Policy, SamplingParams, load_policy
 from .search import beam_search, select
 from .steps import ANSWER_END, FormatError, parse
@@ -252,7 +252,7 @@ def describe(texts: list[str], record: dict, prm: PRM | None) -> list[dict]:
             for step, score in zip(out[i]["steps"], scores.steps):
                 step["score"] = score
             out[i].update(answer_score=scores.answer,
-                          chain_score=chain_score(scores, prm.step_weight, prm.aggregate))
+                          chain_score=prm.scoring(scores))
     return out
 
 
@@ -303,6 +303,7 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "prm": prm is not None,
+                "scoring": prm.scoring.describe() if prm is not None else None,
                 "batches": batcher.batches, "requests": batcher.requests,
                 "prm_chains_scored": prm.chains_scored if prm is not None else 0}
 
@@ -404,7 +405,7 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
 
 
 def serve(model_dir: str | Path, prm_dir: str | Path | None = None, cfg: ServeConfig | None = None,
-          backend: str = "hf") -> None:
+          backend: str = "hf", step_weight: float | None = None, aggregate: str | None = None) -> None:
     import uvicorn
 
     cfg = cfg or ServeConfig()
@@ -412,6 +413,6 @@ def serve(model_dir: str | Path, prm_dir: str | Path | None = None, cfg: ServeCo
     if not (model_dir / "config.json").exists():
         raise ChainstepError(f"{model_dir} is not a saved model directory (no config.json)")
     policy = load_policy(model_dir, backend)
-    prm = PRM.from_dir(prm_dir) if prm_dir else None
+    prm = PRM.from_dir(prm_dir, step_weight=step_weight, aggregate=aggregate) if prm_dir else None
     app = create_app(policy, prm, cfg, cfg.name or model_dir.name)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
