@@ -23,10 +23,10 @@ import torch
 from chainstep import models
 from chainstep.config import PRMConfig, SFTConfig
 from chainstep.construct import construct
-from chainstep.dpo import DPOConfig, train_dpo, write_pairs
+from chainstep.dpo import DPOConfig, train_dpo
 from chainstep.inputs import collate, encode_prompt
 from chainstep.prm_train import train_prm
-from chainstep.records import JsonlWriter, load_tasks, read_jsonl
+from chainstep.records import JsonlWriter, load_tasks, read_jsonl, replace_jsonl
 from chainstep.steps import parse
 from chainstep.synthetic import SuiteConfig, make_tasks
 from chainstep.teacher import ProgrammaticTeacher
@@ -102,7 +102,7 @@ def main() -> int:
         pairs = [{"id": f"{r['id']}#p", "question_id": r["id"], "chosen": r["response"],
                   "rejected": r["response"].replace(r["answer"] + "<|answer_end|>", "99<|answer_end|>")}
                  for r in sft_rows[:32]]
-        write_pairs(pairs, work / "pairs.jsonl")
+        replace_jsonl(work / "pairs.jsonl", pairs)
         start = time.time()
         dpo = train_dpo(sft, work / "pairs.jsonl", records, work / "dpo",
                         DPOConfig(max_steps=8, epochs=4, per_device_train_batch_size=8, warmup_steps=1,

@@ -17,12 +17,12 @@ from chainstep.dpo import (
     sample_scores,
     train_dpo,
     train_rft,
-    write_pairs,
 )
 from chainstep.errors import ChainstepError
 from chainstep.inputs import encode_example
 from chainstep.models import load
 from chainstep.prm import PRM
+from chainstep.records import replace_jsonl
 from chainstep.steps import Chain, Step, render
 
 
@@ -121,7 +121,7 @@ def _pairs_file(tmp_path, records, count=4):
     pairs = [{"id": f"{r['id']}#p0", "question_id": r["id"], "chosen": g, "rejected": "wrong"}
              for r, g in zip(records, good)]
     path = tmp_path / "pairs.jsonl"
-    write_pairs(pairs, path)
+    replace_jsonl(path, pairs)
     return path
 
 
@@ -212,8 +212,8 @@ def test_every_round_restarts_from_sft_and_samples_the_latest_policy(sft_model_d
     cfg = DPOConfig(rounds=2, samples=3, pair_source="outcome", max_steps=1, per_device_train_batch_size=2,
                     save_steps=100, min_pairs=2)
     stats = iterative_dpo(sft_model_dir, None, records, tmp_path, cfg, batch_size=16)
-    assert stats["dpo-r1"]["policy"] == str(sft_model_dir)
-    assert stats["dpo-r2"]["policy"] == str(tmp_path / "models" / "dpo-r1")
+    assert stats["dpo-r1"]["policy"] == sft_model_dir.name
+    assert stats["dpo-r2"]["policy"] == "dpo-r1"
     for name in ("dpo-r1", "dpo-r2"):
         assert stats[name]["trained"] and stats[name]["pairs"] == 4
         assert stats[name]["chosen_correct"] == 1 and stats[name]["rejected_correct"] == 0

@@ -108,3 +108,22 @@ def test_chat_template_puts_image_before_question(tiny_model_dir):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt == "<s>user:<image> Q?\nassistant:\n"
+
+
+def test_a_damaged_weights_file_is_one_line_naming_it(tmp_path, tiny_model_dir, suite_dir):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from chainstep.cli import app
+
+    damaged = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llava"), damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])  # a copy cut short
+    with pytest.raises(ChainstepError, match=r"model\.safetensors: damaged weights file"):
+        models.load(damaged)
+    result = CliRunner().invoke(app, ["eval", str(damaged), str(suite_dir / "tasks" / "test.jsonl"),
+                                      "--out", str(tmp_path / "eval"), "--limit", "2"])
+    assert result.exit_code == 1 and "damaged weights file" in str(result.exception)
+    assert "Traceback" not in result.output

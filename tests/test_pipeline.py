@@ -64,6 +64,19 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert changed.exit_code != 0
 
 
+    moved = tmp_path / "elsewhere" / "quick"  # a run directory moved: reports, evaluates, resumes
+    moved.parent.mkdir()
+    out.rename(moved)
+    meta = json.loads((moved / "models" / "dpo-r1" / "chainstep.json").read_text())
+    assert meta["trained_from"] == "../sft" and meta["pairs"] == "../../data/dpo-r1-pairs.jsonl"
+    resumed = CliRunner().invoke(app, ["run", "--quick", "--out", str(moved), *rule])
+    assert resumed.exit_code == 0 and resumed.output.count("done, skipping") == 16, resumed.output
+    assert CliRunner().invoke(app, ["report", str(moved)]).exit_code == 0
+    evaluated = CliRunner().invoke(app, ["eval", str(moved / "models" / "sft"),
+                                         str(moved / "tasks" / "test.jsonl"), "--out", str(moved / "eval")])
+    assert evaluated.exit_code == 0, evaluated.output  # the run's own predictions, reused
+
+
 @pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_and_finishes(tmp_path):
     """kill -9 during CoS SFT, run the same command again: it resumes from the checkpoint and

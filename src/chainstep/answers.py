@@ -1,4 +1,5 @@
-"""The one answer matcher, used by evaluation, the teacher filter, rewards, labels and voting."""
+"""Answer normalisation: the canonical form votes count and exact matching compares. Matching an
+answer against its record (a benchmark's own rule included) is `grading.matches`."""
 
 from __future__ import annotations
 
@@ -30,12 +31,3 @@ def is_correct(predicted: str | None, reference: str) -> bool:
     pred = normalize(predicted)
     return pred is not None and pred == normalize(reference)
 
-
-def matches(predicted: str | None, record: dict) -> bool:
-    """`predicted` answers `record` under its task's matcher: a benchmark's own rule for benchmark
-    records (`chainstep.benchmarks`), exact match after normalisation otherwise."""
-    from .benchmarks import BENCHMARKS, score
-
-    if predicted is not None and record.get("source") in BENCHMARKS:
-        return score(record["source"], predicted, record) > 0
-    return is_correct(predicted, record["answer"])

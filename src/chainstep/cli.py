@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import DEFAULT_SEARCH_TEMPERATURE
+from .config import DEFAULT_SEARCH_TEMPERATURE, check_strategy
 from .errors import ChainstepError
 
 console = Console()
@@ -279,15 +279,12 @@ def evaluate(
     from .client import ChatClient
     from .evaluate import predict, summarize, update_metrics
     from .sampling import SamplingParams, load_policy
-    from .search import STRATEGIES, search_predictions
+    from .search import search_predictions
     from .shards import sharded
 
     if style not in ("cos", "direct"):
         raise ChainstepError(f"--style {style!r}: choose cos or direct")
-    if strategy not in STRATEGIES:
-        raise ChainstepError(f"--strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
-    if strategy in ("bon", "weighted", "beam") and prm is None:
-        raise ChainstepError(f"--strategy {strategy} needs a PRM (--prm DIR)")
+    check_strategy(strategy, prm is not None)
     records, split, settings = _eval_records(tasks, benchmark, data, out, limit, max_tokens)
     name = name or model.name
     extractor = None

@@ -26,6 +26,8 @@ PAIR_SOURCES = ("prm", "prm_answer", "outcome", "verified")  # how DPO ranks sam
 GROUND_TRUTH = ("outcome", "verified")  # pair sources that need no PRM
 REWARDS = ("prm", "outcome")  # GRPO rewards
 ADVANTAGES = ("chain", "step")  # GRPO advantages: one per completion, or one per step
+STRATEGIES = ("greedy", "sc", "bon", "weighted", "beam", "pass")  # decoding strategies (chainstep.search)
+VERIFIER_STRATEGIES = ("bon", "weighted", "beam")  # the strategies that rank by a verifier
 DEFAULT_SEARCH_TEMPERATURE = 0.7  # `chainstep eval --strategy`'s; `chainstep run` picks one on val
 # keys that moved: an old config gets the new name instead of a bare "unknown key"
 MOVED = {"dpo.step_weight": "prm.step_weight", "grpo.step_weight": "prm.step_weight"}
@@ -155,7 +157,8 @@ class SearchConfig:
 
     ns: tuple[int, ...] = (1, 2, 4, 8, 16)  # N for pass@N, SC, BoN and weighted vote
     beam_ns: tuple[int, ...] = (16,)  # N for beam search (each N is a full run)
-    questions: int = 100  # test questions searched; 0 = the whole split
+    split: str = "test"  # the split searched (its greedy answers are the baseline)
+    questions: int = 100  # questions of that split searched; 0 = the whole split
     temperatures: tuple[float, ...] = (0.3, 0.7, 1.0)  # tried on val; the best BoN picks one
     val_questions: int = 40  # val questions for the temperature choice
     keep: int = 1  # beams kept per question (k); 1 is the paper's setting
@@ -241,6 +244,15 @@ class GRPOConfig(TrainConfig):
         if self.per_device_train_batch_size % self.num_generations:
             raise ChainstepError("grpo.per_device_train_batch_size must be a multiple of "
                                  "grpo.num_generations")
+
+
+def check_strategy(strategy: str, has_verifier: bool) -> None:
+    """A strategy the CLI, search and the server all accept the same way: known, and given a
+    verifier where it ranks by one."""
+    if strategy not in STRATEGIES:
+        raise ChainstepError(f"strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
+    if strategy in VERIFIER_STRATEGIES and not has_verifier:
+        raise ChainstepError(f"strategy {strategy!r} needs a PRM (--prm DIR)")
 
 
 def check_head(head: str) -> None:

@@ -9,7 +9,6 @@ and keyed by id: a killed run resumes without duplicates.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from pathlib import Path
 
 from rich.progress import track
 
-from .answers import matches
 from .client import RemoteError
-from .records import JsonlWriter, done_ids, iter_jsonl, load_tasks
+from .grading import matches
+from .records import JsonlWriter, done_ids, iter_jsonl, load_tasks, replace_jsonl
 from .shards import Shard, mark_done
 from .steps import ANSWER_END, ANSWER_START, Chain, FormatError, parse
 from .teacher import Teacher
@@ -135,6 +134,4 @@ def _drop_remote_rejects(path: Path) -> None:
     if not path.exists():
         return
     kept = [r for r in iter_jsonl(path) if not str(r.get("reason", "")).startswith("remote:")]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    replace_jsonl(path, kept)

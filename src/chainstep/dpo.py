@@ -31,9 +31,10 @@ from .config import GROUND_TRUTH, DPOConfig
 from .errors import ChainstepError
 from .evaluate import sample_responses, sample_stats
 from .inputs import collate, encode_example
+from .layout import RunLayout, relative_path
 from .models import load
 from .prm import PRM
-from .records import JsonlWriter, read_jsonl
+from .records import read_jsonl, replace_jsonl
 from .sampling import Policy, SamplingParams
 from .train_sft import fit_rows
 from .training import ResumeWeights, fit, prepare_model, training_kwargs, weights_digest
@@ -158,7 +159,7 @@ def train_dpo(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
                                 data_collator=collator, train_dataset=Dataset.from_list(rows),
                                 processing_class=processor)
     fit(trainer, cfg, processor, model_dir, out_dir,
-        {"pairs": str(pairs_path), "num_pairs": len(pairs), "dpo": asdict(cfg),
+        {"pairs": relative_path(pairs_path, out_dir), "num_pairs": len(pairs), "dpo": asdict(cfg),
          "world_size": trainer.args.world_size})
     _record_rank(checkpoints, trainer, collator)
     return out_dir
@@ -191,7 +192,8 @@ def train_rft(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
     pairs = read_pairs(pairs_path, records)
     rows = [{**records[p["question_id"]], "id": p["id"], "response": p["chosen"]} for p in pairs]
     cfg = round_schedule(cfg or DPOConfig(), len(pairs))
-    return fit_rows(model_dir, rows, out_dir, cfg, {"pairs": str(pairs_path), "num_pairs": len(pairs),
+    return fit_rows(model_dir, rows, out_dir, cfg, {"pairs": relative_path(pairs_path, out_dir),
+                                                    "num_pairs": len(pairs),
                                                     "control_for": "dpo", "dpo": asdict(cfg)})
 
 
@@ -210,13 +212,13 @@ def _record_rank(checkpoints: Path, trainer, collator: PreferenceCollator) -> No
          "pid": os.getpid(), "weights_sha256": weights_digest(model)}))
 
 
-def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[dict], out: Path,
+def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[dict], out: RunLayout,
               name: str, cfg: DPOConfig, batch_size: int = 64, samples_name: str | None = None) -> dict:
-    """Sample from `policy_dir`, build pairs, train from `sft_dir` into `out/models/name`.
+    """Sample from `policy_dir`, build pairs, train from `sft_dir` into the run's model `name`.
     Every file is resumable: samples by id, pairs rewritten whole, the trainer from checkpoints.
     Rounds given the same `samples_name` share one samples file (the pair-source ablation)."""
-    samples_path = out / "data" / f"{samples_name or name}-samples.jsonl"
-    pairs_path = out / "data" / f"{name}-pairs.jsonl"
+    samples_path = out.round_file(samples_name or name, "samples")
+    pairs_path = out.round_file(name, "pairs")
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                             seed=cfg.seed)
     samples = sample_responses(Policy.from_dir(policy_dir, batch_size=batch_size), records,
@@ -224,21 +226,14 @@ def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[di
     rows = [row for r in records for row in samples[r["id"]]]
     pairs = build_pairs(rows, sample_scores(rows, records, cfg.pair_source, prm),
                         cfg.threshold, cfg.pairs_per_question)
-    write_pairs(pairs, pairs_path)
+    replace_jsonl(pairs_path, pairs)
     stats = pair_stats(pairs, len(records))
     stats["sampled"] = sample_stats(rows)
     stats["scoring"] = pair_scoring(cfg.pair_source, prm)
-    stats["policy"], stats["trained"] = str(policy_dir), len(pairs) >= max(1, cfg.min_pairs)
+    stats["policy"], stats["trained"] = policy_dir.name, len(pairs) >= max(1, cfg.min_pairs)
     if stats["trained"]:
-        train_dpo(sft_dir, pairs_path, {r["id"]: r for r in records}, out / "models" / name, cfg)
+        train_dpo(sft_dir, pairs_path, {r["id"]: r for r in records}, out.model(name), cfg)
     return stats
-
-
-def write_pairs(pairs: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    with JsonlWriter(tmp) as writer:
-        writer.write_all(pairs)
-    tmp.replace(path)
 
 
 def iterative_dpo(sft_dir: str | Path, prm_dir: str | Path | None, records: list[dict],
@@ -248,14 +243,14 @@ def iterative_dpo(sft_dir: str | Path, prm_dir: str | Path | None, records: list
     `min_pairs` pairs over the threshold trains nothing (`trained: false`), so no comparison is
     made with it; the next samples from the same policy."""
     cfg = cfg or DPOConfig()
-    sft_dir, out = Path(sft_dir), Path(out)
+    sft_dir, out = Path(sft_dir), RunLayout(out)
     prm = _load_prm(prm_dir, cfg.pair_source, batch_size)
     policy, stats = sft_dir, {}
     for k in range(1, cfg.rounds + 1):
         name = f"dpo-r{k}"
         stats[name] = _round_once(policy, sft_dir, prm, records, out, name, cfg, batch_size)
         if stats[name]["trained"]:
-            policy = out / "models" / name
+            policy = out.model(name)
     return stats
 
 
@@ -263,13 +258,13 @@ def rft_control(sft_dir: str | Path, records: list[dict], out: str | Path, cfg: 
                 rounds: dict[str, dict]) -> dict:
     """The RFT control of the last round that trained: SFT continued from `sft_dir` on that
     round's chosen chains, with its steps (`out/models/rft`). Skipped when it exists."""
-    out = Path(out)
+    out = RunLayout(out)
     last = next((name for name in reversed(list(rounds)) if rounds[name]["trained"]), None)
     if last is None:
         return {"trained": False, "reason": "no DPO round trained"}
-    target = out / "models" / "rft"
+    target = out.model("rft")
     if not (target / "chainstep.json").exists():
-        train_rft(sft_dir, out / "data" / f"{last}-pairs.jsonl", {r["id"]: r for r in records}, target, cfg)
+        train_rft(sft_dir, out.round_file(last, "pairs"), {r["id"]: r for r in records}, target, cfg)
     return {"trained": True, "chosen_of": last, "pairs": rounds[last]["pairs"]}
 
 
@@ -277,7 +272,7 @@ def pair_source_ablation(sft_dir: str | Path, prm_dir: str | Path | None, record
                          out: str | Path, cfg: DPOConfig, batch_size: int = 64) -> dict[str, dict]:
     """Round 1 again with each source in `cfg.ablation`, on round 1's own samples, so the
     sources differ only in how pairs are picked: `out/models/dpo-r1-{source}`."""
-    sft_dir, out = Path(sft_dir), Path(out)
+    sft_dir, out = Path(sft_dir), RunLayout(out)
     scored = next((source for source in cfg.ablation if source not in GROUND_TRUTH), None)
     prm = _load_prm(prm_dir, scored, batch_size) if scored else None  # loaded once for all sources
     stats = {}
@@ -297,9 +292,9 @@ def _load_prm(prm_dir, source: str, batch_size: int) -> PRM | None:
     return PRM.from_dir(prm_dir, batch_size=batch_size)
 
 
-def _round_once(policy, sft_dir, prm, records, out: Path, name: str, cfg: DPOConfig, batch_size: int,
+def _round_once(policy, sft_dir, prm, records, out: RunLayout, name: str, cfg: DPOConfig, batch_size: int,
                 samples_name: str | None = None) -> dict:
-    marker = out / "data" / f"{name}-stats.json"
+    marker = out.round_file(name, "stats")
     if marker.exists():
         stats = json.loads(marker.read_text())
     else:

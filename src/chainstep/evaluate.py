@@ -21,14 +21,10 @@ from pathlib import Path
 
 from .errors import ChainstepError
 from .grading import grade_response
-from .records import JsonlWriter, iter_jsonl, settings_path
+from .records import JsonlWriter, family_of, iter_jsonl, settings_path
 from .sampling import Generation, Policy, SamplingParams
 
 Z95 = 1.959963984540054
-
-
-def family_of(record: dict) -> str:
-    return record.get("meta", {}).get("family") or record.get("source") or "all"
 
 
 def response_row(record: dict, gen: Generation, style: str = "cos", row_id: str | None = None,

@@ -23,25 +23,17 @@ from pathlib import Path
 
 from rich.progress import track
 
-from .answers import matches
 from .client import RemoteError
 from .config import LabelConfig
 from .construct import example_row
 from .errors import ChainstepError
-from .grading import grade_response
+from .grading import grade_response, matches
 from .judge import Judge, JudgeError, ProgrammaticJudge
 from .perturb import clean_labels, perturb
 from .records import JsonlWriter, done_ids
 from .sampling import Policy, SamplingParams
-from .steps import (
-    ANSWER_END,
-    STEP_END,
-    Chain,
-    FormatError,
-    leading_steps,
-    parse,
-    render,
-)
+from .scoring import regroup
+from .steps import STEP_END, Chain, FormatError, leading_steps, parse, render, tag_count
 from .teacher import ProgrammaticTeacher
 
 
@@ -81,12 +73,7 @@ def monte_carlo(policy: Policy, items: list[tuple[dict, str]], k: int,
     for i, group in zip(order, gens):
         record, prefix = flat[i]
         values[i] = sum(grade_response(prefix + g.text, record)["correct"] for g in group) / k
-    out, at = [], 0
-    for _, response in items:
-        count = len(step_prefixes(response))
-        out.append(values[at:at + count])
-        at += count
-    return out
+    return regroup(values, [len(step_prefixes(response)) for _, response in items])
 
 
 def _row(record: dict, sample_id: str, source: str, response: str, labels: list, **extra) -> dict:
@@ -134,7 +121,7 @@ def judged_labels(record: dict, response: str, judge: Judge, neutral: str) -> tu
         pass
     steps = leading_steps(response)
     ratings = judge.rate(record, Chain(tuple(steps), "?")) if steps else []
-    tags = response.count(STEP_END) + response.count(ANSWER_END)
+    tags = tag_count(response)
     ratings += ["malformed"] * (response.count(STEP_END) - len(steps))
     return judge_labels(ratings[:len(steps)], neutral) + [0] * (tags - len(steps)), ratings
 
@@ -180,9 +167,10 @@ def _mc_rows(todo, by_id, policy, cfg, writer, stats) -> None:
     for start in track(range(0, len(todo), 64), description="MC rollouts"):
         chunk = todo[start:start + 64]
         items = [(by_id[s["question_id"]], s["response"]) for s in chunk]
-        for sample, values in zip(chunk, monte_carlo(policy, items, cfg.rollouts, params)):
-            labels = mc_labels(values, cfg.rule, cfg.threshold) + [int(sample["correct"])]
-            writer.write(_row(by_id[sample["question_id"]], sample["id"], "mc", sample["response"],
-                              labels, values=values + [float(sample["correct"])]))
+        for (record, response), sample, values in zip(items, chunk,
+                                                      monte_carlo(policy, items, cfg.rollouts, params)):
+            correct = int(grade_response(response, record)["correct"])  # graded here, as rollouts are
+            labels = mc_labels(values, cfg.rule, cfg.threshold) + [correct]
+            writer.write(_row(record, sample["id"], "mc", response, labels, values=values + [float(correct)]))
             stats["mc"] += 1
 

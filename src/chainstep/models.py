@@ -316,12 +316,27 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32,
     if not any(path.glob("*.safetensors")):
         raise ChainstepError(f"{path} has no .safetensors weights; convert the checkpoint first "
                              "(chainstep never loads pickled weights)")
+    check_weights(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True)
     processor = load_processor(path)
     if getattr(processor, "chat_template", None) is None:
         raise ChainstepError(f"{path} has no chat template on its processor; add one "
                              "(chat_template.jinja) so prompts can be built")
     return model.to(device or default_device()), processor
+
+
+def check_weights(path: Path) -> None:
+    """Every weights file's header, read before loading: a truncated or damaged file is one line
+    naming it, not a traceback from deep inside the loader."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except SafetensorError as err:
+            raise ChainstepError(f"{file}: damaged weights file ({str(err).lower()}); save or copy "
+                                 "the model again") from None
 
 
 def default_device() -> str:

@@ -29,6 +29,7 @@ from .errors import ChainstepError
 from .evaluate import paired_comparison, predict, sample_responses, sample_stats, summarize, update_metrics
 from .grpo import train_grpo, variant
 from .label import label
+from .layout import RunLayout
 from .pretrain import pretrain
 from .prm import PRM
 from .prm_metrics import evaluate_prm, label_agreement, write_traces
@@ -47,16 +48,14 @@ POLICIES = {"sft": ("sft.jsonl", "cos"), "base": ("direct.jsonl", "direct")}
 
 
 class Run:
-    """Paths and stage bookkeeping of one run directory."""
+    """One run: its config, its directory's layout (`paths`), and stage bookkeeping."""
 
     def __init__(self, cfg: RunConfig, out: str | Path):
-        self.cfg, self.dir = cfg, Path(out)
-        self.tasks, self.data = self.dir / "tasks", self.dir / "data"
-        self.models, self.eval = self.dir / "models", self.dir / "eval"
-        self.metrics = self.dir / "metrics.json"
+        self.cfg, self.paths = cfg, RunLayout(out)
+        self.dir = self.paths.root
 
     def check_config(self) -> None:
-        saved = self.dir / "config.json"
+        saved = self.paths.config_json
         current = to_dict(self.cfg)
         if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(current)):
             raise ChainstepError(
@@ -64,10 +63,10 @@ class Run:
                 "options, or pass a new --out")
         self.dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(current, indent=2))
-        dump_config(self.cfg, self.dir / "config.yaml")
+        dump_config(self.cfg, self.paths.config_yaml)
 
     def stage(self, name: str, fn: Callable[[], dict | None]) -> None:
-        marker = self.dir / "stages" / f"{name}.json"
+        marker = self.paths.stage_marker(name)
         if marker.exists():
             console.print(f"[dim]{name}: done, skipping[/dim]")
             return
@@ -84,9 +83,16 @@ def run(cfg: RunConfig, out: str | Path) -> Path:
     """The whole pipeline; returns the run directory."""
     torch.set_num_threads(cfg.threads)
     r = Run(cfg, out)
-    r.check_config()
-    r.stage("tasks", lambda: make_tasks(cfg.suite, r.tasks))
-    r.stage("construct", lambda: construct(r.tasks / "train.jsonl", r.data,
+    with r.paths.lock():
+        r.check_config()
+        _stages(r)
+    return r.dir
+
+
+def _stages(r: Run) -> None:
+    cfg = r.cfg
+    r.stage("tasks", lambda: make_tasks(cfg.suite, r.paths.tasks))
+    r.stage("construct", lambda: construct(r.paths.split("train"), r.paths.data,
                                            ProgrammaticTeacher(cfg.suite.seed), cfg.filter))
     r.stage("init_model", lambda: init_model(r))
     r.stage("pretrain", lambda: pretrain_perception(r))
@@ -101,8 +107,7 @@ def run(cfg: RunConfig, out: str | Path) -> Path:
     r.stage("dpo", lambda: improve_dpo(r))
     r.stage("grpo", lambda: improve_grpo(r))
     r.stage("policy_eval", lambda: evaluate_improved(r))
-    r.stage("report", lambda: {"report": str(write_report(r.dir))})
-    return r.dir
+    r.stage("report", lambda: {"report": r.paths.relative(write_report(r.dir))})
 
 
 def init_model(r: Run) -> dict:
@@ -113,13 +118,13 @@ def init_model(r: Run) -> dict:
         added = models.add_step_tokens(model, processor)
         meta = {"from_scratch": False, "source": cfg.path, "added_tokens": added}
     else:
-        rows = read_jsonl(r.data / "sft.jsonl")
+        rows = read_jsonl(r.paths.data / "sft.jsonl")
         texts = [row["question"] for row in rows] + [row["response"] for row in rows]
         tokenizer = models.train_tokenizer(texts, vocab_size=cfg.vocab_size)
         model, processor = models.build_tiny(cfg.arch, tokenizer, cfg.size, cfg.seed)
         meta = {"from_scratch": True, "arch": cfg.arch, "size": cfg.size}
     meta["parameters"] = models.count_parameters(model)
-    models.save(model, processor, r.models / "init", meta=meta)
+    models.save(model, processor, r.paths.model("init"), meta=meta)
     return meta
 
 
@@ -132,7 +137,7 @@ def pretrain_perception(r: Run) -> dict:
     checkpoint already sees, and starts SFT as it is."""
     if not _pretrains(r.cfg):
         return {"skipped": "a local checkpoint" if r.cfg.model.path else "pretrain.enabled is false"}
-    return pretrain(r.models / "init", r.models / "pretrained", r.cfg.suite, r.cfg.pretrain)
+    return pretrain(r.paths.model("init"), r.paths.model("pretrained"), r.cfg.suite, r.cfg.pretrain)
 
 
 def _start_model(r: Run) -> Path:
@@ -140,9 +145,9 @@ def _start_model(r: Run) -> Path:
 
 
 def _train(r: Run, name: str, sft_cfg) -> dict:
-    data = r.data / POLICIES[name][0]
-    train_sft(_start_model(r), data, r.models / name, sft_cfg)
-    meta = json.loads((r.models / name / "chainstep.json").read_text())
+    data = r.paths.data / POLICIES[name][0]
+    train_sft(_start_model(r), data, r.paths.model(name), sft_cfg)
+    meta = json.loads((r.paths.model(name) / "chainstep.json").read_text())
     return {k: meta[k] for k in ("train_loss_first", "train_loss_last", "train_runtime_s")}
 
 
@@ -151,15 +156,15 @@ def evaluate_policies(r: Run) -> dict:
     params = SamplingParams(max_tokens=r.cfg.eval.max_tokens)
     results, comparisons = [], []
     for split in r.cfg.eval.splits:
-        records = load_tasks(r.tasks / f"{split}.jsonl")
+        records = load_tasks(r.paths.split(split))
         preds = {}
         for name, (_, style) in POLICIES.items():
-            policy = Policy.from_dir(r.models / name, batch_size=r.cfg.eval.batch_size)
-            preds[name] = predict(policy, records, r.eval / f"{name}-{split}.jsonl", style, params)
+            policy = Policy.from_dir(r.paths.model(name), batch_size=r.cfg.eval.batch_size)
+            preds[name] = predict(policy, records, r.paths.predictions(name, split), style, params)
             results.append(summarize(preds[name], name, split=split))
         comparison = paired_comparison(preds["sft"], preds["base"], "sft", "base")
         comparisons.append({**comparison, "split": split})
-    update_metrics(r.metrics, results, comparisons)
+    update_metrics(r.paths.metrics, results, comparisons)
     return {f"{row['model']}/{row['split']}": round(row["accuracy"], 3) for row in results}
 
 
@@ -168,7 +173,7 @@ def _first(records: list[dict], count: int) -> list[dict]:
 
 
 def _policy(r: Run, name: str = "sft") -> Policy:
-    return Policy.from_dir(r.models / name, batch_size=r.cfg.eval.batch_size)
+    return Policy.from_dir(r.paths.model(name), batch_size=r.cfg.eval.batch_size)
 
 
 def sample_chains(r: Run) -> dict:
@@ -178,8 +183,8 @@ def sample_chains(r: Run) -> dict:
                             max_tokens=r.cfg.eval.max_tokens, seed=cfg.seed)
     info = {}
     for split, count in (("train", cfg.questions), ("val", cfg.val_questions)):
-        records = _first(load_tasks(r.tasks / f"{split}.jsonl"), count)
-        got = sample_responses(policy, records, r.data / f"samples-{split}.jsonl", params)
+        records = _first(load_tasks(r.paths.split(split)), count)
+        got = sample_responses(policy, records, r.paths.samples(split), params)
         rows = [row for rows in got.values() for row in rows]
         info[split] = sample_stats(rows)
     return info
@@ -191,13 +196,14 @@ def label_chains(r: Run) -> dict:
     chains get judge labels (exact on the synthetic suite) and a few MC labels for the report's
     trace viewer."""
     cfg, policy = r.cfg.label, _policy(r)
-    train = load_tasks(r.tasks / "train.jsonl")
-    val = _first(load_tasks(r.tasks / "val.jsonl"), cfg.val_questions)
-    improved = {x["id"] for x in train[cfg.questions:_improvement_end(r.cfg)]}
+    train = load_tasks(r.paths.split("train"))
+    val = _first(load_tasks(r.paths.split("val")), cfg.val_questions)
+    shares = train_shares(r.cfg)
+    improved = {x["id"] for x in train[shares["dpo"].start:shares["grpo"].stop]}
     return {
-        "train": label(read_jsonl(r.data / "samples-train.jsonl"), train, r.data / "prm_labels.jsonl",
+        "train": label(read_jsonl(r.paths.samples("train")), train, r.paths.labels("train"),
                        cfg, policy, perturb_records=[x for x in train if x["id"] not in improved]),
-        "val": label(read_jsonl(r.data / "samples-val.jsonl"), val, r.data / "prm_labels-val.jsonl",
+        "val": label(read_jsonl(r.paths.samples("val")), val, r.paths.labels("val"),
                      replace(cfg, perturbed=0, mc_chains=min(cfg.mc_chains or 24, 24)), policy),
     }
 
@@ -205,13 +211,13 @@ def label_chains(r: Run) -> dict:
 def _train_prm(r: Run) -> dict:
     info = {}
     if r.cfg.prm.init == "policy":
-        start = r.models / "sft"
+        start = r.paths.model("sft")
     elif r.cfg.prm.init == "larger":
         start, info["base"] = _larger_base(r)
     else:
         start = Path(r.cfg.prm.init)
-    train_prm(start, r.data / "prm_labels.jsonl", r.models / "prm", r.cfg.prm)
-    meta = json.loads((r.models / "prm" / "chainstep.json").read_text())
+    train_prm(start, r.paths.labels("train"), r.paths.model("prm"), r.cfg.prm)
+    meta = json.loads((r.paths.model("prm") / "chainstep.json").read_text())
     keys = ("chains", "train_loss_first", "train_loss_last", "train_runtime_s")
     return {**info, **{k: meta[k] for k in keys}}
 
@@ -231,9 +237,9 @@ def _larger_base(r: Run) -> tuple[Path, dict]:
     if size not in models.SIZES or _language_width(size) <= _language_width(r.cfg.model.size):
         raise ChainstepError(f"prm.size={size} must be a model size larger than model.size="
                              f"{r.cfg.model.size} (sizes: {', '.join(models.SIZES)})")
-    init, pretrained = r.models / "prm-init", r.models / "prm-pretrained"
+    init, pretrained = r.paths.model("prm-init"), r.paths.model("prm-pretrained")
     if not (init / "config.json").exists():
-        _, processor = models.load(r.models / "init")
+        _, processor = models.load(r.paths.model("init"))
         model, processor = models.build_tiny(arch, processor.tokenizer, size, r.cfg.model.seed + 1)
         models.save(model, processor, init, meta={"from_scratch": True, "arch": arch, "size": size,
                                                   "parameters": models.count_parameters(model)})
@@ -246,37 +252,46 @@ def _larger_base(r: Run) -> tuple[Path, dict]:
 def _prm(r: Run) -> PRM:
     """The run's verifier, scoring with the rule it was trained with (`prm.step_weight`,
     `prm.aggregate`), as DPO and GRPO read it too."""
-    return PRM.from_dir(r.models / "prm", batch_size=r.cfg.eval.batch_size)
+    return PRM.from_dir(r.paths.model("prm"), batch_size=r.cfg.eval.batch_size)
 
 
 def evaluate_verifier(r: Run) -> dict:
     """PRM metrics against judge labels of held-out chains, and the MC/judge agreement."""
-    rows = read_jsonl(r.data / "prm_labels-val.jsonl")
+    rows = read_jsonl(r.paths.labels("val"))
     judged = [row for row in rows if row["source"] == "judge"]
     prm = _prm(r)
     metrics = evaluate_prm(prm, judged)
     metrics["mc_judge_agreement"] = label_agreement(rows)
-    update_metrics(r.metrics, prm=metrics)
-    write_traces(prm, rows, r.eval / "prm-traces.jsonl")
+    update_metrics(r.paths.metrics, prm=metrics)
+    write_traces(prm, rows, r.paths.traces)
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
 def _search_questions(r: Run) -> tuple[list[dict], str]:
-    """The test questions search runs on, and their split name ("test[:32]" for a slice)."""
-    test = load_tasks(r.tasks / "test.jsonl")
-    records = _first(test, r.cfg.search.questions)
-    return records, "test" if len(records) == len(test) else f"test[:{len(records)}]"
+    """The questions search runs on (`search.questions` of `search.split`), and their split name
+    ("test[:32]" for a slice)."""
+    name = r.cfg.search.split
+    everything = load_tasks(r.paths.split(name))
+    records = _first(everything, r.cfg.search.questions)
+    return records, name if len(records) == len(everything) else f"{name}[:{len(records)}]"
+
+
+def _greedy(r: Run, model: str, records: list[dict]) -> list[dict]:
+    """`model`'s greedy answers to `records`, from its evaluation of `search.split` (made now
+    where the eval stage did not cover that split)."""
+    path = r.paths.predictions(model, r.cfg.search.split)
+    return predict(_policy(r, model), records, path, "cos", SamplingParams(max_tokens=r.cfg.eval.max_tokens))
 
 
 def search(r: Run) -> dict:
     """SC / BoN / weighted vote / beam search at each N on (a slice of) the test split."""
     cfg, policy, prm = r.cfg.search, _policy(r), _prm(r)
-    val = _first(load_tasks(r.tasks / "val.jsonl"), cfg.val_questions)
-    temperature, sweep = choose_temperature(policy, prm, val, cfg, r.eval, r.cfg.eval.max_tokens)
+    val = _first(load_tasks(r.paths.split("val")), cfg.val_questions)
+    temperature, sweep = choose_temperature(policy, prm, val, cfg, r.paths.eval, r.cfg.eval.max_tokens)
     records, split = _search_questions(r)
-    results, ablation, final = evaluate_search(policy, prm, records, cfg, r.eval, temperature, "sft",
+    results, ablation, final = evaluate_search(policy, prm, records, cfg, r.paths.eval, temperature, "sft",
                                                split, r.cfg.eval.max_tokens)
-    greedy = [p for p in read_jsonl(r.eval / "sft-test.jsonl") if p["id"] in {x["id"] for x in records}]
+    greedy = _greedy(r, "sft", records)
     results.append(summarize(greedy, "sft", "greedy", 1, split))
     final["greedy"] = greedy
     top = max(cfg.ns)
@@ -284,7 +299,7 @@ def search(r: Run) -> dict:
     order = [s for s in ("beam", "bon", "weighted", "sc", "greedy") if s in final]
     comparisons = [{**paired_comparison(final[a], final[b], labels[a], labels[b]), "split": split}
                    for a, b in zip(order, order[1:])]
-    update_metrics(r.metrics, results, comparisons,
+    update_metrics(r.paths.metrics, results, comparisons,
                    search={"temperature": temperature, "temperature_sweep": sweep,
                            "step_weight_ablation": ablation, "split": split,
                            "scoring": prm.scoring.describe()})
@@ -292,33 +307,38 @@ def search(r: Run) -> dict:
                                            for row in results if row["n"] in (1, top)}}
 
 
-def _train_questions(r: Run, skip: int, count: int) -> list[dict]:
-    """Train questions after the first `skip` (those earlier stages used), so the PRM never
-    scores chains of questions it was trained on."""
-    train = load_tasks(r.tasks / "train.jsonl")
-    chosen = train[skip:skip + count]
-    if len(chosen) < count:
-        raise ChainstepError(f"the train split has {len(train)} questions; {skip + count} are needed "
+def train_shares(cfg: RunConfig) -> dict[str, slice]:
+    """Which train questions each stage that samples from the policy owns, in this order: the
+    PRM's labels, then DPO, then GRPO. Disjoint, so the PRM never scores chains of questions it
+    was trained on."""
+    ends = {"label": cfg.label.questions, "dpo": cfg.dpo.questions, "grpo": cfg.grpo.questions}
+    shares, start = {}, 0
+    for stage, count in ends.items():
+        shares[stage] = slice(start, start + count)
+        start += count
+    return shares
+
+
+def _train_questions(r: Run, stage: str) -> list[dict]:
+    share = train_shares(r.cfg)[stage]
+    train = load_tasks(r.paths.split("train"))
+    if len(train) < share.stop:
+        raise ChainstepError(f"the train split has {len(train)} questions; {share.stop} are needed "
                              "(raise suite.train or lower dpo.questions / grpo.questions)")
-    return chosen
-
-
-def _improvement_end(cfg: RunConfig) -> int:
-    """Train questions [label.questions, this) belong to DPO and GRPO."""
-    return cfg.label.questions + cfg.dpo.questions + cfg.grpo.questions
+    return train[share]
 
 
 def improve_dpo(r: Run) -> dict:
     """Iterative DPO on PRM-scored pairs, then round 1 with the other pair sources."""
     cfg = r.cfg.dpo
-    records = _train_questions(r, r.cfg.label.questions, cfg.questions)
-    args = (r.models / "sft", r.models / "prm", records, r.dir, cfg, r.cfg.eval.batch_size)
+    records = _train_questions(r, "dpo")
+    args = (r.paths.model("sft"), r.paths.model("prm"), records, r.dir, cfg, r.cfg.eval.batch_size)
     rounds = iterative_dpo(*args)
-    control = rft_control(r.models / "sft", records, r.dir, cfg, rounds)
+    control = rft_control(r.paths.model("sft"), records, r.dir, cfg, rounds)
     ablation = pair_source_ablation(*args)
-    update_metrics(r.metrics, dpo={"rounds": rounds, "ablation": ablation, "control": control,
-                                   "pair_source": cfg.pair_source, "threshold": cfg.threshold,
-                                   "questions": len(records)})
+    update_metrics(r.paths.metrics, dpo={"rounds": rounds, "ablation": ablation, "control": control,
+                                         "pair_source": cfg.pair_source, "threshold": cfg.threshold,
+                                         "questions": len(records)})
     return {"rft": control, **{name: {"pairs": s["pairs"], "mean_gap": s["mean_gap"]}
                                for name, s in {**rounds, **ablation}.items()}}
 
@@ -326,10 +346,10 @@ def improve_dpo(r: Run) -> dict:
 def improve_grpo(r: Run) -> dict:
     """GRPO from the SFT model with each reward in `grpo.runs` (PRM, outcome, PRM with step advantages)."""
     cfg = r.cfg.grpo
-    records = _train_questions(r, r.cfg.label.questions + r.cfg.dpo.questions, cfg.questions)
+    records = _train_questions(r, "grpo")
     info = {}
     for run in cfg.runs:
-        out = train_grpo(r.models / "sft", r.models / "prm", records, r.models / f"grpo-{run}",
+        out = train_grpo(r.paths.model("sft"), r.paths.model("prm"), records, r.paths.model(f"grpo-{run}"),
                          variant(cfg, run), r.cfg.eval.batch_size)
         meta = json.loads((out / "chainstep.json").read_text())
         info[f"grpo-{run}"] = {k: meta[k] for k in ("train_loss_last", "train_runtime_s")}
@@ -348,27 +368,27 @@ def evaluate_improved(r: Run) -> dict:
     params = SamplingParams(max_tokens=r.cfg.eval.max_tokens)
     results, comparisons, info = [], [], {}
     for split in r.cfg.eval.splits:
-        records = load_tasks(r.tasks / f"{split}.jsonl")
-        preds = {"sft": read_jsonl(r.eval / f"sft-{split}.jsonl")}
+        records = load_tasks(r.paths.split(split))
+        preds = {"sft": read_jsonl(r.paths.predictions("sft", split))}
         for name in improved_models(r.cfg):
-            if not (r.models / name).exists():
+            if not (r.paths.model(name)).exists():
                 info[f"{name}/{split}"] = "not trained (too few pairs to change the model)"
                 continue
             policy = _policy(r, name)
-            preds[name] = predict(policy, records, r.eval / f"{name}-{split}.jsonl", "cos", params)
+            preds[name] = predict(policy, records, r.paths.predictions(name, split), "cos", params)
             results.append(summarize(preds[name], name, split=split))
             info[f"{name}/{split}"] = round(results[-1]["accuracy"], 3)
         for a, b in _claims(r.cfg):
             if a in preds and b in preds:
                 comparisons.append({**paired_comparison(preds[a], preds[b], a, b), "split": split})
-    final = next((f"dpo-r{k}" for k in range(r.cfg.dpo.rounds, 0, -1) if (r.models / f"dpo-r{k}").exists()),
+    final = next((f"dpo-r{k}" for k in range(r.cfg.dpo.rounds, 0, -1) if r.paths.model(f"dpo-r{k}").exists()),
                  None)
     if final:
         beam, comparison = _final_beam(r, final)
         results.append(beam)
         comparisons.append(comparison)
         info[f"{final}/beam"] = round(beam["accuracy"], 3)
-    update_metrics(r.metrics, results, comparisons)
+    update_metrics(r.paths.metrics, results, comparisons)
     return info
 
 
@@ -386,12 +406,10 @@ def _final_beam(r: Run, model: str) -> tuple[dict, dict]:
     its paired comparison with that policy's greedy answers."""
     cfg = r.cfg.search
     records, split = _search_questions(r)
-    temperature = json.loads(r.metrics.read_text()).get("search", {}).get("temperature", 1.0)
+    temperature = json.loads(r.paths.stage_marker("search").read_text())["temperature"]
     n = max(cfg.beam_ns)
     preds, compute = beam_search(_policy(r, model), _prm(r), records, n, cfg.keep, temperature,
                                  cfg.step_tokens, cfg.max_steps, seed=0)
-    greedy = {p["id"]: p for p in read_jsonl(r.eval / f"{model}-test.jsonl")}
     row = {**summarize(preds, model, "beam", n, split), **compute, "temperature": temperature}
-    comparison = paired_comparison(preds, [greedy[x["id"]] for x in records], f"{model}/beam@{n}",
-                                   f"{model}/greedy")
+    comparison = paired_comparison(preds, _greedy(r, model, records), f"{model}/beam@{n}", f"{model}/greedy")
     return row, {**comparison, "split": split}

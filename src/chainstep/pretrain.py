@@ -35,6 +35,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from .config import PretrainConfig
 from .errors import ChainstepError
+from .layout import relative_path
 from .models import load, save
 from .synthetic import COLOURS, FAMILIES, ORDER, SuiteConfig, readings
 from .training import VISION_PATTERNS, last_complete_checkpoint, model_meta, quiet_progress
@@ -210,8 +211,8 @@ def pretrain(model_dir: str | Path, out_dir: str | Path, suite: SuiteConfig | No
     else:
         info = _train(model, processor, suite, cfg, out_dir.with_name(out_dir.name + "-checkpoints"))
         _store(entry, model, info)
-    meta = {**model_meta(model_dir), "vision_pretrained": True, "pretrained_from": str(model_dir),
-            "pretrain": asdict(cfg), "cache_key": key, **info}
+    meta = {**model_meta(model_dir), "vision_pretrained": True, "pretrain": asdict(cfg), "cache_key": key,
+            "pretrained_from": relative_path(model_dir, out_dir), **info}
     save(model, processor, out_dir, meta=meta)
     return {"cache": "hit" if hit else "miss", "cache_key": key, **info}
 

@@ -78,12 +78,6 @@ def tag_response_ids(processor: ProcessorMixin, response: str) -> TaggedResponse
     return TaggedResponse(ids, tags, kinds)
 
 
-def tag_count(response: str) -> int:
-    """How many tags a response's structure calls for (step ends and answer ends are special
-    tokens, so counting them in text counts them in ids)."""
-    return response.count(STEP_END) + response.count(ANSWER_END)
-
-
 def encode_prm_example(processor: ProcessorMixin, record: dict, response: str,
                        targets: list[float | None] | None = None,
                        next_token_labels: bool = False) -> dict[str, torch.Tensor]:

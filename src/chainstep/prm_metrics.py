@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .prm import PRM
-from .records import JsonlWriter, by_sample
+from .records import JsonlWriter, by_sample, family_of
 from .steps import parse, parses
 
 
@@ -34,7 +34,7 @@ def evaluate_prm(prm: PRM, rows: list[dict]) -> dict:
     each question is.
     """
     scores = prm.score(rows, [r["response"] for r in rows])
-    families = {r["question_id"]: r.get("family") or r.get("meta", {}).get("family") or "all" for r in rows}
+    families = {r["question_id"]: family_of(r) for r in rows}
     step_p, step_y, first_hits, by_question, parsed = [], [], [], {}, {}
     for row, s in zip(rows, scores):
         labels = row["labels"][:len(s.steps)]

@@ -20,16 +20,17 @@ from transformers import ProcessorMixin, set_seed
 from .config import PRMConfig
 from .errors import ChainstepError
 from .inputs import collate
+from .layout import relative_path
 from .prm import (
     encode_prm_example,
     hidden_states,
     judge_logits,
     marker_ids,
-    tag_count,
     tag_ids,
     token_logprobs,
 )
 from .records import by_sample, read_jsonl
+from .steps import tag_count
 from .training import ResumableTrainer, fit, prepare_model, training_arguments
 
 console = Console(stderr=True)
@@ -134,6 +135,6 @@ def train_prm(model_dir: str | Path, labels_path: str | Path, out_dir: str | Pat
                          label_ids=tag_ids(processor)[1:], head=cfg.head, markers=marker_ids(processor),
                          label_weight=cfg.label_weight if likelihood else 1.0)
     fit(trainer, cfg, processor, model_dir, out_dir,
-        {"role": "prm", "labels": str(labels_path), "chains": len(rows), "malformed_chains": len(malformed),
-         "prm": asdict(cfg)})
+        {"role": "prm", "labels": relative_path(labels_path, out_dir), "chains": len(rows),
+         "malformed_chains": len(malformed), "prm": asdict(cfg)})
     return out_dir

@@ -160,3 +160,20 @@ def by_sample(rows: list[dict]) -> dict[str, dict[str, dict]]:
     for row in rows:
         out.setdefault(row["sample_id"], {})[row["source"]] = row
     return out
+
+
+def replace_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
+    """Write `records` as the whole of `path`, atomically: a kill leaves the old file or the new
+    one, never a mix (files rewritten whole, as pairs and rejects are)."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    with JsonlWriter(tmp) as writer:
+        writer.write_all(records)
+    tmp.replace(path)
+    return path
+
+
+def family_of(record: dict) -> str:
+    """A record's family: the synthetic suite's task family, a benchmark's category or name."""
+    return record.get("family") or record.get("meta", {}).get("family") or record.get("source") or "all"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from .layout import RunLayout
 from .records import iter_jsonl, load_tasks
 
 MODEL_ORDER = ("base", "sft", "dpo-r1", "dpo-r2", "dpo-r3", "rft", "grpo-prm", "grpo-outcome",
@@ -135,9 +136,8 @@ def _image_url(path: str) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def _traces(run_dir: Path, model: str, split: str, per_family: int = 2) -> list[dict]:
-    preds_path = run_dir / "eval" / f"{model}-{split}.jsonl"
-    tasks_path = run_dir / "tasks" / f"{split}.jsonl"
+def _traces(run: RunLayout, model: str, split: str, per_family: int = 2) -> list[dict]:
+    preds_path, tasks_path = run.predictions(model, split), run.split(split)
     if not preds_path.exists() or not tasks_path.exists():
         return []
     tasks = {t["id"]: t for t in load_tasks(tasks_path)}
@@ -152,8 +152,8 @@ def _traces(run_dir: Path, model: str, split: str, per_family: int = 2) -> list[
     return traces
 
 
-def _prm_traces(run_dir: Path) -> list[dict]:
-    path = run_dir / "eval" / "prm-traces.jsonl"
+def _prm_traces(run: RunLayout) -> list[dict]:
+    path = run.traces
     if not path.exists():
         return []
     return [{**t, "image": _image_url(t["image"])} for t in iter_jsonl(path) if Path(t["image"]).exists()]
@@ -179,15 +179,16 @@ def benchmark_section(results: list[dict]) -> dict:
 
 
 def write_report(run_dir: str | Path, split: str = "test") -> Path:
-    run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run = RunLayout(run_dir)
+    run_dir = run.root
+    metrics = json.loads(run.metrics.read_text())
     greedy_rows = {r["model"]: r for r in metrics["results"] if r["split"] == split
                    and r["strategy"] == "greedy"}
     rows = sorted((r for name, r in greedy_rows.items() if not name.startswith(ABLATION_PREFIX)),
                   key=lambda r: _order(r["model"]))
     families = sorted({f for r in rows for f in r["per_family"]})
     timings = [(p.stem, json.loads(p.read_text()).get("seconds", 0))
-               for p in sorted((run_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime)]
+               for p in sorted(run.stages.glob("*.json"), key=lambda p: p.stat().st_mtime)]
     env = Environment(loader=PackageLoader("chainstep", "templates"),
                       autoescape=select_autoescape(["html", "j2"]))
     search = metrics.get("search", {})
@@ -198,7 +199,7 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
                        if r["strategy"] == "beam" and r["model"] != "sft"), None)
     greedy = next((r for r in metrics["results"] if r["split"] == search.get("split")
                    and r["strategy"] == "greedy" and r["model"] == "sft"), None)
-    prm_traces = _prm_traces(run_dir)
+    prm_traces = _prm_traces(run)
     trace_model = "sft" if any(r["model"] == "sft" for r in rows) else (rows[0]["model"] if rows else "")
     html = env.get_template("report.html.j2").render(
         run_name=run_dir.name, run_dir=str(run_dir), split=split, table=rows, families=families,
@@ -206,12 +207,11 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
         comparisons=[c for c in metrics.get("comparisons", []) if c.get("split", split) == split],
         timings=timings, total_seconds=sum(s for _, s in timings),
         plot=accuracy_plot(rows, families) if rows else None,
-        trace_model=trace_model, traces=_traces(run_dir, trace_model, split),
+        trace_model=trace_model, traces=_traces(run, trace_model, split),
         prm=metrics.get("prm"), search=search, search_rows=search_rows, greedy=greedy,
         scaling=scaling_plot(search_rows, greedy and greedy["accuracy"]) if search_rows else None,
         prm_traces=prm_traces, colour=_score_colour, pct=_pct, ci=_ci, final_beam=final_beam,
         **_dpo_sections(metrics, greedy_rows), **benchmark_section(metrics["results"]),
     )
-    path = run_dir / "report.html"
-    path.write_text(html)
-    return path
+    run.report.write_text(html)
+    return run.report

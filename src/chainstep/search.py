@@ -15,15 +15,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from .answers import normalize
-from .config import SearchConfig
+from .config import DEFAULT_SEARCH_TEMPERATURE, STRATEGIES, SearchConfig, check_strategy
 from .errors import ChainstepError
 from .evaluate import response_row, sample_responses, summarize
 from .prm import PRM
-from .records import JsonlWriter
+from .records import replace_jsonl
 from .sampling import Generation, Policy, SamplingParams
 from .steps import ANSWER_END, STEP_END, leading_steps, parses
-
-STRATEGIES = ("greedy", "sc", "bon", "weighted", "beam", "pass")
 
 
 def _answer_key(row: dict) -> str | None:
@@ -79,7 +77,7 @@ def select(strategy: str, rows: list[dict], scores: list[float] | None = None) -
 
 
 def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int = 1,
-                temperature: float = 1.0, step_tokens: int = 96, max_steps: int = 10,
+                temperature: float = DEFAULT_SEARCH_TEMPERATURE, step_tokens: int = 96, max_steps: int = 10,
                 seed: int | None = None, extractor=None) -> tuple[list[dict], dict]:
     """Step-level beam search; returns graded rows (one per record) and its compute."""
     if n < keep:
@@ -214,9 +212,7 @@ def evaluate_search(policy: Policy, prm: PRM, records: list[dict], cfg: SearchCo
         path = out_dir / f"{model}-{split}-beam{n}.jsonl"
         preds, compute = beam_search(policy, prm, records, n, cfg.keep, temperature, cfg.step_tokens,
                                      cfg.max_steps, seed)
-        with JsonlWriter(path.with_suffix(".tmp")) as writer:
-            writer.write_all(preds)
-        path.with_suffix(".tmp").replace(path)
+        replace_jsonl(path, preds)
         results.append({**summarize(preds, model, "beam", n, split), **compute,
                         "temperature": temperature})
         if n == max(cfg.beam_ns):
@@ -237,14 +233,14 @@ def _compute(preds: list[dict], wall_s: float, estimated: bool) -> dict:
 
 
 def search_predictions(strategy: str, policy: Policy, records: list[dict], n: int, out_dir: Path,
-                       name: str, split: str, prm: PRM | None = None, temperature: float = 1.0,
-                       max_tokens: int = 256, cfg: SearchConfig | None = None,
-                       seed: int = 0, extractor=None) -> tuple[list[dict], dict]:
+                       name: str, split: str, prm: PRM | None = None,
+                       temperature: float = DEFAULT_SEARCH_TEMPERATURE, max_tokens: int = 256,
+                       cfg: SearchConfig | None = None, seed: int = 0,
+                       extractor=None) -> tuple[list[dict], dict]:
     """One strategy at one N (what `chainstep eval --strategy S --n N` runs): predictions and compute.
     `extractor` (benchmarks only) reads answers the rules cannot, before voting or selection."""
     cfg = cfg or SearchConfig()
-    if strategy in ("bon", "weighted", "beam") and prm is None:
-        raise ChainstepError(f"--strategy {strategy} needs a PRM (--prm DIR)")
+    check_strategy(strategy, prm is not None)
     if strategy == "beam":
         return beam_search(policy, prm, records, n, cfg.keep, temperature, cfg.step_tokens,
                            cfg.max_steps, seed, extractor)

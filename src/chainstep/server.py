@@ -35,6 +35,7 @@ from typing import Literal
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from .config import VERIFIER_STRATEGIES, check_strategy
 from .errors import ChainstepError
 from .inputs import encode_prompt
 from .prm import PRM
@@ -318,9 +319,10 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
             raise RequestError(404, f"model {req.model!r} is not served here; this server has {name!r}",
                                "model_not_found")
         search = req.chainstep or SearchOptions()
-        if search.strategy in ("bon", "weighted", "beam") and prm is None:
-            raise RequestError(400, f"strategy {search.strategy!r} needs a PRM: start the server "
-                                    "with --prm DIR")
+        try:
+            check_strategy(search.strategy, prm is not None)
+        except ChainstepError as err:
+            raise RequestError(400, f"{err}: start the server with one") from None
         if search.strategy != "greedy" and req.n != 1:
             raise RequestError(400, "with a search strategy, set chainstep.n (the search width) and n=1")
         if search.scores and prm is None:
@@ -347,7 +349,7 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
 
     def _scorer(search: SearchOptions) -> PRM | None:
         """The PRM runs only where it is asked for, or where the strategy ranks by it anyway."""
-        return prm if search.scores or search.strategy in ("bon", "weighted", "beam") else None
+        return prm if search.scores or search.strategy in VERIFIER_STRATEGIES else None
 
     async def _complete(record: dict, params: SamplingParams, search: SearchOptions):
         if search.strategy == "greedy":

@@ -244,3 +244,9 @@ ERROR_CODES: tuple[str, ...] = (
     "special_token_in_field", "missing_step_end", "missing_reasoning_end", "missing_answer",
     "unclosed_answer", "empty_answer", "text_after_answer",
 )
+
+
+def tag_count(response: str) -> int:
+    """How many step tags a response's structure calls for: one after every step end and answer
+    end (both are special tokens, so counting them in text counts them in ids)."""
+    return response.count(STEP_END) + response.count(ANSWER_END)

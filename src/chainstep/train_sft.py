@@ -18,6 +18,7 @@ from transformers import set_seed
 from .config import SFTConfig, TrainConfig
 from .errors import ChainstepError
 from .inputs import SFTCollator
+from .layout import relative_path
 from .records import read_jsonl
 from .training import ResumableTrainer, fit, prepare_model, training_arguments
 
@@ -29,7 +30,8 @@ def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
     rows = read_jsonl(data_path, required=("id", "image", "question", "response"))
     if not rows:
         raise ChainstepError(f"{data_path} holds no training rows")
-    return fit_rows(model_dir, rows, out_dir, cfg, {"data": str(data_path), "sft": asdict(cfg)})
+    meta = {"data": relative_path(data_path, out_dir), "sft": asdict(cfg)}
+    return fit_rows(model_dir, rows, out_dir, cfg, meta)
 
 
 def fit_rows(model_dir: str | Path, rows: list[dict], out_dir: str | Path, cfg: TrainConfig,

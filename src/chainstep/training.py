@@ -17,6 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import TrainConfig
+from .layout import relative_path
 from .models import load, save
 
 console = Console(stderr=True)
@@ -180,7 +181,7 @@ def fit(trainer: ResumableTrainer, cfg: TrainConfig, processor, model_dir: Path,
     return save(model, processor, out_dir, meta={
         "weights_changed": changed,
         "from_scratch": not _is_pretrained(model_dir), "vision_pretrained": _sees(model_dir),
-        "trained_from": str(model_dir), **meta,
+        "trained_from": relative_path(model_dir, out_dir), **meta,
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": last,

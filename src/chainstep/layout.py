@@ -1,0 +1,96 @@
+"""The layout of a run directory: every path and file name a run writes, in one place, and the
+lock a run holds on the directory while it writes there.
+
+    runs/x/
+      config.json, config.yaml   the resolved config (a resume must match it)
+      tasks/{split}.jsonl        task records (images beside them)
+      data/                      teacher data, sampled chains, step labels, DPO samples/pairs/stats
+      models/{name}/             every model, with its chainstep.json summary
+      eval/{model}-{split}.jsonl predictions; search samples; PRM traces
+      stages/{stage}.json        a finished stage's marker and summary
+      metrics.json, report.html  results
+
+Paths recorded inside the run (model summaries, stage stats) are relative, so a run directory
+moved or copied elsewhere still reports, evaluates and resumes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ChainstepError
+
+
+class RunLayout:
+    """Paths of one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.tasks, self.data = self.root / "tasks", self.root / "data"
+        self.models, self.eval, self.stages = self.root / "models", self.root / "eval", self.root / "stages"
+        self.metrics, self.report = self.root / "metrics.json", self.root / "report.html"
+        self.config_json, self.config_yaml = self.root / "config.json", self.root / "config.yaml"
+        self.lock_file = self.root / ".lock"
+        self.traces = self.eval / "prm-traces.jsonl"
+
+    def split(self, name: str) -> Path:
+        return self.tasks / f"{name}.jsonl"
+
+    def model(self, name: str) -> Path:
+        return self.models / name
+
+    def predictions(self, model: str, split: str) -> Path:
+        return self.eval / f"{model}-{split}.jsonl"
+
+    def samples(self, split: str) -> Path:
+        """Policy chains sampled for the PRM's labels (train) and its evaluation (val)."""
+        return self.data / f"samples-{split}.jsonl"
+
+    def labels(self, split: str) -> Path:
+        return self.data / ("prm_labels.jsonl" if split == "train" else f"prm_labels-{split}.jsonl")
+
+    def round_file(self, name: str, kind: str) -> Path:
+        """A DPO round's `samples` / `pairs` (JSONL) or `stats` (JSON)."""
+        return self.data / f"{name}-{kind}.{'json' if kind == 'stats' else 'jsonl'}"
+
+    def stage_marker(self, stage: str) -> Path:
+        return self.stages / f"{stage}.json"
+
+    def relative(self, path: str | Path) -> str:
+        """`path` as recorded inside the run: relative to its root."""
+        return relative_path(path, self.root)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the directory for one run: a second process that asks while it is held is refused
+        at once, in one line naming the holder. The OS releases the lock when its holder dies, so
+        a killed run leaves nothing to clean up."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.lock_file.read_text().strip() or "another process"
+            os.close(fd)
+            raise ChainstepError(f"{self.root} is in use by another run ({holder}); wait for it to "
+                                 "finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def relative_path(path: str | Path, start: str | Path) -> str:
+    """`path` relative to the directory `start`, as files that refer to each other record it."""
+    return os.path.relpath(Path(path).resolve(), Path(start).resolve())

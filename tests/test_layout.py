@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from chainstep.cli import app
+from chainstep.errors import ChainstepError
+from chainstep.layout import RunLayout, relative_path
+
+HOLD = "import sys, time; from chainstep.layout import RunLayout\nwith RunLayout(sys.argv[1]).lock():\n" \
+       "    print('held', flush=True); time.sleep(60)"
+
+
+def test_a_second_run_on_a_held_directory_refuses_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(app, ["run", "--quick", "--out", str(out)])
+        assert result.exit_code == 1
+        message = str(result.exception)
+        assert "in use by another run" in message and f"pid {holder.pid}" in message and "\n" not in message
+        assert not (out / "config.json").exists()  # refused before touching anything
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLayout(out).lock():  # the OS released the dead holder's lock
+        with pytest.raises(ChainstepError, match="in use by another run"):
+            with RunLayout(out).lock():
+                pass
+
+
+def test_paths_are_recorded_relative_to_where_they_are_read(tmp_path):
+    run = RunLayout(tmp_path / "run")
+    assert run.relative(run.model("sft")) == "models/sft"
+    assert relative_path(run.model("sft"), run.model("dpo-r1")) == "../sft"
+    assert run.labels("train").name == "prm_labels.jsonl" and run.labels("val").name == "prm_labels-val.jsonl"
+    assert run.round_file("dpo-r1", "stats").name == "dpo-r1-stats.json"
+    assert run.predictions("sft", "val").name == "sft-val.jsonl"
