@@ -63,3 +63,14 @@ def test_config_files_are_typed_too(tmp_path):
         load_config(path)
     path.write_text("sft:\n  learning_rate: 1e-3\n")
     assert load_config(path).sft.learning_rate == 1e-3
+
+
+@pytest.mark.parametrize("module", ["chainstep.config", "chainstep.grading", "chainstep.scoring"])
+def test_reading_a_config_or_grading_loads_no_trainer(module):
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module}; print(sorted(m for m in ('torch', 'trl', 'transformers', 'peft') "
+            "if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

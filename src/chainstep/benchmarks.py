@@ -4,7 +4,7 @@
     score("mathvista", response_text, records[0])           # -> 1.0 or 0.0
 
 A response is scored in two stages. First the text a benchmark rule should see: the answer span
-of a step-format response (a response that starts a chain but does not parse is wrong, DESIGN.md
+of a step-format response (a response that starts a chain but does not parse is wrong, docs/design.md
 §1), or the whole text of a free-form response from a baseline model. Then the benchmark's own rule,
 re-implemented from its official scorer and checked against that scorer's verdicts on real
 responses (`tests/test_benchmarks.py`):
@@ -483,7 +483,7 @@ class LLMExtractor:
 
 
 def load(name: str, path: str | Path, image_dir: str | Path | None = None) -> list[dict]:
-    """Task records (DESIGN.md §3) from a benchmark's files.
+    """Task records (docs/design.md §2) from a benchmark's files.
 
     `path` is a file (parquet, JSON, JSONL or VLMEvalKit TSV) or a folder searched for the layouts
     the publishers ship. Images stored inside the files (parquet bytes, TSV base64) are written

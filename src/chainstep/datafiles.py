@@ -101,7 +101,7 @@ TASK_COLUMNS = ("id", "image", "question", "answer", "options")
 
 def load_inputs(path: str | Path, columns: dict[str, str] | None = None,
                 image_dir: str | Path | None = None) -> list[dict]:
-    """Task records (DESIGN.md §3) for the teacher from data made elsewhere: our own task JSONL, a
+    """Task records (docs/design.md §2) for the teacher from data made elsewhere: our own task JSONL, a
     LLaVA / ShareGPT conversation JSON (the first human turn is the question, the first model turn
     the answer), or a Hugging Face datasets file (parquet, JSON, JSONL) whose image, question and
     answer columns `columns` renames, e.g. {"question": "query", "answer": "label"}."""

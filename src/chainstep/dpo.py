@@ -34,7 +34,7 @@ from .inputs import collate, encode_example
 from .layout import RunLayout, relative_path
 from .models import load
 from .prm import PRM
-from .records import read_jsonl, replace_jsonl
+from .records import mean_of, read_jsonl, replace_jsonl
 from .sampling import Policy, SamplingParams
 from .train_sft import fit_rows
 from .training import ResumeWeights, fit, prepare_model, training_kwargs, weights_digest
@@ -92,8 +92,7 @@ def build_pairs(rows: list[dict], scores: list[float], threshold: float,
 def pair_stats(pairs: list[dict], questions: int) -> dict:
     """What the log and report show about a round's pairs."""
     def mean(key):
-        values = [p[key] for p in pairs if p.get(key) is not None]
-        return sum(values) / len(values) if values else None
+        return mean_of(p.get(key) for p in pairs)
 
     return {"pairs": len(pairs), "questions": questions,
             "questions_with_pairs": len({p["question_id"] for p in pairs}),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import ChainstepError
 from .grading import grade_response
-from .records import JsonlWriter, family_of, iter_jsonl, settings_path
+from .records import JsonlWriter, family_of, iter_jsonl, mean_of, settings_path
 from .sampling import Generation, Policy, SamplingParams
 
 Z95 = 1.959963984540054
@@ -40,14 +40,14 @@ def sample_stats(rows: list[dict]) -> dict:
     """What a stage reports about the chains it sampled: how many, how many right and parsed,
     and on how many the step grammar had to act."""
     def mean(values) -> float | None:
-        values = list(values)
-        return round(sum(values) / len(values), 4) if values else None
+        value = mean_of(values)
+        return None if value is None else round(value, 4)
 
     return {"chains": len(rows), "correct": mean(r["correct"] for r in rows),
             "parsed": mean(r["parsed"] for r in rows),
             "grammar_acted": mean(r.get("grammar_interventions", 0) > 0 for r in rows),
             "tokens": mean(r["tokens"] for r in rows),
-            "steps": mean(r["steps"] for r in rows if r["steps"] is not None)}
+            "steps": mean(r["steps"] for r in rows)}
 
 
 def generation_settings(policy: Policy, params: SamplingParams, style: str, extractor=None) -> dict:

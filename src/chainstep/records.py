@@ -120,7 +120,7 @@ class JsonlWriter:
 
 
 def load_tasks(path: str | Path) -> list[dict]:
-    """Task records (DESIGN.md §3)."""
+    """Task records (docs/design.md §2)."""
     path = Path(path)
     records = read_jsonl(path, required=TASK_FIELDS)
     for number, record in enumerate(records, start=1):
@@ -177,3 +177,10 @@ def replace_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
 def family_of(record: dict) -> str:
     """A record's family: the synthetic suite's task family, a benchmark's category or name."""
     return record.get("family") or record.get("meta", {}).get("family") or record.get("source") or "all"
+
+
+def mean_of(values: Iterable) -> float | None:
+    """The mean of the values that are not None; None when there are none (not a 0.0 that reads
+    as a result)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None

@@ -1,4 +1,4 @@
-"""The chain-of-step text format: the contract every stage reads and writes (DESIGN.md §1).
+"""The chain-of-step text format: the contract every stage reads and writes (docs/design.md §1).
 
 A chain is a list of steps (name, thought, reflection) and an answer. `render` writes the
 byte-exact text a policy is trained on; `parse` reads it back strictly, so a malformed model

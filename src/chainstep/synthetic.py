@@ -5,7 +5,7 @@ facts off the image and combine them. Every record keeps its scene and the groun
 of every step in `meta`, so the programmatic teacher can write chains and a judge can check them.
 
 Step facts name the quantity before its value ("Blue shapes: 3"): a tiny model only learns to
-read a value once the words saying what is read come first (NOTES.md).
+read a value once the words saying what is read come first (docs/findings.md).
 
     chainstep tasks make --out tasks/ --train 2000 --val 200 --test 300
 """
