@@ -131,7 +131,7 @@ def test_train_dpo_moves_the_policy_towards_chosen(sft_model_dir, train_records,
     cfg = DPOConfig(max_steps=5, epochs=3, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=100)
     out = train_dpo(sft_model_dir, path, {r["id"]: r for r in records}, tmp_path / "dpo", cfg)
     meta = json.loads((out / "chainstep.json").read_text())
-    assert meta["num_pairs"] == 4 and meta["trained_from"] == str(sft_model_dir)
+    assert meta["num_pairs"] == 4 and (out / meta["trained_from"]).resolve() == sft_model_dir.resolve()
     assert meta["train_loss_last"] < meta["train_loss_first"]
     assert meta["dpo"]["max_steps"] == 3  # 3 epochs of 4 pairs at batch 4 come before 5 steps
     before, processor = load(sft_model_dir)
@@ -218,7 +218,8 @@ def test_every_round_restarts_from_sft_and_samples_the_latest_policy(sft_model_d
         assert stats[name]["trained"] and stats[name]["pairs"] == 4
         assert stats[name]["chosen_correct"] == 1 and stats[name]["rejected_correct"] == 0
         meta = json.loads((tmp_path / "models" / name / "chainstep.json").read_text())
-        assert meta["trained_from"] == str(sft_model_dir)  # policy and reference reset to SFT
+        start = (tmp_path / "models" / name / meta["trained_from"]).resolve()
+        assert start == sft_model_dir.resolve()  # policy and reference reset to SFT
     weights = tmp_path / "models" / "dpo-r2" / "model.safetensors"
     stamp = weights.stat().st_mtime
     again = iterative_dpo(sft_model_dir, None, records, tmp_path, cfg, batch_size=16)

@@ -141,7 +141,7 @@ def pretrain_perception(r: Run) -> dict:
 
 
 def _start_model(r: Run) -> Path:
-    return r.models / ("pretrained" if _pretrains(r.cfg) else "init")
+    return r.paths.model("pretrained" if _pretrains(r.cfg) else "init")
 
 
 def _train(r: Run, name: str, sft_cfg) -> dict:
