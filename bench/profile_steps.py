@@ -22,12 +22,14 @@ from rich.console import Console
 from rich.table import Table
 
 from chainstep import models
+from chainstep.config import SFTConfig
 from chainstep.construct import construct
 from chainstep.inputs import SFTCollator
 from chainstep.records import load_tasks, read_jsonl
 from chainstep.sampling import Policy, SamplingParams
 from chainstep.synthetic import SuiteConfig, make_tasks
 from chainstep.teacher import ProgrammaticTeacher
+from chainstep.training import prepare_model
 
 console = Console()
 
@@ -46,7 +48,7 @@ def _setup(run: Path | None, work: Path):
 
 
 def profile_sft(model_dir: Path, rows: list[dict], steps: int, batch_size: int, bf16: bool) -> dict:
-    model, processor = models.load(model_dir)
+    model, processor = prepare_model(model_dir, SFTConfig())  # as training prepares it: tower frozen
     model.train()
     collator = SFTCollator(processor, 1024)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
