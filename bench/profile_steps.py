@@ -122,12 +122,13 @@ def main() -> None:
                for precision in ("fp32", "bf16")}
         gen = profile_generation(model_dir, records[:args.gen_batch], args.max_tokens)
     table = Table(title=f"SFT step, batch {args.batch}, mean of {args.steps} steps (ms)")
-    for column in ("precision", "batch", "forward", "backward", "optimizer", "total"):
+    for column in ("precision", "batch", "forward", "backward", "optimizer", "total", "tokens / s"):
         table.add_column(column)
     for precision, result in sft.items():
         parts = {k: 1000 * v / result["steps"] for k, v in result["parts"].items()}
+        read = result["counts"]["positions"] - result["counts"]["padding"]  # tokens the model reads
         table.add_row(precision, *(f"{parts[k]:.0f}" for k in ("batch", "forward", "backward", "optimizer")),
-                      f"{sum(parts.values()):.0f}")
+                      f"{sum(parts.values()):.0f}", f"{read / sum(result['parts'].values()):.0f}")
     console.print(table)
     counts, steps = sft["fp32"]["counts"], sft["fp32"]["steps"]
     shares = ", ".join(f"{k} {v / steps:.0f} ({100 * v / counts['positions']:.0f}%)"

@@ -23,7 +23,7 @@ from chainstep.inputs import encode_example
 from chainstep.models import load
 from chainstep.prm import PRM
 from chainstep.records import replace_jsonl
-from chainstep.steps import Chain, Step, render
+from chainstep.steps import Chain, Step, parse, render
 
 
 def _row(qid, j, correct=False, text=None, tokens=10, parsed=True):
@@ -265,3 +265,45 @@ def test_two_process_ddp_step(sft_model_dir, suite_dir, train_records, tmp_path)
     assert meta["world_size"] == 2
     model, _ = load(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_step_pairs_part_at_the_first_wrong_step_and_train_on_what_differs(train_records, tiny_model_dir):
+    import random
+
+    from chainstep.dpo import PreferenceCollator, step_pairs
+    from chainstep.perturb import perturb
+    from chainstep.teacher import ProgrammaticTeacher
+
+    records, rows = {}, []
+    for record in train_records[:12]:
+        chain = ProgrammaticTeacher().chain(record)
+        wrong = perturb(record, chain, random.Random(record["id"]))
+        if wrong.chain.answer == chain.answer:
+            continue
+        records[record["id"]] = record
+        rows += [{"id": f"{record['id']}#0", "question_id": record["id"], "response": render(chain),
+                  "correct": True, "steps_right": True, "parsed": True, "tokens": 1, "first": None},
+                 {"id": f"{record['id']}#1", "question_id": record["id"], "response": render(wrong.chain),
+                  "correct": False, "steps_right": False, "parsed": True, "tokens": 1,
+                  "first": wrong.first_error}]
+    pairs = step_pairs(rows, records)
+    assert len(pairs) == len(records) >= 4
+    firsts = {r["question_id"]: r["first"] for r in rows if r["first"] is not None}
+    for pair in pairs:
+        assert pair["step"] == firsts[pair["question_id"]]  # where the error was put in
+        assert pair["prefix"].count("<|reasoning_step_end|>") == pair["step"]
+        assert pair["chosen"] != pair["rejected"] and parse(pair["prefix"] + pair["chosen"])
+    assert step_pairs([{**r, "correct": True} for r in rows], records) == []  # nothing wrong to pair
+
+    pair = max(pairs, key=lambda p: p["step"])
+    row = {"record": json.dumps(records[pair["question_id"]]), "prefix": pair["prefix"],
+           "chosen": pair["chosen"], "rejected": pair["rejected"]}
+    processor = load(tiny_model_dir("llava"))[1]
+    batch = PreferenceCollator(processor)([row])
+    tok = processor.tokenizer
+    for i, side in enumerate(("chosen", "rejected")):
+        marked = batch["completion_mask"][i].bool()
+        want = tok(pair[side], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert batch["input_ids"][i][marked].tolist() == want  # the shared steps read as prompt
+    with pytest.raises(ChainstepError, match="pair_source=verified"):
+        DPOConfig(pairs="step", pair_source="prm")

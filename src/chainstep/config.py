@@ -188,6 +188,7 @@ class DPOConfig(TrainConfig):
     ablation: tuple[str, ...] = ("outcome", "verified", "prm_answer")  # sources also tried in round 1
     threshold: float = 0.05  # minimum score gap between chosen and rejected
     pairs_per_question: int = 2  # i-th best vs i-th worst, while the gap holds
+    pairs: str = "chain"  # chain: whole chains; step: at the first wrong step, shared steps as prompt
     min_pairs: int = 8  # fewer is too little to change the model: the round trains nothing, says so
     beta: float = 0.1
     sft_weight: float = 1.0  # NLL on the chosen chain (TRL loss_type ["sigmoid", "sft"])
@@ -203,6 +204,10 @@ class DPOConfig(TrainConfig):
         super().__post_init__()
         if any(s not in PAIR_SOURCES for s in (self.pair_source, *self.ablation)):
             raise ChainstepError(f"dpo.pair_source and dpo.ablation must be among {PAIR_SOURCES}")
+        if self.pairs not in ("chain", "step"):
+            raise ChainstepError(f"dpo.pairs={self.pairs!r} must be chain or step")
+        if self.pairs == "step" and self.pair_source != "verified":
+            raise ChainstepError("dpo.pairs=step ranks chains by step truth: set dpo.pair_source=verified")
         if self.rounds < 1 or self.samples < 2:
             raise ChainstepError("dpo.rounds must be >= 1 and dpo.samples >= 2 (pairs need two chains)")
         if self.epochs <= 0:

@@ -31,11 +31,13 @@ from .config import GROUND_TRUTH, DPOConfig
 from .errors import ChainstepError
 from .evaluate import sample_responses, sample_stats
 from .inputs import collate, encode_example
+from .judge import ProgrammaticJudge
 from .layout import RunLayout, relative_path
 from .models import load
 from .prm import PRM
 from .records import mean_of, read_jsonl, replace_jsonl
 from .sampling import Policy, SamplingParams
+from .steps import REASONING_START, STEP_END, parse
 from .train_sft import fit_rows
 from .training import ResumeWeights, fit, prepare_model, training_kwargs, weights_digest
 
@@ -43,8 +45,8 @@ console = Console(stderr=True)
 
 
 def sample_scores(rows: list[dict], records: list[dict], source: str, prm: PRM | None) -> list[float]:
-    """One score per sampled chain: the PRM chain score (its `scoring` rule), the PRM answer score alone, the
-    ground-truth outcome (1 right, 0 wrong), or `verified`: 1 for a right answer reached by a
+    """One score per sampled chain: the PRM chain score (its `scoring` rule), the PRM answer score
+    alone, the ground-truth outcome (1 right, 0 wrong), or `verified`: 1 for a right answer reached by a
     chain the grader finds right in every step (the step-level ground truth; records without
     step facts fall back to the answer). Outcome counts a lucky guess as right: at T = 1 most
     right answers of the exact-value families come after a wrong step (docs/findings.md)."""
@@ -111,9 +113,68 @@ def pair_scoring(source: str, prm: PRM | None) -> dict:
     return {"source": source, **rule.describe()}
 
 
+def step_pairs(rows: list[dict], records: dict[str, dict], pairs_per_question: int = 2) -> list[dict]:
+    """Step-level pairs: a wrong chain (a wrong answer, or a right one reached through a wrong
+    step: the lucky guess outcome pairs reward), cut before its first wrong step (the answer,
+    when every step is right), against a chain of the same question right in every step whose
+    steps up to the cut say the same (name and thought; reflections may differ). The wrong
+    chain's steps before the cut become part of the prompt (`prefix`); chosen is the right
+    chain's text from that step on, rejected the wrong chain's. So the preference and its NLL
+    term read only where the chains differ. Needs step facts (the synthetic suite)."""
+    judge = ProgrammaticJudge()
+    by_question: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("parsed"):
+            by_question.setdefault(row["question_id"], []).append(row)
+    pairs = []
+    for qid, group in by_question.items():
+        record = records[qid]
+        if not record.get("meta", {}).get("steps"):
+            continue
+        right = [(r, parse(r["response"]).steps) for r in group if r["correct"] and r.get("steps_right")]
+        found = 0
+        for wrong in (r for r in group if not (r["correct"] and r.get("steps_right"))):
+            chain = parse(wrong["response"])
+            ratings = judge.rate(record, chain)
+            first_bad = next((i for i, rating in enumerate(ratings) if rating == "bad"), len(chain.steps))
+            match = next((r for r, steps in right if _shared_steps(steps, chain.steps) >= first_bad
+                          and len(steps) >= first_bad), None)
+            if match is None:
+                continue
+            cut = _step_boundary(wrong["response"], first_bad)
+            chosen = match["response"][_step_boundary(match["response"], first_bad):]
+            if chosen == wrong["response"][cut:]:
+                continue
+            pairs.append({"id": f"{qid}#s{found}", "question_id": qid, "prefix": wrong["response"][:cut],
+                          "step": first_bad, "chosen": chosen, "rejected": wrong["response"][cut:],
+                          "chosen_id": match["id"], "rejected_id": wrong["id"], "chosen_score": 1.0,
+                          "rejected_score": 0.0, "chosen_correct": True, "rejected_correct": wrong["correct"],
+                          "chosen_steps_right": True, "rejected_steps_right": wrong.get("steps_right"),
+                          "chosen_tokens": match["tokens"], "rejected_tokens": wrong["tokens"]})
+            found += 1
+            if found == pairs_per_question:
+                break
+    return pairs
+
+
+def _shared_steps(a, b) -> int:
+    """How many leading steps two chains state alike (name and thought)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if (x.name, x.thought) != (y.name, y.thought)),
+                min(len(a), len(b)))
+
+
+def _step_boundary(text: str, steps: int) -> int:
+    """Where the text of the first `steps` steps ends (after their step-end line)."""
+    cut = text.index(REASONING_START) + len(REASONING_START) + 1
+    for _ in range(steps):
+        cut = text.index(STEP_END, cut) + len(STEP_END) + 1
+    return cut
+
+
 class PreferenceCollator:
     """[chosen..., rejected...] through the same encoder as SFT and generation, so the tokens
-    DPO trains on are exactly those the policy produces; `completion_mask` marks the response."""
+    DPO trains on are exactly those the policy produces; `completion_mask` marks the response,
+    less the `prefix` the two sides share (step-level pairs), which reads as prompt."""
 
     def __init__(self, processor: ProcessorMixin, max_length: int | None = None):
         self.processor, self.max_length = processor, max_length
@@ -121,11 +182,18 @@ class PreferenceCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         records = [json.loads(r["record"]) for r in rows]
-        examples = [encode_example(self.processor, rec, row[side], self.max_length)
-                    for side in ("chosen", "rejected") for rec, row in zip(records, rows)]
-        for e in examples:
-            e["completion_mask"] = e.pop("labels").ne(-100).long()
-        batch = collate(examples, self.processor.tokenizer.pad_token_id)
+        tok = self.processor.tokenizer
+        examples = []
+        for side in ("chosen", "rejected"):
+            for record, row in zip(records, rows):
+                example = encode_example(self.processor, record, row["prefix"] + row[side], self.max_length)
+                mask = example.pop("labels").ne(-100)
+                if row["prefix"]:
+                    start = int(mask.nonzero()[0])
+                    mask[start:start + len(tok(row["prefix"], add_special_tokens=False)["input_ids"])] = False
+                example["completion_mask"] = mask.long()
+                examples.append(example)
+        batch = collate(examples, tok.pad_token_id)
         self.examples_seen += len(rows)
         return batch
 
@@ -148,7 +216,7 @@ def train_dpo(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
     set_seed(cfg.seed)
     pairs = read_pairs(pairs_path, records)
     rows = [{"image": records[p["question_id"]]["image"], "record": json.dumps(records[p["question_id"]]),
-             "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+             "prefix": p.get("prefix", ""), "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
     cfg = round_schedule(cfg, len(pairs))
     model, processor = prepare_model(model_dir, cfg)
     ref = None if cfg.lora else load(model_dir)[0]
@@ -189,7 +257,8 @@ def train_rft(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
     learning rate and schedule DPO takes on the same pairs. What DPO gains over this is what
     the preference signal adds beyond more training on right chains."""
     pairs = read_pairs(pairs_path, records)
-    rows = [{**records[p["question_id"]], "id": p["id"], "response": p["chosen"]} for p in pairs]
+    rows = [{**records[p["question_id"]], "id": p["id"], "response": p.get("prefix", "") + p["chosen"]}
+            for p in pairs]
     cfg = round_schedule(cfg or DPOConfig(), len(pairs))
     return fit_rows(model_dir, rows, out_dir, cfg, {"pairs": relative_path(pairs_path, out_dir),
                                                     "num_pairs": len(pairs),
@@ -223,8 +292,11 @@ def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[di
     samples = sample_responses(Policy.from_dir(policy_dir, batch_size=batch_size), records,
                                samples_path, params)
     rows = [row for r in records for row in samples[r["id"]]]
-    pairs = build_pairs(rows, sample_scores(rows, records, cfg.pair_source, prm),
-                        cfg.threshold, cfg.pairs_per_question)
+    if cfg.pairs == "step":
+        pairs = step_pairs(rows, {r["id"]: r for r in records}, cfg.pairs_per_question)
+    else:
+        pairs = build_pairs(rows, sample_scores(rows, records, cfg.pair_source, prm),
+                            cfg.threshold, cfg.pairs_per_question)
     replace_jsonl(pairs_path, pairs)
     stats = pair_stats(pairs, len(records))
     stats["sampled"] = sample_stats(rows)
@@ -279,7 +351,8 @@ def pair_source_ablation(sft_dir: str | Path, prm_dir: str | Path | None, record
         name = f"dpo-r1-{source}"
         scorer = None if source in GROUND_TRUTH else prm
         stats[name] = _round_once(sft_dir, sft_dir, scorer, records, out, name,
-                                  replace(cfg, pair_source=source), batch_size, samples_name="dpo-r1")
+                                  replace(cfg, pair_source=source, pairs="chain"), batch_size,
+                                  samples_name="dpo-r1")
     return stats
 
 
