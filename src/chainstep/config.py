@@ -133,8 +133,8 @@ class PRMConfig(TrainConfig):
     bf16: bool = True  # autocast: faster on this CPU
     soft_labels: bool = False  # train on MC values instead of 0/1 (others truncate these silently)
     merge: str = "union"  # label sources: union (every labelled chain) or agree (steps both agree on)
-    step_weight: float = 0.2  # chain score = w * agg(steps) + (1 - w) * answer; the verifier keeps it
-    aggregate: str = "mean"  # mean, min, last or prod over step scores
+    step_weight: float = ChainScore.step_weight  # chain score = w * agg(steps) + (1 - w) * answer
+    aggregate: str = ChainScore.aggregate  # mean, min, last or prod; the trained verifier keeps both
 
     def __post_init__(self):
         super().__post_init__()
