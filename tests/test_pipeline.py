@@ -43,11 +43,12 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert len(metrics["search"]["step_weight_ablation"]) == 6
     scoring = {"step_weight": 0.4, "aggregate": "min", "source": "verifier"}
     assert metrics["search"]["scoring"] == scoring
-    assert all(s["scoring"] == {"source": "prm", **scoring} for s in metrics["dpo"]["rounds"].values())
-    assert metrics["dpo"]["ablation"]["dpo-r1-outcome"]["scoring"] == {"source": "outcome"}
+    assert all(s["scoring"] == {"pair_source": "prm", **scoring} for s in metrics["dpo"]["rounds"].values())
+    assert metrics["dpo"]["ablation"]["dpo-r1-outcome"]["scoring"] == {"pair_source": "outcome"}
     grpo = {run: json.loads((out / "models" / f"grpo-{run}" / "chainstep.json").read_text())["scoring"]
             for run in ("prm", "prm-step", "outcome")}
-    assert grpo == {"prm": scoring, "prm-step": scoring, "outcome": {"source": "outcome"}}
+    prm_reward = {"reward": "prm", **scoring}
+    assert grpo == {"prm": prm_reward, "prm-step": prm_reward, "outcome": {"reward": "outcome"}}
     html = (out / "report.html").read_text()
     assert "Table 1" in html and "sft" in html and "base" in html
     assert "Process reward model" in html and "accuracy against N" in html

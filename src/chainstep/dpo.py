@@ -108,9 +108,9 @@ def pair_stats(pairs: list[dict], questions: int) -> dict:
 def pair_scoring(source: str, prm: PRM | None) -> dict:
     """The rule a round ranked its chains by, for its stats."""
     if source in GROUND_TRUTH:
-        return {"source": source}
+        return {"pair_source": source}
     rule = prm.scoring if source == "prm" else prm.scoring.answer_only()
-    return {"source": source, **rule.describe()}
+    return {"pair_source": source, **rule.describe()}
 
 
 def step_pairs(rows: list[dict], records: dict[str, dict], pairs_per_question: int = 2) -> list[dict]:

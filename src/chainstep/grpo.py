@@ -147,9 +147,9 @@ def train_grpo(model_dir: str | Path, prm_dir: str | Path | None, records: list[
         if prm_dir is None:
             raise ChainstepError("grpo.reward=prm needs a PRM (--prm DIR)")
         main = PRMReward("prm", by_id, tok, PRM.from_dir(prm_dir, batch_size=batch_size))
-        scoring = main.prm.scoring.describe()
+        scoring = {"reward": "prm", **main.prm.scoring.describe()}
     else:
-        main, scoring = OutcomeReward("outcome", by_id, tok), {"source": "outcome"}
+        main, scoring = OutcomeReward("outcome", by_id, tok), {"reward": "outcome"}
     funcs = [main] + ([FormatReward("format", by_id, tok)] if cfg.format_weight else [])
     checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
     trainer = StepGRPOTrainer(
