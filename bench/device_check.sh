@@ -20,10 +20,10 @@ WHEELS=wheels
 LOGS="${OUT:-runs}/device"
 PARTS=(
   "versions|30|python -c 'import torch, transformers, trl; print(torch.__version__, torch.version.cuda, transformers.__version__, trl.__version__, torch.cuda.get_device_name(0))'"
-  "tests on CUDA|150|python -m pytest -q -x -m 'not slow' tests/test_models.py tests/test_pretrain.py tests/test_train_sft.py tests/test_prm.py tests/test_sampling.py tests/test_search.py"
+  "tests on CUDA|120|python -m pytest -q -x -m 'not slow' tests/test_models.py tests/test_pretrain.py tests/test_train_sft.py tests/test_prm.py tests/test_sampling.py tests/test_search.py"
   "bf16 SFT/PRM/DPO steps + tokens/s|90|python bench/device_steps.py --bf16"
-  "chainstep run (default)|180|python -m chainstep run --out runs/gpu-default"
-  "chainstep run --set model.size=small --quick|60|python -m chainstep run --quick --set model.size=small --out runs/gpu-small"
+  "chainstep run (default)|150|python -m chainstep run --out runs/gpu-default"
+  "chainstep run --config configs/gpu.yaml|150|python -m chainstep run --config configs/gpu.yaml --out runs/gpu-profile"
 )
 
 case "${1:-}" in

@@ -36,6 +36,17 @@ def test_shipped_config_matches_defaults():
     assert load_config(shipped / "tiny.yaml") == load_config()
 
 
+def test_the_gpu_profile_loads_with_a_verifier_larger_than_the_policy():
+    from pathlib import Path
+
+    from chainstep.models import SIZES
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml")
+    width = {name: s.hidden * s.layers for name, s in SIZES.items()}
+    assert cfg.prm.init == "larger" and width[cfg.prm.size] > width[cfg.model.size] > width["tiny"]
+    assert max(cfg.search.ns) == 64 and cfg.dpo.samples == 16 and cfg.sft.bf16 and cfg.dpo.bf16
+
+
 def test_overriding_one_key_keeps_the_section_defaults():
     cfg = load_config(quick=True, overrides={"base_sft.learning_rate": 0.002})
     assert cfg.base_sft.learning_rate == 0.002 != cfg.sft.learning_rate
