@@ -293,7 +293,9 @@ def test_step_pairs_part_at_the_first_wrong_step_and_train_on_what_differs(train
         assert pair["step"] == firsts[pair["question_id"]]  # where the error was put in
         assert pair["prefix"].count("<|reasoning_step_end|>") == pair["step"]
         assert pair["chosen"] != pair["rejected"] and parse(pair["prefix"] + pair["chosen"])
-    assert step_pairs([{**r, "correct": True} for r in rows], records) == []  # nothing wrong to pair
+    assert step_pairs([{**r, "correct": True, "steps_right": True} for r in rows], records) == []
+    lucky = step_pairs([{**r, "correct": True} for r in rows], records)  # a right answer after a wrong step
+    assert len(lucky) == len(pairs) and all(p["rejected_correct"] for p in lucky)
 
     pair = max(pairs, key=lambda p: p["step"])
     row = {"record": json.dumps(records[pair["question_id"]]), "prefix": pair["prefix"],

@@ -186,11 +186,12 @@ class PreferenceCollator:
         examples = []
         for side in ("chosen", "rejected"):
             for record, row in zip(records, rows):
-                example = encode_example(self.processor, record, row["prefix"] + row[side], self.max_length)
+                prefix = row.get("prefix") or ""
+                example = encode_example(self.processor, record, prefix + row[side], self.max_length)
                 mask = example.pop("labels").ne(-100)
-                if row["prefix"]:
+                if prefix:
                     start = int(mask.nonzero()[0])
-                    mask[start:start + len(tok(row["prefix"], add_special_tokens=False)["input_ids"])] = False
+                    mask[start:start + len(tok(prefix, add_special_tokens=False)["input_ids"])] = False
                 example["completion_mask"] = mask.long()
                 examples.append(example)
         batch = collate(examples, tok.pad_token_id)
