@@ -37,6 +37,7 @@ from .models import load
 from .prm import PRM
 from .records import mean_of, read_jsonl, replace_jsonl
 from .sampling import Policy, SamplingParams
+from .scoring import ChainScore
 from .steps import REASONING_START, STEP_END, parse
 from .train_sft import fit_rows
 from .training import ResumeWeights, fit, prepare_model, training_kwargs, weights_digest
@@ -57,9 +58,14 @@ def sample_scores(rows: list[dict], records: list[dict], source: str, prm: PRM |
     if prm is None:
         raise ChainstepError(f"pair source {source!r} needs a PRM")
     by_id = {r["id"]: r for r in records}
-    rule = prm.scoring if source == "prm" else prm.scoring.answer_only()
+    rule = _pair_rule(source, prm)
     scores = prm.score([by_id[r["question_id"]] for r in rows], [r["response"] for r in rows])
     return [rule(s) for s in scores]
+
+
+def _pair_rule(source: str, prm: PRM) -> ChainScore:
+    """The verifier's rule (`prm`), or its answer tag alone (`prm_answer`)."""
+    return prm.scoring if source == "prm" else prm.scoring.answer_only()
 
 
 def build_pairs(rows: list[dict], scores: list[float], threshold: float,
@@ -109,8 +115,7 @@ def pair_scoring(source: str, prm: PRM | None) -> dict:
     """The rule a round ranked its chains by, for its stats."""
     if source in GROUND_TRUTH:
         return {"pair_source": source}
-    rule = prm.scoring if source == "prm" else prm.scoring.answer_only()
-    return {"pair_source": source, **rule.describe()}
+    return {"pair_source": source, **_pair_rule(source, prm).describe()}
 
 
 def step_pairs(rows: list[dict], records: dict[str, dict], pairs_per_question: int = 2) -> list[dict]:
