@@ -19,6 +19,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, ProcessorMixin
 from .errors import ChainstepError
 from .grammar import StepGrammar
 from .inputs import PER_TOKEN_KEYS, collate, encode_prompt
+from .kvcache import GrowingCache
 from .models import load
 from .steps import BAD_TAG, GOOD_TAG, SPECIAL_TOKENS, STEP_END, STEP_TAG
 
@@ -171,7 +172,8 @@ class Policy:
         if params.n > 1 and self.shares_prefix:
             out = self._generate_shared(batch, params.n, knobs)
         else:
-            out = self.model.generate(**batch, num_return_sequences=params.n, **knobs)
+            out = self.model.generate(**batch, num_return_sequences=params.n,
+                                      past_key_values=GrowingCache(self.model.config), **knobs)
         new = out[:, batch["input_ids"].shape[1]:].tolist()
         gens = [self._finish(ids, stops) for ids in new]
         if grammar:
@@ -194,7 +196,8 @@ class Policy:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         head = {k: (v[:, :-1] if k in PER_TOKEN_KEYS else v) for k, v in batch.items()}
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, :-1]  # as generate counts them: pads skipped
-        cache = self.model(**head, position_ids=positions, use_cache=True).past_key_values
+        cache = self.model(**head, position_ids=positions, use_cache=True,
+                           past_key_values=GrowingCache(self.model.config)).past_key_values
         cache.batch_repeat_interleave(n)
         return self.model.generate(input_ids=ids.repeat_interleave(n, 0),
                                    attention_mask=mask.repeat_interleave(n, 0),
