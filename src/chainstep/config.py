@@ -63,7 +63,10 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """CoS SFT and the direct-answer baseline: the shared training knobs at their defaults."""
+    """CoS SFT and the direct-answer baseline: the shared training knobs at their defaults,
+    in bf16 autocast (1.34x on this CPU; val 75.5% vs 76.0% in fp32, -0.5 [-5.1, +4.2])."""
+
+    bf16: bool = True
 
 
 @dataclass
@@ -278,7 +281,7 @@ class ModelConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 64  # sequences per generate call
+    batch_size: int = 128  # sequences per generate call (and PRM forward); 128 is fastest on 2 cores
     max_tokens: int = 256  # new tokens per response
     splits: tuple[str, ...] = ("test",)
 
