@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from chainstep.inputs import collate, encode_prompt
@@ -46,3 +47,55 @@ def test_layer_writes_in_place_and_follows_replaced_states():
     assert keys.shape == (6, 1, 4, 4) and keys.data_ptr() == layer._key_buffer.data_ptr()
     assert torch.equal(keys[::3, :, :2], first[..., :2, :])
 
+
+
+@pytest.mark.parametrize("heads,kv_heads,q", [(4, 4, 1), (4, 2, 1), (4, 2, 3)])
+def test_cascade_attention_equals_attention_over_the_repeated_prefix(heads, kv_heads, q):
+    """Grouped-query heads, a left-padded prefix and causal continuations read as plain attention
+    over each sample's own copy of the prefix does."""
+    from types import SimpleNamespace
+
+    from chainstep.kvcache import _ACTIVE, SharedPrefixLayer, cascade_attention
+
+    torch.manual_seed(0)
+    groups, n, prefix, own, dim = 2, 3, 5, 4, 8
+    prefix_keys, prefix_values = torch.randn(2, groups, kv_heads, prefix, dim).unbind(0)
+    keys, values = torch.randn(2, groups * n, kv_heads, own, dim).unbind(0)
+    query = torch.randn(groups * n, heads, q, dim)
+    visible = torch.ones(groups * n, 1, q, prefix + own, dtype=torch.bool)
+    visible[:n, ..., :2] = False  # the first prompt is left-padded by two positions
+    visible[..., prefix:] &= torch.ones(q, own, dtype=torch.bool).tril(own - q)
+    cache = SimpleNamespace(layers=[SharedPrefixLayer(prefix_keys, prefix_values, n)])
+    token = _ACTIVE.set(cache)
+    try:
+        out, _ = cascade_attention(SimpleNamespace(layer_idx=0), query, keys, values, visible)
+    finally:
+        _ACTIVE.reset(token)
+    rep = heads // kv_heads
+    full_keys = torch.cat([prefix_keys.repeat_interleave(n, 0), keys], -2).repeat_interleave(rep, 1)
+    full_values = torch.cat([prefix_values.repeat_interleave(n, 0), values], -2).repeat_interleave(rep, 1)
+    expected = F.scaled_dot_product_attention(query, full_keys, full_values, attn_mask=visible)
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
+def test_shared_prefix_generation_reads_the_prompt_once(tiny_model_dir, test_records, monkeypatch):
+    """The policy's n-sample path runs on the shared-prefix cache, whose prompt states are
+    stored once per prompt (not once per sample), and leaves the model's attention as it was."""
+    import chainstep.kvcache as kvcache
+    from chainstep.sampling import Policy, SamplingParams
+
+    policy = Policy.from_dir(tiny_model_dir("llava"), batch_size=8)
+    caches = []
+    real = kvcache.SharedPrefixCache.__init__
+
+    def spy(self, prefilled, n):
+        real(self, prefilled, n)
+        caches.append(self)
+
+    monkeypatch.setattr(kvcache.SharedPrefixCache, "__init__", spy)
+    before = policy.model.config._attn_implementation
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=6, seed=0)
+    policy.generate(test_records[:2], params, progress=False)
+    assert len(caches) == 1 and policy.model.config._attn_implementation == before
+    layer = caches[0].layers[0]
+    assert layer.prefix_keys.shape[0] == 2 and layer.keys.shape[0] == 8

@@ -19,7 +19,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, ProcessorMixin
 from .errors import ChainstepError
 from .grammar import StepGrammar
 from .inputs import PER_TOKEN_KEYS, collate, encode_prompt
-from .kvcache import GrowingCache
+from .kvcache import GrowingCache, SharedPrefixCache, can_share, shared_attention
 from .models import load
 from .steps import BAD_TAG, GOOD_TAG, SPECIAL_TOKENS, STEP_END, STEP_TAG
 
@@ -192,16 +192,20 @@ class Policy:
 
     def _generate_shared(self, batch, n: int, knobs: dict) -> torch.Tensor:
         """n continuations of each prompt from one prefill: the prompt (image included) is
-        encoded once and its KV cache copied n times, instead of re-encoding it per sample."""
+        encoded once, and its keys and values are kept once and read once per step for all n
+        (`kvcache.SharedPrefixCache`), instead of re-encoding or copying them per sample."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         head = {k: (v[:, :-1] if k in PER_TOKEN_KEYS else v) for k, v in batch.items()}
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, :-1]  # as generate counts them: pads skipped
         cache = self.model(**head, position_ids=positions, use_cache=True,
                            past_key_values=GrowingCache(self.model.config)).past_key_values
-        cache.batch_repeat_interleave(n)
-        return self.model.generate(input_ids=ids.repeat_interleave(n, 0),
-                                   attention_mask=mask.repeat_interleave(n, 0),
-                                   past_key_values=cache, **knobs)
+        expanded = dict(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0))
+        if not can_share(cache):
+            cache.batch_repeat_interleave(n)
+            return self.model.generate(**expanded, past_key_values=cache, **knobs)
+        shared = SharedPrefixCache(cache, n)
+        with shared_attention(self.model, shared):
+            return self.model.generate(**expanded, past_key_values=shared, **knobs)
 
     def _finish(self, ids: list[int], stops: list[int]) -> Generation:
         """Cut at the first stop id: EOS is dropped, a step end is kept (it is step text)."""
