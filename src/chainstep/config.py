@@ -63,10 +63,9 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """CoS SFT and the direct-answer baseline: the shared training knobs at their defaults,
-    in bf16 autocast (1.34x on this CPU; val 75.5% vs 76.0% in fp32, -0.5 [-5.1, +4.2])."""
-
-    bf16: bool = True
+    """CoS SFT and the direct-answer baseline: the shared training knobs at their defaults.
+    fp32: bf16 autocast is 1.34x faster here but lost bar-chart readings (27 vs 13 discordant
+    on 998 fresh held-out questions; docs/findings.md)."""
 
 
 @dataclass
