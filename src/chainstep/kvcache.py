@@ -123,6 +123,9 @@ def shared_attention(model, cache: SharedPrefixCache):
     token = _ACTIVE.set(cache)
     model.set_attn_implementation(SHARED_ATTENTION)
     try:
+        if model.config.get_text_config()._attn_implementation != SHARED_ATTENTION:
+            # attention over the continuation alone would silently drop the prompt
+            raise RuntimeError(f"{type(model).__name__} cannot switch its attention function")
         yield
     finally:
         model.set_attn_implementation(previous)
