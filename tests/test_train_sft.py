@@ -127,10 +127,11 @@ def test_resume_after_kill(tiny_model_dir, suite_dir, tmp_path):
     proc.wait()
     assert not (out / "chainstep.json").exists()
     # a kill during a save can leave a newer partial folder: resuming must skip it
-    saved = sorted((p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
-                   key=lambda p: int(p.name.split("-")[1]))
+    from chainstep.training import last_complete_checkpoint
+
+    saved = last_complete_checkpoint(checkpoints)
     assert saved
-    step = int(saved[-1].name.split("-")[1])
+    step = int(saved.rsplit("-", 1)[1])
     cmd[cmd.index("max_steps=400")] = f"max_steps={step + 2}"
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -143,10 +144,10 @@ def test_partial_checkpoint_is_skipped(tmp_path):
     from chainstep.training import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path) is None
-    for step, complete in ((4, True), (6, False)):
+    for step, state in ((4, "{}"), (6, None), (8, "")):  # 8: killed while writing its state
         (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(tmp_path).endswith("checkpoint-4")
 
 

@@ -52,10 +52,19 @@ def _wrap_lora(model, cfg: TrainConfig):
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint the Trainer finished writing (its trainer_state.json comes last);
-    a kill during a save leaves a partial folder that resuming from would crash on."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    """The newest checkpoint the Trainer finished writing (its trainer_state.json comes last,
+    and a kill can land while it is being written); a kill during a save leaves a partial
+    folder that resuming from would crash on."""
+    done = [p for p in folder.glob("checkpoint-*") if _complete_state(p / "trainer_state.json")]
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def _complete_state(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 class ResumeWeights:
