@@ -85,3 +85,24 @@ def test_reading_a_config_or_grading_loads_no_trainer(module):
             "if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
+
+
+def test_run_seed_moves_every_training_and_sampling_seed_but_not_the_suite():
+    from chainstep.config import RunConfig
+
+    assert RunConfig().seeded() == RunConfig()
+    base, other = RunConfig(), RunConfig(seed=1).seeded()
+    for name in RunConfig.SEEDED:
+        assert getattr(other, name).seed != getattr(base, name).seed, name
+    assert (other.suite, other.model, other.pretrain) == (base.suite, base.model, base.pretrain)
+    assert len({getattr(RunConfig(seed=s).seeded(), "sft").seed for s in range(3)}) == 3
+
+
+def test_the_study_config_adds_seeds_controls_and_ablations_to_the_default():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "study.yaml")
+    default = load_config()
+    assert cfg.seeds == 3 and default.seeds == 1
+    assert "random" in cfg.grpo.runs and set(default.grpo.runs) < set(cfg.grpo.runs)
+    assert cfg.dpo.ablation and (cfg.sft, cfg.suite) == (default.sft, default.suite)

@@ -175,12 +175,37 @@ def test_sampled_strategies_score_with_the_task_records(searchers, test_records,
     assert compute["prm_chains"] == 6 and compute["tokens_generated"] == sum(p["tokens"] for p in preds)
     cfg = SearchConfig(ns=(1, 2), beam_ns=(2,), step_weights=(0.0, 1.0), step_tokens=48, max_steps=5)
     results, ablation, final = evaluate_search(policy, prm, records, cfg, tmp_path, 0.7, "m", "test", 160)
+    controls = {f"{s}[{c}]" for s in ("bon", "weighted") for c in ("checks", "judge")}
     assert {(r["strategy"], r["n"]) for r in results} == {
-        (s, n) for s in ("pass", "sc", "bon", "weighted") for n in (1, 2)} | {("beam", 2)}
+        (s, n) for s in ("pass", "sc", "bon", "weighted") for n in (1, 2)} | {("beam", 2)} | {
+        (c, 2) for c in controls}
     assert [a["step_weight"] for a in ablation] == [0.0, 1.0]
-    assert set(final) == {"pass", "sc", "bon", "weighted", "beam"}
+    assert set(final) == {"pass", "sc", "bon", "weighted", "beam"} | controls
     pass_at = {r["n"]: r["accuracy"] for r in results if r["strategy"] == "pass"}
     assert pass_at[2] >= pass_at[1]
+    # the oracle picks a right chain wherever one is right in every step
+    for oracle, right_somewhere in zip(final["bon[judge]"], final["pass"]):
+        assert oracle["correct"] or not right_somewhere["steps_right"]
+
+
+def test_controls_rank_the_same_samples_and_reuse_the_learned_scores(test_records):
+    from chainstep.scoring import StepScores
+    from chainstep.search import verifier_controls
+    from chainstep.steps import render
+    from chainstep.teacher import ProgrammaticTeacher
+
+    records = test_records[:2]
+    teacher = ProgrammaticTeacher()
+    texts = [render(teacher.chain(r)) for r in records]
+    broken = [t.replace("<|answer_end|>", "") for t in texts]  # cut before the answer ends
+    by_q = {r["id"]: ([{"response": t}, {"response": b}], None) for r, t, b in zip(records, texts, broken)}
+    learned = [StepScores([0.3], 0.4)] * 4
+    out = verifier_controls(records, by_q, 2, learned)
+    assert set(out) == {"checks", "judge", "learned"}
+    assert out["learned"][records[0]["id"]] == [StepScores([0.3], 0.4)] * 2
+    for name in ("checks", "judge"):
+        right, cut = out[name][records[0]["id"]]
+        assert cut.answer == 0.0 and right.answer > 0.0, name
 
 
 def test_the_temperature_sweep_picks_on_val_and_records_every_temperature(tmp_path, monkeypatch):

@@ -43,6 +43,23 @@ def test_sft_lowers_loss_and_trains_every_parameter(tiny_model_dir, suite_dir, t
                          "model.vision_tower.post_layernorm.bias"]
 
 
+def test_val_curve_is_recorded_and_leaves_training_unchanged(tiny_model_dir, suite_dir, test_records,
+                                                             tmp_path):
+    init, data = tiny_model_dir("llava"), suite_dir / "data" / "sft.jsonl"
+    cfg = SFTConfig(max_steps=5, per_device_train_batch_size=4, save_steps=100, warmup_steps=0,
+                    val_every=2, val_questions=3)
+    with_curve = train_sft(init, data, tmp_path / "curve", cfg, val_records=test_records, batch_size=8)
+    plain = train_sft(init, data, tmp_path / "plain", SFTConfig(**{**cfg.__dict__, "val_every": 0}))
+    curve = json.loads((with_curve / "chainstep.json").read_text())["val_curve"]
+    assert [p["step"] for p in curve] == [2, 4, 5]
+    assert all(p["questions"] == 3 and 0 <= p["accuracy"] <= 1 for p in curve)
+    assert "val_curve" not in json.loads((plain / "chainstep.json").read_text())
+    a, _ = models.load(with_curve)
+    b, _ = models.load(plain)
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), name
+
+
 def test_vision_frozen_for_pretrained_checkpoints(tiny_model_dir, suite_dir, tmp_path):
     init = tmp_path / "pretrained"
     model, processor = models.load(tiny_model_dir("llava"))

@@ -45,6 +45,9 @@ def run(
     quick: bool = typer.Option(False, "--quick", help="Small budgets: the same stages in ~3 min"),
     config: Path = typer.Option(None, help="YAML config (see configs/tiny.yaml)"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    seeds: int = typer.Option(None, min=1, help="Run every training and sampling stage under this many "
+                                                "seeds (OUT/seed-k), then summarise them in OUT/seeds.json "
+                                                "[default: the config's `seeds`, 1]"),
 ):
     """Run the whole pipeline on the embedded default (resumes a killed run).
 
@@ -54,9 +57,32 @@ def run(
     from .pipeline import run as run_pipeline
 
     cfg = load_config(config, parse_overrides(set_), quick=quick)
-    run_dir = run_pipeline(cfg, out or Path("runs") / ("quick" if quick else "default"))
+    out = out or Path("runs") / ("quick" if quick else "default")
+    seeds = seeds or cfg.seeds
+    if seeds > 1:
+        from .seeds import run_seeds
+
+        _print_seeds(run_seeds(cfg, out, seeds, run_pipeline))
+        console.print(f"summary: {out / 'seeds.json'}")
+        return
+    run_dir = run_pipeline(cfg, out)
     _print_results(run_dir / "metrics.json")
     console.print(f"report: {run_dir / 'report.html'}")
+
+
+def _print_seeds(summary: dict) -> None:
+    table = Table(title=f"over {summary['seeds']} seeds: accuracy mean [min, max] (sd)")
+    for column in ("model", "strategy", "n", "split", "accuracy"):
+        table.add_column(column)
+    for r in summary["results"]:
+        table.add_row(r["model"], r["strategy"], str(r["n"]), r["split"],
+                      f"{100 * r['mean']:.1f} [{100 * r['min']:.1f}, {100 * r['max']:.1f}] "
+                      f"({100 * r['sd']:.1f})")
+    console.print(table)
+    for c in summary["comparisons"]:
+        console.print(f"{c['a']} - {c['b']} ({c['split']}, pooled n={c['n']}): {100 * c['diff']:+.1f} "
+                      f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}], p = {c['p_value']:.2g}; "
+                      f"seeds + / -: {c['seeds_positive']} / {c['seeds_negative']}")
 
 
 @tasks_app.command("make")
@@ -327,20 +353,9 @@ def evaluate(
 
 
 def _verifier(spec: str, step_weight: float | None, aggregate: str | None, batch_size: int):
-    """A PRM directory, or `judge[:FLIP]`: the programmatic judge as a (noisy) oracle."""
-    if spec == "judge" or spec.startswith("judge:"):
-        from .judge import JudgeVerifier
+    from .verifier import load_verifier
 
-        flip = spec.partition(":")[2]
-        try:
-            from .scoring import ChainScore
-
-            return JudgeVerifier(flip=float(flip or 0), scoring=ChainScore().override(step_weight, aggregate))
-        except ValueError:
-            raise ChainstepError(f"--prm {spec!r}: write judge or judge:FLIP, FLIP in [0, 1]") from None
-    from .prm import PRM
-
-    return PRM.from_dir(spec, step_weight=step_weight, aggregate=aggregate, batch_size=batch_size)
+    return load_verifier(spec, batch_size, step_weight, aggregate)
 
 
 def _eval_records(tasks: Path | None, benchmark: str | None, data: Path | None, out: Path,

@@ -24,7 +24,7 @@ from .synthetic import SuiteConfig
 HEADS = ("likelihood", "tag")  # the PRM's judging heads (chainstep.prm)
 PAIR_SOURCES = ("prm", "prm_answer", "outcome", "verified")  # how DPO ranks sampled chains
 GROUND_TRUTH = ("outcome", "verified")  # pair sources that need no PRM
-REWARDS = ("prm", "outcome")  # GRPO rewards
+REWARDS = ("prm", "outcome", "random")  # GRPO rewards; random is the control for "any update helps"
 ADVANTAGES = ("chain", "step")  # GRPO advantages: one per completion, or one per step
 STRATEGIES = ("greedy", "sc", "bon", "weighted", "beam", "pass")  # decoding strategies (chainstep.search)
 VERIFIER_STRATEGIES = ("bon", "weighted", "beam")  # the strategies that rank by a verifier
@@ -65,7 +65,17 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     """CoS SFT and the direct-answer baseline: the shared training knobs at their defaults.
     fp32: bf16 autocast is 1.34x faster here but lost bar-chart readings (27 vs 13 discordant
-    on 998 fresh held-out questions; docs/findings.md)."""
+    on 998 fresh held-out questions; docs/findings.md). `val_every` records the greedy val
+    curve while training, which is how a converged budget is told from one stopped on the slope."""
+
+    max_steps: int = 1800  # val 95.6 at 1,500, 95.8 at 1,650 of 1,800 (docs/findings.md); 900: on the slope
+    val_every: int = 300  # steps between greedy val evaluations (0 = none); the last step is always one
+    val_questions: int = 0  # val questions each evaluation reads (0 = the whole split)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.val_every < 0 or self.val_questions < 0:
+            raise ChainstepError("val_every and val_questions must be >= 0")
 
 
 @dataclass
@@ -137,6 +147,7 @@ class PRMConfig(TrainConfig):
     merge: str = "union"  # label sources: union (every labelled chain) or agree (steps both agree on)
     step_weight: float = ChainScore.step_weight  # chain score = w * agg(steps) + (1 - w) * answer
     aggregate: str = ChainScore.aggregate  # mean, min, last or prod; the trained verifier keeps both
+    checks: bool = True  # read with the checks (chainstep.checks): a step they cover gets their verdict
 
     def __post_init__(self):
         super().__post_init__()
@@ -160,7 +171,7 @@ class SearchConfig:
     ns: tuple[int, ...] = (1, 2, 4, 8, 16)  # N for pass@N, SC, BoN and weighted vote
     beam_ns: tuple[int, ...] = (16,)  # N for beam search (each N is a full run)
     split: str = "test"  # the split searched (its greedy answers are the baseline)
-    questions: int = 100  # questions of that split searched; 0 = the whole split
+    questions: int = 200  # questions of that split searched; 0 = the whole split
     temperatures: tuple[float, ...] = (0.3, 0.7, 1.0)  # tried on val; the best BoN picks one
     val_questions: int = 40  # val questions for the temperature choice
     keep: int = 1  # beams kept per question (k); 1 is the paper's setting
@@ -181,13 +192,13 @@ class SearchConfig:
 class DPOConfig(TrainConfig):
     """Rounds, pair building and DPO knobs; training knobs as in TrainConfig."""
 
-    rounds: int = 3
+    rounds: int = 2  # configs/study.yaml runs 3
     questions: int = 96  # train questions sampled per round (taken after those the PRM saw)
     samples: int = 16  # chains per question per round (the paper's 16)
     temperature: float = 1.0
     max_tokens: int = 256
     pair_source: str = "prm"  # prm (the verifier's chain score), prm_answer, outcome, verified (step truth)
-    ablation: tuple[str, ...] = ("outcome", "verified", "prm_answer")  # sources also tried in round 1
+    ablation: tuple[str, ...] = ()  # sources also tried in round 1 (study.yaml: outcome, verified, ...)
     threshold: float = 0.05  # minimum score gap between chosen and rejected
     pairs_per_question: int = 2  # i-th best vs i-th worst, while the gap holds
     pairs: str = "chain"  # chain: whole chains; step: at the first wrong step, shared steps as prompt
@@ -225,7 +236,7 @@ class GRPOConfig(TrainConfig):
     reward: str = "prm"  # prm: PRM chain score; outcome: 1 if the answer is right
     advantages: str = "chain"  # chain: one per completion (TRL); step: per-step PRM advantages
     format_weight: float = 0.0  # weight of a 0/1 reward for a parseable step chain
-    runs: tuple[str, ...] = ("prm", "outcome", "prm-step")  # what `chainstep run` trains: reward[-step]
+    runs: tuple[str, ...] = ("prm", "outcome")  # what `chainstep run` trains: reward[-step] (+ study.yaml)
     questions: int = 32  # train questions (taken after those the PRM and DPO saw)
     num_generations: int = 8  # completions per prompt (the group)
     temperature: float = 1.0
@@ -247,7 +258,7 @@ class GRPOConfig(TrainConfig):
             raise ChainstepError("grpo.advantages=step needs grpo.reward=prm (step scores come from the PRM)")
         for run in self.runs:
             if run.removesuffix("-step") not in REWARDS:
-                raise ChainstepError(f"grpo.runs: {run!r} is not one of prm, outcome, prm-step")
+                raise ChainstepError(f"grpo.runs: {run!r} is not one of prm, outcome, random, prm-step")
         if self.per_device_train_batch_size % self.num_generations:
             raise ChainstepError("grpo.per_device_train_batch_size must be a multiple of "
                                  "grpo.num_generations")
@@ -302,6 +313,23 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     threads: int = 2  # torch threads; 2 = all cores on the reference machine
+    seed: int = 0  # the run's draw: offsets every training and sampling seed (not the suite, not the tower)
+    seeds: int = 1  # `chainstep run` trains and samples under seeds seed..seed+seeds-1 (OUT/seed-k)
+
+    SEEDED = ("sft", "base_sft", "label", "prm", "dpo", "grpo")
+
+    def seeded(self) -> RunConfig:
+        """The stage configs this run trains and samples with: each stage's own `seed` moved by
+        `SEED_STRIDE * seed`, so seed 0 is the configs as written and two run seeds share no
+        stage seed. The suite, the tiny model's init and its pretrained tower stay: a seed redraws
+        what a user would redraw starting from one pretrained checkpoint."""
+        moved = {name: dataclasses.replace(getattr(self, name),
+                                           seed=getattr(self, name).seed + SEED_STRIDE * self.seed)
+                 for name in self.SEEDED}
+        return dataclasses.replace(self, **moved)
+
+
+SEED_STRIDE = 1000
 
 
 QUICK: dict[str, object] = {

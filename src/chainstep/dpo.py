@@ -34,18 +34,18 @@ from .inputs import collate, encode_example
 from .judge import ProgrammaticJudge
 from .layout import RunLayout, relative_path
 from .models import load
-from .prm import PRM
 from .records import mean_of, read_jsonl, replace_jsonl
 from .sampling import Policy, SamplingParams
-from .scoring import ChainScore
+from .scoring import ChainScore, finished
 from .steps import REASONING_START, STEP_END, parse
 from .train_sft import fit_rows
 from .training import ResumeWeights, fit, prepare_model, training_kwargs, weights_digest
+from .verifier import Verifier, load_verifier
 
 console = Console(stderr=True)
 
 
-def sample_scores(rows: list[dict], records: list[dict], source: str, prm: PRM | None) -> list[float]:
+def sample_scores(rows: list[dict], records: list[dict], source: str, prm: Verifier | None) -> list[float]:
     """One score per sampled chain: the PRM chain score (its `scoring` rule), the PRM answer score
     alone, the ground-truth outcome (1 right, 0 wrong), or `verified`: 1 for a right answer reached by a
     chain the grader finds right in every step (the step-level ground truth; records without
@@ -60,10 +60,10 @@ def sample_scores(rows: list[dict], records: list[dict], source: str, prm: PRM |
     by_id = {r["id"]: r for r in records}
     rule = _pair_rule(source, prm)
     scores = prm.score([by_id[r["question_id"]] for r in rows], [r["response"] for r in rows])
-    return [rule(s) for s in scores]
+    return [rule(finished(s)) for s in scores]
 
 
-def _pair_rule(source: str, prm: PRM) -> ChainScore:
+def _pair_rule(source: str, prm: Verifier) -> ChainScore:
     """The verifier's rule (`prm`), or its answer tag alone (`prm_answer`)."""
     return prm.scoring if source == "prm" else prm.scoring.answer_only()
 
@@ -111,7 +111,7 @@ def pair_stats(pairs: list[dict], questions: int) -> dict:
             "rejected_steps_right": mean("rejected_steps_right")}
 
 
-def pair_scoring(source: str, prm: PRM | None) -> dict:
+def pair_scoring(source: str, prm: Verifier | None) -> dict:
     """The rule a round ranked its chains by, for its stats."""
     if source in GROUND_TRUTH:
         return {"pair_source": source}
@@ -286,7 +286,7 @@ def _record_rank(checkpoints: Path, trainer, collator: PreferenceCollator) -> No
          "pid": os.getpid(), "weights_sha256": weights_digest(model)}))
 
 
-def dpo_round(policy_dir: Path, sft_dir: Path, prm: PRM | None, records: list[dict], out: RunLayout,
+def dpo_round(policy_dir: Path, sft_dir: Path, prm: Verifier | None, records: list[dict], out: RunLayout,
               name: str, cfg: DPOConfig, batch_size: int = 64, samples_name: str | None = None) -> dict:
     """Sample from `policy_dir`, build pairs, train from `sft_dir` into the run's model `name`.
     Every file is resumable: samples by id, pairs rewritten whole, the trainer from checkpoints.
@@ -345,6 +345,30 @@ def rft_control(sft_dir: str | Path, records: list[dict], out: str | Path, cfg: 
     return {"trained": True, "chosen_of": last, "pairs": rounds[last]["pairs"]}
 
 
+def continued_sft_control(sft_dir: str | Path, teacher_path: str | Path, records: list[dict],
+                          out: str | Path, cfg: DPOConfig, rounds: dict[str, dict]) -> dict:
+    """The compute-matched control of the last DPO round that trained (each round trains from
+    `sft_dir`): SFT continued from `sft_dir` on the teacher's chains of the same questions, for
+    that round's optimizer steps at its batch, learning rate and schedule
+    (`out/models/sft-continued`). On a policy that has not converged, more training alone raises
+    accuracy; what DPO gains over this is what its pairs add. Skipped when it exists."""
+    out = RunLayout(out)
+    last = next((name for name in reversed(list(rounds)) if rounds[name]["trained"]), None)
+    if last is None:
+        return {"trained": False, "reason": "no DPO round trained"}
+    steps = round_schedule(cfg, rounds[last]["pairs"]).max_steps
+    ids = {r["id"] for r in records}
+    rows = [row for row in read_jsonl(teacher_path) if row["id"] in ids]
+    if not rows:
+        raise ChainstepError(f"{teacher_path} holds no teacher chain of the DPO questions")
+    target = out.model("sft-continued")
+    schedule = replace(cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, steps // 2))
+    if not (target / "chainstep.json").exists():
+        fit_rows(sft_dir, rows, target, schedule, {"data": relative_path(teacher_path, target),
+                                                   "control_for": "dpo", "dpo": asdict(schedule)})
+    return {"trained": True, "steps_of": last, "steps": steps, "rows": len(rows)}
+
+
 def pair_source_ablation(sft_dir: str | Path, prm_dir: str | Path | None, records: list[dict],
                          out: str | Path, cfg: DPOConfig, batch_size: int = 64) -> dict[str, dict]:
     """Round 1 again with each source in `cfg.ablation`, on round 1's own samples, so the
@@ -362,12 +386,12 @@ def pair_source_ablation(sft_dir: str | Path, prm_dir: str | Path | None, record
     return stats
 
 
-def _load_prm(prm_dir, source: str, batch_size: int) -> PRM | None:
+def _load_prm(prm_dir, source: str, batch_size: int) -> Verifier | None:
     if source in GROUND_TRUTH:
         return None
     if prm_dir is None:
         raise ChainstepError(f"pair source {source!r} needs a PRM (--prm DIR)")
-    return PRM.from_dir(prm_dir, batch_size=batch_size)
+    return load_verifier(prm_dir, batch_size=batch_size)
 
 
 def _round_once(policy, sft_dir, prm, records, out: RunLayout, name: str, cfg: DPOConfig, batch_size: int,

@@ -197,7 +197,18 @@ def paired_comparison(a: list[dict], b: list[dict], name_a: str, name_b: str) ->
     p_value = mcnemar_p(only_a, only_b)
     return {"a": name_a, "b": name_b, "n": n, "diff": diff, "ci_low": low, "ci_high": high,
             "only_a_correct": only_a, "only_b_correct": only_b, "p_value": p_value,
-            "significant": p_value < 0.05}
+            "significant": p_value < 0.05, "detectable": detectable_difference(n, discordant)}
+
+
+def detectable_difference(n: int, discordant: int, z_alpha: float = Z95,
+                          z_power: float = 0.8416) -> float | None:
+    """The smallest accuracy difference this paired test finds 80% of the time at 5% (McNemar's
+    normal approximation, n = (z_a + z_b)^2 d / delta^2, d the share of discordant questions seen,
+    at least one): what a non-significant comparison can rule out, and what it cannot."""
+    if not n:
+        return None
+    share = max(discordant, 1) / n
+    return min(1.0, (z_alpha + z_power) * math.sqrt(share / n))
 
 
 def update_metrics(path: str | Path, results: list[dict] = (),

@@ -11,6 +11,7 @@ supervision of the GRPO paper: a wrong step is pushed down even inside a chain t
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,12 +24,12 @@ from trl import GRPOTrainer
 from .config import GRPOConfig
 from .errors import ChainstepError
 from .grading import grade_response
-from .prm import PRM
 from .records import load_image, prompt_text
 from .sampling import decode_response, foreign_token_ids
-from .scoring import StepScores
+from .scoring import StepScores, finished
 from .steps import STEP_END
 from .training import ResumeWeights, fit, prepare_model, training_kwargs
+from .verifier import Verifier, load_verifier
 
 
 class Reward:
@@ -46,6 +47,21 @@ class Reward:
         raise NotImplementedError
 
 
+class RandomReward(Reward):
+    """A reward that knows nothing: uniform in [0, 1], drawn from the chain's text and the step
+    (the same completion gets the same draw on a resumed run). GRPO on it takes the same steps at
+    the same learning rate: what it changes is what any update does, with no signal."""
+
+    def __init__(self, name, records, tokenizer, seed: int = 0):
+        super().__init__(name, records, tokenizer)
+        self.seed, self.calls = seed, 0
+
+    def rewards(self, records, texts):
+        self.calls += 1
+        keys = [f"{self.seed}:{self.calls}:{r['id']}:{i}:{t}" for i, (r, t) in enumerate(zip(records, texts))]
+        return [int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "big") / 2 ** 64 for k in keys]
+
+
 class OutcomeReward(Reward):
     def rewards(self, records, texts):
         return [float(grade_response(t, r)["correct"]) for r, t in zip(records, texts)]
@@ -60,13 +76,13 @@ class PRMReward(Reward):
     """The PRM chain score under its `scoring` rule; the step scores of the last batch are kept
     for step advantages."""
 
-    def __init__(self, name, records, tokenizer, prm: PRM):
+    def __init__(self, name, records, tokenizer, prm: Verifier):
         super().__init__(name, records, tokenizer)
         self.prm = prm
         self.last: list[StepScores] = []
 
     def rewards(self, records, texts):
-        self.last = self.prm.score(records, texts)
+        self.last = [finished(s) for s in self.prm.score(records, texts)]
         return [self.prm.scoring(s) for s in self.last]
 
 
@@ -146,8 +162,10 @@ def train_grpo(model_dir: str | Path, prm_dir: str | Path | None, records: list[
     if cfg.reward == "prm":
         if prm_dir is None:
             raise ChainstepError("grpo.reward=prm needs a PRM (--prm DIR)")
-        main = PRMReward("prm", by_id, tok, PRM.from_dir(prm_dir, batch_size=batch_size))
+        main = PRMReward("prm", by_id, tok, load_verifier(prm_dir, batch_size=batch_size))
         scoring = {"reward": "prm", **main.prm.scoring.describe()}
+    elif cfg.reward == "random":
+        main, scoring = RandomReward("random", by_id, tok, cfg.seed), {"reward": "random"}
     else:
         main, scoring = OutcomeReward("outcome", by_id, tok), {"reward": "outcome"}
     funcs = [main] + ([FormatReward("format", by_id, tok)] if cfg.format_weight else [])

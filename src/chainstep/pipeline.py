@@ -22,17 +22,16 @@ import torch
 from rich.console import Console
 
 from . import models
-from .config import RunConfig, dump_config, to_dict
+from .config import SEED_STRIDE, RunConfig, dump_config, to_dict
 from .construct import construct
-from .dpo import iterative_dpo, pair_source_ablation, rft_control
+from .dpo import continued_sft_control, iterative_dpo, pair_source_ablation, rft_control
 from .errors import ChainstepError
 from .evaluate import paired_comparison, predict, sample_responses, sample_stats, summarize, update_metrics
 from .grpo import train_grpo, variant
 from .label import label
 from .layout import RunLayout
 from .pretrain import pretrain
-from .prm import PRM
-from .prm_metrics import evaluate_prm, label_agreement, write_traces
+from .prm_metrics import check_quality, evaluate_prm, label_agreement, write_traces
 from .prm_train import train_prm
 from .records import load_tasks, read_jsonl
 from .report import write_report
@@ -41,6 +40,7 @@ from .search import beam_search, choose_temperature, evaluate_search
 from .synthetic import make_tasks
 from .teacher import ProgrammaticTeacher
 from .train_sft import train_sft
+from .verifier import CheckedVerifier, Verifier, load_verifier
 
 console = Console(stderr=True)
 # Policy name (its models/ folder and metrics.json `model`) -> (training data, eval style).
@@ -85,6 +85,7 @@ def run(cfg: RunConfig, out: str | Path) -> Path:
     r = Run(cfg, out)
     with r.paths.lock():
         r.check_config()
+        r.cfg = cfg.seeded()
         _stages(r)
     return r.dir
 
@@ -145,10 +146,14 @@ def _start_model(r: Run) -> Path:
 
 
 def _train(r: Run, name: str, sft_cfg) -> dict:
-    data = r.paths.data / POLICIES[name][0]
-    train_sft(_start_model(r), data, r.paths.model(name), sft_cfg)
+    """One policy's SFT; with `val_every`, its greedy val curve is recorded as it trains."""
+    data, style = POLICIES[name]
+    val = load_tasks(r.paths.split("val")) if sft_cfg.val_every else None
+    train_sft(_start_model(r), r.paths.data / data, r.paths.model(name), sft_cfg, val, style,
+              r.cfg.eval.batch_size)
     meta = json.loads((r.paths.model(name) / "chainstep.json").read_text())
-    return {k: meta[k] for k in ("train_loss_first", "train_loss_last", "train_runtime_s")}
+    keys = ("train_loss_first", "train_loss_last", "train_runtime_s", "val_curve")
+    return {k: meta[k] for k in keys if k in meta}
 
 
 def evaluate_policies(r: Run) -> dict:
@@ -249,10 +254,10 @@ def _larger_base(r: Run) -> tuple[Path, dict]:
     return pretrained, {"size": size, "pretrain": cache}
 
 
-def _prm(r: Run) -> PRM:
+def _prm(r: Run) -> Verifier:
     """The run's verifier, scoring with the rule it was trained with (`prm.step_weight`,
     `prm.aggregate`), as DPO and GRPO read it too."""
-    return PRM.from_dir(r.paths.model("prm"), batch_size=r.cfg.eval.batch_size)
+    return load_verifier(r.paths.model("prm"), batch_size=r.cfg.eval.batch_size)
 
 
 def evaluate_verifier(r: Run) -> dict:
@@ -262,6 +267,12 @@ def evaluate_verifier(r: Run) -> dict:
     prm = _prm(r)
     metrics = evaluate_prm(prm, judged)
     metrics["mc_judge_agreement"] = label_agreement(rows)
+    metrics["checks"] = check_quality(judged)
+    learned = prm.base if isinstance(prm, CheckedVerifier) else prm
+    controls = {"learned PRM alone": learned, "checks alone": CheckedVerifier(),
+                "learned PRM with checks": CheckedVerifier(learned)}
+    metrics["controls"] = {name: {k: v for k, v in evaluate_prm(verifier, judged).items() if "ranking" in k}
+                           for name, verifier in controls.items()}
     update_metrics(r.paths.metrics, prm=metrics)
     write_traces(prm, rows, r.paths.traces)
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -287,24 +298,29 @@ def search(r: Run) -> dict:
     """SC / BoN / weighted vote / beam search at each N on (a slice of) the test split."""
     cfg, policy, prm = r.cfg.search, _policy(r), _prm(r)
     val = _first(load_tasks(r.paths.split("val")), cfg.val_questions)
-    temperature, sweep = choose_temperature(policy, prm, val, cfg, r.paths.eval, r.cfg.eval.max_tokens)
+    seed = _search_seed(r.cfg)
+    temperature, sweep = choose_temperature(policy, prm, val, cfg, r.paths.eval, r.cfg.eval.max_tokens, seed)
     records, split = _search_questions(r)
     results, ablation, final = evaluate_search(policy, prm, records, cfg, r.paths.eval, temperature, "sft",
-                                               split, r.cfg.eval.max_tokens)
+                                               split, r.cfg.eval.max_tokens, seed)
     greedy = _greedy(r, "sft", records)
     results.append(summarize(greedy, "sft", "greedy", 1, split))
     final["greedy"] = greedy
     top = max(cfg.ns)
     labels = {s: f"sft/{s}@{top if s != 'greedy' else 1}" for s in final}
-    order = [s for s in ("beam", "bon", "weighted", "sc", "greedy") if s in final]
+    pairs = [(s, base) for s in final if s not in ("greedy", "sc", "pass") for base in ("greedy", "sc")]
     comparisons = [{**paired_comparison(final[a], final[b], labels[a], labels[b]), "split": split}
-                   for a, b in zip(order, order[1:])]
+                   for a, b in [*pairs, ("sc", "greedy")] if a in final and b in final]
     update_metrics(r.paths.metrics, results, comparisons,
                    search={"temperature": temperature, "temperature_sweep": sweep,
                            "step_weight_ablation": ablation, "split": split,
                            "scoring": prm.scoring.describe()})
     return {"temperature": temperature, **{f"{row['strategy']}@{row['n']}": round(row["accuracy"], 3)
                                            for row in results if row["n"] in (1, top)}}
+
+
+def _search_seed(cfg: RunConfig) -> int:
+    return SEED_STRIDE * cfg.seed
 
 
 def train_shares(cfg: RunConfig) -> dict[str, slice]:
@@ -335,12 +351,16 @@ def improve_dpo(r: Run) -> dict:
     args = (r.paths.model("sft"), r.paths.model("prm"), records, r.dir, cfg, r.cfg.eval.batch_size)
     rounds = iterative_dpo(*args)
     control = rft_control(r.paths.model("sft"), records, r.dir, cfg, rounds)
+    continued = continued_sft_control(r.paths.model("sft"), r.paths.data / POLICIES["sft"][0], records,
+                                      r.dir, cfg, rounds)
     ablation = pair_source_ablation(*args)
     update_metrics(r.paths.metrics, dpo={"rounds": rounds, "ablation": ablation, "control": control,
+                                         "continued_sft": continued,
                                          "pair_source": cfg.pair_source, "threshold": cfg.threshold,
                                          "questions": len(records)})
-    return {"rft": control, **{name: {"pairs": s["pairs"], "mean_gap": s["mean_gap"]}
-                               for name, s in {**rounds, **ablation}.items()}}
+    pair_stats = {name: {"pairs": s["pairs"], "mean_gap": s["mean_gap"]}
+                  for name, s in {**rounds, **ablation}.items()}
+    return {"rft": control, "sft-continued": continued, **pair_stats}
 
 
 def improve_grpo(r: Run) -> dict:
@@ -357,7 +377,7 @@ def improve_grpo(r: Run) -> dict:
 
 
 def improved_models(cfg: RunConfig) -> list[str]:
-    return ([f"dpo-r{k}" for k in range(1, cfg.dpo.rounds + 1)] + ["rft"]
+    return ([f"dpo-r{k}" for k in range(1, cfg.dpo.rounds + 1)] + ["rft", "sft-continued"]
             + [f"dpo-r1-{s}" for s in cfg.dpo.ablation]
             + [f"grpo-{run}" for run in cfg.grpo.runs])
 
@@ -394,7 +414,8 @@ def evaluate_improved(r: Run) -> dict:
 
 def _claims(cfg: RunConfig) -> list[tuple[str, str]]:
     last = f"dpo-r{cfg.dpo.rounds}"
-    pairs = [("dpo-r1", "sft"), (last, "sft"), (last, "dpo-r1"), ("rft", "sft"), (last, "rft")]
+    pairs = [("dpo-r1", "sft"), (last, "sft"), (last, "dpo-r1"), ("rft", "sft"), (last, "rft"),
+             ("sft-continued", "sft"), (last, "sft-continued")]
     pairs += [("dpo-r1", f"dpo-r1-{s}") for s in cfg.dpo.ablation]
     runs = [f"grpo-{run}" for run in cfg.grpo.runs]
     pairs += [(a, "sft") for a in runs] + [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]]
@@ -409,7 +430,7 @@ def _final_beam(r: Run, model: str) -> tuple[dict, dict]:
     temperature = json.loads(r.paths.stage_marker("search").read_text())["temperature"]
     n = max(cfg.beam_ns)
     preds, compute = beam_search(_policy(r, model), _prm(r), records, n, cfg.keep, temperature,
-                                 cfg.step_tokens, cfg.max_steps, seed=0)
+                                 cfg.step_tokens, cfg.max_steps, seed=_search_seed(r.cfg))
     row = {**summarize(preds, model, "beam", n, split), **compute, "temperature": temperature}
     comparison = paired_comparison(preds, _greedy(r, model, records), f"{model}/beam@{n}", f"{model}/greedy")
     return row, {**comparison, "split": split}

@@ -28,7 +28,7 @@ from .errors import ChainstepError
 from .inputs import collate, encode_prompt, extend_text
 from .models import load
 from .sampling import SHARED_PREFIX_MODELS
-from .scoring import ChainScore, StepScores, regroup, score_joined
+from .scoring import ChainScore, StepScores, finished, regroup, score_joined
 from .steps import (
     ANSWER_END,
     ANSWER_START,
@@ -227,7 +227,8 @@ class PRM:
         return out
 
     def chain_scores(self, records: list[dict], responses: list[str]) -> list[float]:
-        return [self.scoring(s) for s in self.score(records, responses)]
+        """Chain scores of finished chains (no answer: a wrong answer)."""
+        return [self.scoring(finished(s)) for s in self.score(records, responses)]
 
     @torch.inference_mode()
     def score_continuations(self, records: list[dict], prefixes: list[str],

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .prm import PRM
+from .checks import check_chain
 from .records import JsonlWriter, by_sample, family_of
-from .steps import parse, parses
+from .steps import FormatError, parse, parses
+from .verifier import Verifier
 
 
 def auroc(scores: list[float], labels: list[int]) -> float | None:
@@ -26,7 +27,7 @@ def auroc(scores: list[float], labels: list[int]) -> float | None:
     return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def evaluate_prm(prm: PRM, rows: list[dict]) -> dict:
+def evaluate_prm(prm: Verifier, rows: list[dict]) -> dict:
     """Step-level and selection-level quality on held-out labelled chains.
 
     `ranking_auroc` is what selection needs: for two chains of one question, one right and one
@@ -101,7 +102,7 @@ def label_agreement(rows: list[dict]) -> float | None:
     return sum(same) / len(same) if same else None
 
 
-def write_traces(prm: PRM, rows: list[dict], path: str | Path, limit: int = 12) -> Path:
+def write_traces(prm: Verifier, rows: list[dict], path: str | Path, limit: int = 12) -> Path:
     """Chains labelled by both MC and the judge, with the PRM's score for every step: the
     report's step-trace viewer."""
     both = [s for s in by_sample(rows).values() if {"mc", "judge"} <= s.keys()][:limit]
@@ -120,3 +121,29 @@ def write_traces(prm: PRM, rows: list[dict], path: str | Path, limit: int = 12) 
                           "answer": judge["answer"], "predicted": chain.answer,
                           "correct": bool(judge["labels"][-1]), "answer_prm": score.answer, "steps": steps})
     return path
+
+
+def check_quality(rows: list[dict]) -> dict:
+    """The checks (`chainstep.checks`) against the programmatic judge, on judge-labelled chains:
+    `false_fail` is the share of chains right in every step that a check fails, `false_pass` the
+    share of wrong chains (a wrong answer or a wrong step) that pass every check, and
+    `lucky_caught` the share of lucky guesses (right answer, wrong step) a check fails."""
+    right, wrong, lucky = [], [], []
+    for row in rows:
+        try:
+            chain = parse(row["response"])
+        except FormatError:
+            continue
+        passed = check_chain(list(chain.steps), chain.answer, row.get("question", ""),
+                             row.get("options")).passed
+        every_step = all(y == 1 for y in row["labels"] if y is not None)
+        (right if every_step else wrong).append(passed)
+        if row["labels"][-1] == 1 and not every_step:
+            lucky.append(passed)
+
+    def share(flags: list[bool], value: bool) -> float | None:
+        return sum(f == value for f in flags) / len(flags) if flags else None
+
+    return {"chains_right": len(right), "chains_wrong": len(wrong), "lucky_guesses": len(lucky),
+            "false_fail": share(right, False), "false_pass": share(wrong, True),
+            "lucky_caught": share(lucky, False)}

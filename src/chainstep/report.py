@@ -16,8 +16,8 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from .layout import RunLayout
 from .records import iter_jsonl, load_tasks
 
-MODEL_ORDER = ("base", "sft", "dpo-r1", "dpo-r2", "dpo-r3", "rft", "grpo-prm", "grpo-outcome",
-               "grpo-prm-step")
+MODEL_ORDER = ("base", "sft", "sft-continued", "dpo-r1", "dpo-r2", "dpo-r3", "rft", "grpo-prm",
+               "grpo-outcome", "grpo-prm-step", "grpo-random")
 ABLATION_PREFIX = "dpo-r1-"
 
 

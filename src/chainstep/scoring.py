@@ -77,6 +77,14 @@ class ChainScore:
         return cls(prm.get("step_weight", cls.step_weight), prm.get("aggregate", cls.aggregate), "verifier")
 
 
+def finished(scores: StepScores) -> StepScores:
+    """The scores of a chain whose generation has ended: one with no answer (cut at the token
+    limit, stopped early) has a wrong answer, so its answer term is 0 rather than left out; read
+    by its steps alone, an unfinished chain would outrank finished ones whose answers the
+    verifier doubts. Partial chains in step search keep `answer=None`."""
+    return scores if scores.answer is not None else StepScores(scores.steps, 0.0)
+
+
 def aggregate(values: list[float], how: str) -> float | None:
     if not values:
         return None

@@ -18,10 +18,12 @@ from .answers import normalize
 from .config import DEFAULT_SEARCH_TEMPERATURE, STRATEGIES, SearchConfig, check_strategy
 from .errors import ChainstepError
 from .evaluate import response_row, sample_responses, summarize
-from .prm import PRM
+from .judge import JudgeVerifier
 from .records import replace_jsonl
 from .sampling import Generation, Policy, SamplingParams
+from .scoring import finished
 from .steps import ANSWER_END, STEP_END, leading_steps, parses
+from .verifier import CheckedVerifier, Verifier
 
 
 def _answer_key(row: dict) -> str | None:
@@ -76,7 +78,7 @@ def select(strategy: str, rows: list[dict], scores: list[float] | None = None) -
             "prm_chains": len(rows) if strategy in ("bon", "weighted") else 0}
 
 
-def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int = 1,
+def beam_search(policy: Policy, prm: Verifier, records: list[dict], n: int, keep: int = 1,
                 temperature: float = DEFAULT_SEARCH_TEMPERATURE, step_tokens: int = 96, max_steps: int = 10,
                 seed: int | None = None, extractor=None) -> tuple[list[dict], dict]:
     """Step-level beam search; returns graded rows (one per record) and its compute."""
@@ -86,7 +88,7 @@ def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int
     params = SamplingParams(n=max(1, n // keep), temperature=temperature, max_tokens=step_tokens,
                             stop_at_step=True, seed=seed)
     beams = {r["id"]: [""] for r in records}
-    finished: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    ended: dict[str, list[tuple[float, str]]] = defaultdict(list)
     tokens, chains = defaultdict(int), defaultdict(int)
     by_id = {r["id"]: r for r in records}
     for depth in range(max_steps + 1):
@@ -103,19 +105,21 @@ def beam_search(policy: Policy, prm: PRM, records: list[dict], n: int, keep: int
             tokens[qid] += sum(g.num_tokens for g in group)
         step_scores = prm.score_continuations([by_id[q] for q, _ in active], [p for _, p in active],
                                               [[g.text for g in group] for group in gens])
-        scores = [prm.scoring(s) for group in step_scores for s in group]
+        done = [d for _, _, d in candidates]
+        scores = [prm.scoring(finished(s) if d else s)
+                  for d, s in zip(done, (s for group in step_scores for s in group))]
         grouped = defaultdict(list)
         for (qid, text, done), score in zip(candidates, scores):
             grouped[qid].append((score, text, done))
             chains[qid] += 1
         for qid, options in grouped.items():
             ranked = sorted(options, key=lambda o: (well_formed(o[1], o[2]), o[0]), reverse=True)
-            best = ranked[:keep - len(finished[qid])]
-            finished[qid] += [(s, t) for s, t, done in best if done]
+            best = ranked[:keep - len(ended[qid])]
+            ended[qid] += [(s, t) for s, t, done in best if done]
             beams[qid] = [t for _, t, done in best if not done]
     rows = []
     for record in records:
-        score, text = max(finished[record["id"]], default=(0.0, ""))
+        score, text = max(ended[record["id"]], default=(0.0, ""))
         row = response_row(record, Generation(text, tokens[record["id"]], "stop"), extractor=extractor)
         rows.append({**row, "prm_chains": chains[record["id"]], "prm_score": score})
     compute = {"tokens_generated": sum(tokens.values()), "prm_chains": sum(chains.values()),
@@ -141,7 +145,7 @@ def _final(params: SamplingParams) -> SamplingParams:
                           seed=params.seed)
 
 
-def _sample_and_score(policy: Policy, prm: PRM | None, records: list[dict], path, n: int,
+def _sample_and_score(policy: Policy, prm: Verifier | None, records: list[dict], path, n: int,
                       temperature: float, max_tokens: int, seed: int, extractor=None):
     """N graded samples per record (resumable file) and their PRM scores (None without a PRM),
     with wall times; all chains are scored in one batched pass."""
@@ -151,14 +155,14 @@ def _sample_and_score(policy: Policy, prm: PRM | None, records: list[dict], path
     sample_s = time.time() - start
     rows = [r for rec in records for r in samples[rec["id"]]]
     start = time.time()
-    scores = prm.score([rec for rec in records for _ in range(n)], [r["response"] for r in rows]) \
-        if prm else [None] * len(rows)
+    scores = [finished(s) for s in prm.score([rec for rec in records for _ in range(n)],
+                                             [r["response"] for r in rows])] if prm else [None] * len(rows)
     score_s = time.time() - start
     by_q = {rec["id"]: (samples[rec["id"]], scores[i * n:(i + 1) * n]) for i, rec in enumerate(records)}
     return by_q, sample_s, score_s
 
 
-def _predictions(by_q: dict, strategy: str, n: int, prm: PRM | None,
+def _predictions(by_q: dict, strategy: str, n: int, prm: Verifier | None,
                  step_weight: float | None = None) -> list[dict]:
     preds = []
     for rows, scores in by_q.values():
@@ -170,7 +174,7 @@ def _predictions(by_q: dict, strategy: str, n: int, prm: PRM | None,
     return preds
 
 
-def choose_temperature(policy: Policy, prm: PRM, records: list[dict], cfg: SearchConfig,
+def choose_temperature(policy: Policy, prm: Verifier, records: list[dict], cfg: SearchConfig,
                        out_dir: Path, max_tokens: int, seed: int = 0) -> tuple[float, list[dict]]:
     """Sample the val questions at each temperature; the best BoN accuracy (then SC, then the
     lower temperature) picks the one used. Every temperature tried is recorded, a single one too."""
@@ -189,7 +193,7 @@ def choose_temperature(policy: Policy, prm: PRM, records: list[dict], cfg: Searc
     return best["temperature"], sweep
 
 
-def evaluate_search(policy: Policy, prm: PRM, records: list[dict], cfg: SearchConfig, out_dir: Path,
+def evaluate_search(policy: Policy, prm: Verifier, records: list[dict], cfg: SearchConfig, out_dir: Path,
                     temperature: float, model: str, split: str, max_tokens: int,
                     seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
     """Every strategy at every N on `records`: results rows, step-weight ablation rows, and the
@@ -198,6 +202,7 @@ def evaluate_search(policy: Policy, prm: PRM, records: list[dict], cfg: SearchCo
     path = out_dir / f"{model}-{split}-samples.jsonl"
     by_q, sample_s, score_s = _sample_and_score(policy, prm, records, path, top, temperature,
                                                 max_tokens, seed)
+    learned = prm.last_base if isinstance(prm, CheckedVerifier) else None  # before beam search rescores
     results, final = [], {}
     for n in cfg.ns:
         for strategy in ("pass", "sc", "bon", "weighted"):
@@ -217,6 +222,13 @@ def evaluate_search(policy: Policy, prm: PRM, records: list[dict], cfg: SearchCo
                         "temperature": temperature})
         if n == max(cfg.beam_ns):
             final["beam"] = preds
+    for name, scores in verifier_controls(records, by_q, top, learned).items():
+        control = {qid: (rows, scores[qid]) for qid, (rows, _) in by_q.items()}
+        for strategy in ("bon", "weighted"):
+            preds = _predictions(control, strategy, top, prm)
+            results.append({**summarize(preds, model, f"{strategy}[{name}]", top, split),
+                            "temperature": temperature, "control": name})
+            final[f"{strategy}[{name}]"] = preds
     ablation = []
     for w in cfg.step_weights:
         preds = _predictions(by_q, "bon", top, prm, step_weight=w)
@@ -226,6 +238,23 @@ def evaluate_search(policy: Policy, prm: PRM, records: list[dict], cfg: SearchCo
     return results, ablation, final
 
 
+def verifier_controls(records: list[dict], by_q: dict, n: int,
+                      learned: list | None = None) -> dict[str, dict[str, list]]:
+    """Other verifiers' scores of the same sampled chains, per question: the checks alone, the
+    learned PRM alone (`learned`: its scores, in sampling order, when the search verifier is the
+    PRM under the checks) and the programmatic judge as an oracle (tasks with step facts)."""
+    recs = [rec for rec in records for _ in range(n)]
+    texts = [row["response"] for rows, _ in by_q.values() for row in rows[:n]]
+    scorers = {"checks": CheckedVerifier().score}
+    if all(rec.get("meta", {}).get("steps") for rec in records):
+        scorers["judge"] = JudgeVerifier().score
+    flat = {name: score(recs, texts) for name, score in scorers.items()}
+    if learned is not None:
+        flat["learned"] = learned
+    return {name: {rec["id"]: [finished(s) for s in scores[i * n:(i + 1) * n]]
+                   for i, rec in enumerate(records)} for name, scores in flat.items()}
+
+
 def _compute(preds: list[dict], wall_s: float, estimated: bool) -> dict:
     return {"tokens_generated": sum(p["tokens"] for p in preds),
             "prm_chains": sum(p["prm_chains"] for p in preds),
@@ -233,7 +262,7 @@ def _compute(preds: list[dict], wall_s: float, estimated: bool) -> dict:
 
 
 def search_predictions(strategy: str, policy: Policy, records: list[dict], n: int, out_dir: Path,
-                       name: str, split: str, prm: PRM | None = None,
+                       name: str, split: str, prm: Verifier | None = None,
                        temperature: float = DEFAULT_SEARCH_TEMPERATURE, max_tokens: int = 256,
                        cfg: SearchConfig | None = None, seed: int = 0,
                        extractor=None) -> tuple[list[dict], dict]:

@@ -38,10 +38,10 @@ from pydantic import BaseModel, Field
 from .config import VERIFIER_STRATEGIES, check_strategy
 from .errors import ChainstepError
 from .inputs import encode_prompt
-from .prm import PRM
 from .sampling import Generation, Policy, SamplingParams, load_policy
 from .search import beam_search, select
 from .steps import ANSWER_END, FormatError, parse
+from .verifier import Verifier, load_verifier
 
 
 @dataclass
@@ -235,7 +235,7 @@ def _cut_at_stop(gen: Generation, stop: str | list[str] | None) -> tuple[str, st
     return text, reason
 
 
-def describe(texts: list[str], record: dict, prm: PRM | None) -> list[dict]:
+def describe(texts: list[str], record: dict, prm: Verifier | None) -> list[dict]:
     """The extension field of each choice: parsed steps, answer and (with a PRM) their scores,
     all parsed choices scored in one batched PRM call."""
     out = []
@@ -257,7 +257,7 @@ def describe(texts: list[str], record: dict, prm: PRM | None) -> list[dict]:
     return out
 
 
-def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None = None,
+def create_app(policy: Policy, prm: Verifier | None = None, cfg: ServeConfig | None = None,
                name: str = "chainstep"):
     """The FastAPI app; `chainstep serve` runs it under uvicorn, tests run it in a thread."""
     from fastapi import FastAPI, Request
@@ -347,7 +347,7 @@ def create_app(policy: Policy, prm: PRM | None = None, cfg: ServeConfig | None =
                                               "total_tokens": prompt + completion},
                 "chainstep": {"strategy": search.strategy, "n": params.n, "choices": described, **extra}}
 
-    def _scorer(search: SearchOptions) -> PRM | None:
+    def _scorer(search: SearchOptions) -> Verifier | None:
         """The PRM runs only where it is asked for, or where the strategy ranks by it anyway."""
         return prm if search.scores or search.strategy in VERIFIER_STRATEGIES else None
 
@@ -415,6 +415,6 @@ def serve(model_dir: str | Path, prm_dir: str | Path | None = None, cfg: ServeCo
     if not (model_dir / "config.json").exists():
         raise ChainstepError(f"{model_dir} is not a saved model directory (no config.json)")
     policy = load_policy(model_dir, backend)
-    prm = PRM.from_dir(prm_dir, step_weight=step_weight, aggregate=aggregate) if prm_dir else None
+    prm = load_verifier(prm_dir, step_weight=step_weight, aggregate=aggregate) if prm_dir else None
     app = create_app(policy, prm, cfg, cfg.name or model_dir.name)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

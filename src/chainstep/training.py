@@ -182,6 +182,8 @@ def fit(trainer: ResumableTrainer, cfg: TrainConfig, processor, model_dir: Path,
     changed = last is not None or weights_digest(trainer.model, trainable_only=True) != start
     model = trainer.model.merge_and_unload() if cfg.lora else trainer.model
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    for callback in trainer.callback_handler.callbacks:
+        meta.update(callback.summary() if hasattr(callback, "summary") else {})
     if not trainer.is_world_process_zero():
         return out_dir
     if not changed:

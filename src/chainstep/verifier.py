@@ -1,0 +1,133 @@
+"""One verifier interface for every consumer: search, DPO pair scores, GRPO rewards, the server
+and `chainstep eval` score chains through `Verifier`, whatever is behind it.
+
+- a learned PRM (`prm.PRM`), read with the rule it was trained with;
+- the programmatic judge as an oracle (`judge.JudgeVerifier`, `judge[:FLIP]`);
+- the checks alone (`checks`): arithmetic, operands, option letters and the answer's copy, from
+  the chain's text (`chainstep.checks`);
+- a PRM with the checks (`CheckedVerifier`): a step the checks cover gets their verdict, the PRM
+  scores what they do not. Whether a PRM is read with the checks is a verifier setting
+  (`prm.checks`), saved with it like its chain-score rule and overridable by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from .checks import check_answer, check_steps
+from .errors import ChainstepError
+from .scoring import ChainScore, StepScores, score_joined
+from .steps import ANSWER_END, FormatError, extract_answer, leading_steps, parse
+
+UNCHECKED = 0.5  # what the checks alone give a step they cannot judge
+
+
+class Verifier(Protocol):
+    scoring: ChainScore
+    chains_scored: int
+    forward_passes: int
+
+    def score(self, records: list[dict], responses: list[str]) -> list[StepScores]:
+        """P(good) per step and for the answer (None while the chain has no answer)."""
+        ...
+
+    def score_continuations(self, records: list[dict], prefixes: list[str],
+                            continuations: list[list[str]]) -> list[list[StepScores]]:
+        """Scores of each prefix + continuation (step search)."""
+        ...
+
+
+class CheckedVerifier:
+    """The checks' verdicts where they have one (1 held, 0 failed), `base`'s scores elsewhere
+    (`UNCHECKED` without a base). An answer the chain did not conclude is 0; one it did keeps
+    the base's score, since concluding it does not make it right."""
+
+    def __init__(self, base: Verifier | None = None, scoring: ChainScore | None = None):
+        self.base = base
+        self.scoring = scoring or (base.scoring if base is not None else ChainScore())
+        self.chains_scored = 0
+        self.last_base: list[StepScores] | None = None  # the base's scores in the last call (controls)
+        self.check_counts = {"steps": 0, "checked": 0, "failed": 0, "answers_failed": 0}
+
+    @property
+    def forward_passes(self) -> int:
+        return self.base.forward_passes if self.base is not None else 0
+
+    def describe(self) -> dict:
+        return {"checks": True, "base": type(self.base).__name__ if self.base else None}
+
+    def score(self, records: list[dict], responses: list[str]) -> list[StepScores]:
+        return self.combine(records, responses,
+                            self.base.score(records, responses) if self.base is not None else None)
+
+    def combine(self, records: list[dict], responses: list[str],
+                base: list[StepScores] | None = None) -> list[StepScores]:
+        """The checks over scores `base` already gave these chains (a control that compares the
+        base alone with the base under the checks scores each chain once)."""
+        self.chains_scored += len(records)
+        self.last_base = base
+        return [self._combine(r, t, b) for r, t, b in zip(records, responses, base or [None] * len(records))]
+
+    def score_continuations(self, records: list[dict], prefixes: list[str],
+                            continuations: list[list[str]]) -> list[list[StepScores]]:
+        return score_joined(self.score, records, prefixes, continuations)
+
+    def _combine(self, record: dict, text: str, base: StepScores | None) -> StepScores:
+        steps = leading_steps(text)
+        checks = check_steps(steps, record.get("question", ""), record.get("options"))
+        values = list(base.steps) if base is not None else [UNCHECKED] * len(steps)
+        for i, check in enumerate(checks[:len(values)]):
+            self.check_counts["steps"] += 1
+            if check.verdict is not None:
+                self.check_counts["checked"] += 1
+                self.check_counts["failed"] += check.verdict is False
+                values[i] = float(check.verdict)
+        if ANSWER_END not in text:
+            return StepScores(values, None)
+        answer = check_answer(steps, _answer(text), record.get("options"))
+        if answer.verdict is False:
+            self.check_counts["answers_failed"] += 1
+            return StepScores(values, 0.0)
+        if base is not None and base.answer is not None:
+            return StepScores(values, base.answer)
+        return StepScores(values, 1.0 if answer.verdict else UNCHECKED)
+
+
+def _answer(text: str) -> str | None:
+    try:
+        return parse(text).answer
+    except FormatError:
+        return extract_answer(text)
+
+
+def load_verifier(spec: str | Path, batch_size: int = 32, step_weight: float | None = None,
+                  aggregate: str | None = None, checks: bool | None = None,
+                  device: str | None = None) -> Verifier:
+    """`judge[:FLIP]` (the programmatic judge, flipping FLIP of its verdicts), `checks` (the
+    checks alone), or a PRM directory, read with the rule and the checks setting it was trained
+    with; `step_weight`, `aggregate` and `checks` override them."""
+    spec = str(spec)
+    if spec == "judge" or spec.startswith("judge:"):
+        from .judge import JudgeVerifier
+
+        try:
+            flip = float(spec.partition(":")[2] or 0)
+        except ValueError:
+            raise ChainstepError(f"--prm {spec!r}: write judge or judge:FLIP, FLIP in [0, 1]") from None
+        return JudgeVerifier(flip=flip, scoring=ChainScore().override(step_weight, aggregate))
+    if spec == "checks":
+        return CheckedVerifier(None, ChainScore().override(step_weight, aggregate))
+    from .prm import PRM
+
+    prm = PRM.from_dir(spec, device=device, batch_size=batch_size, step_weight=step_weight,
+                       aggregate=aggregate)
+    return CheckedVerifier(prm) if (trained_checks(spec) if checks is None else checks) else prm
+
+
+def trained_checks(model_dir: str | Path) -> bool:
+    """Whether a PRM is read with the checks: what its summary says (`prm.checks`), off for a
+    checkpoint that says nothing."""
+    meta = Path(model_dir) / "chainstep.json"
+    return bool(json.loads(meta.read_text()).get("prm", {}).get("checks", False)) if meta.exists() else False

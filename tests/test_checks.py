@@ -1,0 +1,93 @@
+import pytest
+
+from chainstep.checks import check_answer, check_chain, check_steps, evaluate, stated_facts
+from chainstep.steps import Step
+from chainstep.teacher import ProgrammaticTeacher
+
+
+def steps(*thoughts: str) -> list[Step]:
+    return [Step(f"Step {i}", t, "ok") for i, t in enumerate(thoughts)]
+
+
+def verdicts(checks) -> list:
+    return [c.verdict for c in checks]
+
+
+@pytest.mark.parametrize("text, value", [
+    ("7 + 4", 11), ("3 cm + 4.5 cm", 7.5), ("12 × 3 − 4", 32), ("(2 + 3) x 4", 20),
+    ("$1,200 - $300", 900), ("10 / 4", 2.5), ("6 times 7", 42), ("2 * 3 + 4 * 5", 26),
+])
+def test_evaluate_reads_written_arithmetic(text, value):
+    assert evaluate(text) == pytest.approx(value)
+
+
+def test_evaluate_refuses_what_is_not_arithmetic():
+    assert evaluate("__import__('os')") is None
+    assert evaluate("2 ** 10") is None
+
+
+def test_suite_arithmetic_slips_fail_and_right_steps_hold():
+    chain = steps("Red shapes: 3", "Blue shapes: 4", "Green shapes: 2", "Red plus blue: 3 + 4 = 8")
+    assert verdicts(check_steps(chain, "How many red and blue shapes are there in total?")) == \
+        [None, None, None, False]
+    right = steps("Red shapes: 3", "Blue shapes: 4", "Green shapes: 2", "Red plus blue: 3 + 4 = 7")
+    assert verdicts(check_steps(right, "q")) == [None, None, None, True]
+
+
+def test_an_operand_never_stated_or_bound_to_another_colour_fails():
+    unstated = steps("Red bar: 3", "Blue bar: 4", "Tallest minus shortest: 6 - 3 = 3")
+    assert verdicts(check_steps(unstated, "What is the difference?"))[-1] is False
+    miscopied = steps("Red shapes: 3", "Blue shapes: 4", "Green shapes: 7", "Red plus blue: 7 + 4 = 11")
+    check = check_steps(miscopied, "q")[-1]
+    assert check.verdict is False and "named values" in check.reasons[-1]
+    # a number the question states is an operand the chain may use
+    assert verdicts(check_steps(steps("Cost: 5 + 12 = 17"), "A pen costs 5 and a book 12."))[0] is True
+
+
+def test_option_letters_are_checked_against_the_question_list():
+    chain = steps("Red shape: large", "Blue shape: small", "Largest: red, option B")
+    options = ["red", "blue", "green"]
+    assert verdicts(check_steps(chain, "What colour is the largest shape?", options))[-1] is False
+    fixed = steps("Red shape: large", "Blue shape: small", "Largest: red, option A")
+    assert verdicts(check_steps(fixed, "q", options))[-1] is True
+    assert verdicts(check_steps(steps("Pick option F"), "q", options))[0] is False
+    assert verdicts(check_steps(fixed, "q", None))[-1] is None  # no list: nothing to check
+
+
+def test_answer_must_be_what_the_chain_concluded():
+    chain = steps("Red shapes: 3", "Blue shapes: 4", "Red plus blue: 3 + 4 = 7")
+    assert check_answer(chain, "7").verdict is True
+    assert check_answer(chain, "8").verdict is False
+    assert check_answer(chain, None).verdict is False  # a truncated chain has no answer
+    letter = steps("Largest: red, option A")
+    assert check_answer(letter, "A").verdict is True
+    assert check_answer(letter, "(B)").verdict is False
+    assert check_answer(letter, "red", ["red", "blue"]).verdict is True
+    assert check_answer(steps("The sky looks blue"), "blue").verdict is None
+
+
+def test_benchmark_style_free_text():
+    # MathVista-like: decimals and units; the area step is right, the total is not
+    mathvista = steps("The rectangle is 4.5 cm by 2 cm.", "Area = 4.5 cm x 2 cm = 9 cm^2",
+                      "Two of them: 9 + 9 = 19")
+    assert verdicts(check_steps(mathvista, "What is the total area of the two rectangles?")) == \
+        [None, True, False]
+    # ChartQA-like: thousands separators and percentages, a rounded quotient
+    chartqa = steps("The 2019 bar is 1,250 and the 2020 bar is 1,500.", "Increase: 1,500 - 1,250 = 250",
+                    "Growth: 250 / 1,250 x 100 = 20%", "Per month: 250 / 12 = 20.83")
+    checks = check_steps(chartqa, "By what percentage did sales grow from 2019 to 2020?")
+    assert verdicts(checks) == [None, True, True, True]
+    assert check_answer(chartqa[:3], "20%").verdict is True
+
+
+def test_stated_facts_keep_only_unambiguous_words():
+    facts = stated_facts(["Red shapes: 3", "From the image, blue bar: 5", "Red plus blue: 3 + 5 = 8"])
+    assert facts == {"red": 3.0, "blue": 5.0}
+
+
+def test_teacher_chains_of_every_family_pass(train_records):
+    teacher = ProgrammaticTeacher()
+    for record in train_records:
+        chain = teacher.chain(record)
+        result = check_chain(list(chain.steps), chain.answer, record["question"], record.get("options"))
+        assert result.passed, (record["id"], [c.reasons for c in result.steps], result.answer.reasons)

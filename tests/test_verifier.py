@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from chainstep.errors import ChainstepError
+from chainstep.judge import JudgeVerifier
+from chainstep.prm import PRM
+from chainstep.scoring import ChainScore, StepScores, finished
+from chainstep.steps import Chain, Step, render
+from chainstep.verifier import UNCHECKED, CheckedVerifier, load_verifier
+
+RECORD = {"id": "q", "question": "How many red and blue shapes are there in total?", "options": None,
+          "answer": "7", "image": "x.png"}
+
+
+def chain(sum_line: str, answer: str) -> str:
+    return render(Chain((Step("Count red", "Red shapes: 3", "ok"), Step("Count blue", "Blue shapes: 4", "ok"),
+                         Step("Add", sum_line, "ok")), answer))
+
+
+class FixedVerifier:
+    """A base verifier that gives every step and answer one value."""
+
+    def __init__(self, value: float):
+        self.value, self.scoring, self.chains_scored, self.forward_passes = value, ChainScore(), 0, 3
+
+    def score(self, records, responses):
+        return [StepScores([self.value] * r.count("<|reasoning_step_end|>"),
+                           self.value if "<|answer_end|>" in r else None) for r in responses]
+
+
+def test_checked_steps_get_the_verdict_the_rest_the_base_score():
+    verifier = CheckedVerifier(FixedVerifier(0.6))
+    right, slip, copy = verifier.score([RECORD] * 3, [chain("Red plus blue: 3 + 4 = 7", "7"),
+                                                      chain("Red plus blue: 3 + 4 = 8", "8"),
+                                                      chain("Red plus blue: 3 + 4 = 7", "8")])
+    assert right == StepScores([0.6, 0.6, 1.0], 0.6)
+    assert slip == StepScores([0.6, 0.6, 0.0], 0.6)
+    assert copy == StepScores([0.6, 0.6, 1.0], 0.0)  # the answer is not what the chain concluded
+    assert verifier.forward_passes == 3 and verifier.chains_scored == 3
+    assert verifier.scoring(right) > verifier.scoring(slip) > verifier.scoring(copy)
+
+
+def test_checks_alone_and_partial_chains():
+    verifier = CheckedVerifier()
+    full = chain("Red plus blue: 3 + 4 = 7", "7")
+    partial = full[:full.index("<|answer_start|>")]
+    scores = verifier.score([RECORD] * 2, [full, partial])
+    assert scores[0] == StepScores([UNCHECKED, UNCHECKED, 1.0], 1.0)
+    assert scores[1].answer is None  # step search: not finished yet
+    assert finished(scores[1]).answer == 0.0  # a finished chain without an answer: a wrong one
+
+
+def test_checks_raise_the_oracle_judge_nowhere_and_lower_a_noisy_one(train_records):
+    record = next(r for r in train_records if r["meta"]["steps"][-1]["value"].count("=") == 1)
+    facts = record["meta"]["steps"]
+    steps = tuple(Step(f["name"], f"{f['key']}: {f['value']}", "ok") for f in facts)
+    right = render(Chain(steps, record["answer"]))
+    expression, _, result = facts[-1]["value"].rpartition(" = ")
+    wrong_sum = Step(facts[-1]["name"], f"{facts[-1]['key']}: {expression} = {int(result) + 1}", "ok")
+    slip = render(Chain(steps[:-1] + (wrong_sum,), str(int(result) + 1)))
+    oracle, checked = JudgeVerifier(), CheckedVerifier(JudgeVerifier())
+    assert checked.score([record] * 2, [right, slip]) == oracle.score([record] * 2, [right, slip])
+    noisy = CheckedVerifier(JudgeVerifier(flip=1.0))  # every verdict flipped: calls the slip good
+    assert noisy.score([record], [slip])[0].steps[-1] == 0.0
+
+
+def test_load_verifier_reads_the_checks_setting(sft_model_dir, tmp_path):
+    assert isinstance(load_verifier("checks"), CheckedVerifier)
+    assert isinstance(load_verifier("judge:0.2"), JudgeVerifier)
+    with pytest.raises(ChainstepError, match="judge:FLIP"):
+        load_verifier("judge:lots")
+    meta = json.loads((sft_model_dir / "chainstep.json").read_text())
+    assert "checks" not in meta.get("prm", {})
+    assert isinstance(load_verifier(sft_model_dir), PRM)  # a checkpoint that says nothing
+    with_checks = load_verifier(sft_model_dir, checks=True)
+    assert isinstance(with_checks, CheckedVerifier) and isinstance(with_checks.base, PRM)
