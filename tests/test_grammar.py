@@ -62,6 +62,23 @@ def test_a_broken_prefix_is_left_unconstrained_and_interventions_are_counted(tin
     out = grammar(torch.zeros(2, 3, dtype=torch.long), scores)
     assert out[0].argmax() == tok.convert_tokens_to_ids(REASONING_START) and grammar.interventions == [1, 0]
     assert torch.isfinite(out[1]).all()
+    assert grammar.errors == [False, True]  # the broken row sampled free, and says so
+
+
+def test_interventions_count_the_probability_the_mask_removed(tiny_model_dir):
+    from chainstep.models import load
+
+    _, processor = load(tiny_model_dir("llava"))
+    tok, vocab = processor.tokenizer, len(processor.tokenizer)
+    start = tok.convert_tokens_to_ids(REASONING_START)
+    counts = []
+    for top in (30.0, 3.0):  # the allowed start token holds ~all the probability, then ~2%
+        grammar, _ = _grammar(processor, [""])
+        scores = torch.zeros(1, vocab)
+        scores[0, start] = top
+        grammar(torch.zeros(1, 3, dtype=torch.long), scores)
+        counts.append(grammar.interventions[0])
+    assert counts == [0, 1] and grammar.errors == [False]
 
 
 def test_every_sampled_chain_parses_under_the_grammar(sft_model_dir, test_records):

@@ -31,6 +31,39 @@ def test_a_second_run_on_a_held_directory_refuses_in_one_line(tmp_path):
                 pass
 
 
+@pytest.mark.parametrize("command", [
+    ["eval", "{run}/models/sft", "{run}/tasks/test.jsonl", "--out", "{run}/eval"],
+    ["report", "{run}"],
+    ["sft", "{run}/models/init", "{run}/data/sft.jsonl", "--out", "{run}/models/sft2"],
+    ["prm", "train", "{run}/models/sft", "{run}/data/prm_labels.jsonl", "--out", "{run}/models/prm2"],
+    ["dpo", "run", "{run}/models/sft", "{run}/tasks/train.jsonl", "--out", "{run}"],
+    ["grpo", "{run}/models/sft", "{run}/tasks/train.jsonl", "--out", "{run}/models/g"],
+    ["merge", "{run}/data/samples-train.jsonl", "--shards", "2"],
+])
+def test_every_writing_command_refuses_a_busy_run_directory(tmp_path, command):
+    out = tmp_path / "run"
+    (out / "models").mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+    (out / "config.yaml").write_text("{}")
+    with RunLayout(out).lock():
+        result = CliRunner().invoke(app, [part.format(run=out) for part in command])
+    assert result.exit_code == 1
+    message = str(result.exception)
+    assert "in use by another run" in message and "\n" not in message
+
+
+def test_writing_outside_a_run_directory_takes_no_lock(tmp_path):
+    from chainstep.layout import run_root, writing_into
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    with RunLayout(tmp_path / "run").lock():
+        assert run_root(tmp_path / "run" / "eval" / "x.jsonl") == tmp_path / "run"
+        assert run_root(tmp_path / "elsewhere") is None
+        with writing_into(tmp_path / "elsewhere"):
+            pass
+
+
 def test_paths_are_recorded_relative_to_where_they_are_read(tmp_path):
     run = RunLayout(tmp_path / "run")
     assert run.relative(run.model("sft")) == "models/sft"

@@ -79,3 +79,20 @@ def test_files_written_relative_to_the_working_directory_still_load(tmp_path, mo
     (tmp_path / "run/data").mkdir()
     (tmp_path / "run/data/sft.jsonl").write_text('{"id": "a", "image": "run/tasks/a.png"}\n')
     assert read_jsonl(tmp_path / "run/data/sft.jsonl")[0]["image"] == "run/tasks/a.png"
+
+
+def test_an_atomic_write_cut_midway_leaves_the_old_file(tmp_path, monkeypatch):
+    import os
+
+    from chainstep.records import write_json
+
+    path = write_json(tmp_path / "metrics.json", {"done": 1})
+
+    def killed(fd):
+        raise KeyboardInterrupt  # what a kill between write and rename looks like to the writer
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"done": 2, "more": list(range(1000))})
+    assert json.loads(path.read_text()) == {"done": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -37,6 +38,20 @@ STEP_WEIGHT_OPTION = typer.Option(None, help="Chain score = w * agg(steps) + (1 
                                   "[default: the rule the PRM was trained with]")
 AGGREGATE_OPTION = typer.Option(None, help="How step scores aggregate: mean, min, last or prod "
                                 "[default: the PRM's own]")
+
+
+def writes_into(param: str):
+    """The command writes where its argument `param` points: while it runs it holds the lock of the
+    run directory that lies in, so it never writes into a run another process is writing."""
+    def decorate(command):
+        @functools.wraps(command)
+        def locked(*args, **kwargs):
+            from .layout import writing_into
+
+            with writing_into(kwargs[param]):
+                return command(*args, **kwargs)
+        return locked
+    return decorate
 
 
 @app.command()
@@ -163,6 +178,7 @@ def add_tokens(src: Path = typer.Argument(..., help="Local VLM directory"),
 
 
 @app.command()
+@writes_into("out")
 def construct(
     tasks: Path = typer.Argument(..., help="Task records, a LLaVA/ShareGPT JSON, or a parquet/JSON file"),
     out: Path = typer.Option(Path("data"), help="Folder for sft.jsonl, rejects.jsonl"),
@@ -229,6 +245,7 @@ def export(
 
 
 @app.command()
+@writes_into("out")
 def pretrain(
     model: Path = typer.Argument(..., help="A tiny model built from config (chainstep build-model)"),
     out: Path = typer.Option(..., help="Output model directory (the base SFT starts from)"),
@@ -247,6 +264,7 @@ def pretrain(
 
 
 @app.command()
+@writes_into("out")
 def sft(
     model: Path = typer.Argument(..., help="Starting model directory"),
     data: Path = typer.Argument(..., help="sft.jsonl (or direct.jsonl for the baseline)"),
@@ -262,6 +280,7 @@ def sft(
 
 
 @app.command("eval")
+@writes_into("out")
 def evaluate(
     model: Path = typer.Argument(..., help="Model directory"),
     tasks: Path = typer.Argument(None, help="Task records (e.g. tasks/test.jsonl); or --benchmark"),
@@ -383,6 +402,7 @@ def _eval_records(tasks: Path | None, benchmark: str | None, data: Path | None, 
 
 
 @app.command()
+@writes_into("out")
 def sample(
     model: Path = typer.Argument(..., help="Policy model directory"),
     tasks: Path = typer.Argument(..., help="Task records"),
@@ -416,6 +436,7 @@ def sample(
 
 
 @app.command()
+@writes_into("out")
 def label(
     samples: Path = typer.Argument(..., help="samples.jsonl from `chainstep sample`"),
     tasks: Path = typer.Argument(..., help="The task records the samples answer"),
@@ -453,6 +474,7 @@ app.add_typer(prm_app, name="prm")
 
 
 @prm_app.command("train")
+@writes_into("out")
 def prm_train(
     model: Path = typer.Argument(..., help="Starting model: an SFT policy or any VLM with the step tokens"),
     labels: Path = typer.Argument(..., help="prm_labels.jsonl"),
@@ -489,6 +511,7 @@ app.add_typer(dpo_app, name="dpo")
 
 
 @dpo_app.command("run")
+@writes_into("out")
 def dpo_run(
     sft_model: Path = typer.Argument(..., help="SFT policy: every round restarts from it"),
     tasks: Path = typer.Argument(..., help="Training task records (the first dpo.questions are used)"),
@@ -509,6 +532,7 @@ def dpo_run(
 
 
 @dpo_app.command("train")
+@writes_into("out")
 def dpo_train(
     model: Path = typer.Argument(..., help="Policy and reference start here"),
     pairs: Path = typer.Argument(..., help="pairs.jsonl (question_id, chosen, rejected)"),
@@ -528,6 +552,7 @@ def dpo_train(
 
 
 @app.command()
+@writes_into("out")
 def grpo(
     sft_model: Path = typer.Argument(..., help="Starting policy"),
     tasks: Path = typer.Argument(..., help="Training task records (the first grpo.questions are used)"),
@@ -575,6 +600,7 @@ def serve(
 
 
 @app.command()
+@writes_into("path")
 def merge(
     path: Path = typer.Argument(..., help="The file the shards stand for, e.g. data/samples.jsonl"),
     shards: int = typer.Option(..., help="N: how many shards the work was split into"),
@@ -589,6 +615,7 @@ def merge(
 
 
 @app.command()
+@writes_into("run_dir")
 def report(run_dir: Path = typer.Argument(..., help="Run directory")):
     """Rewrite report.html from a run directory's files."""
     from .report import write_report

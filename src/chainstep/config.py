@@ -464,7 +464,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, object] | N
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
+    from .records import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
 
 
 def _plain(value):

@@ -34,7 +34,7 @@ from .inputs import collate, encode_example
 from .judge import ProgrammaticJudge
 from .layout import RunLayout, relative_path
 from .models import load
-from .records import mean_of, read_jsonl, replace_jsonl
+from .records import mean_of, read_jsonl, replace_jsonl, write_json
 from .sampling import Policy, SamplingParams
 from .scoring import ChainScore, finished
 from .steps import REASONING_START, STEP_END, parse
@@ -401,7 +401,7 @@ def _round_once(policy, sft_dir, prm, records, out: RunLayout, name: str, cfg: D
         stats = json.loads(marker.read_text())
     else:
         stats = dpo_round(policy, sft_dir, prm, records, out, name, cfg, batch_size, samples_name)
-        marker.write_text(json.dumps(stats, indent=2))
+        write_json(marker, stats)
     if not stats["trained"]:
         console.print(f"[yellow]{name}: {stats['pairs']} pairs passed dpo.threshold={cfg.threshold}, fewer "
                       f"than dpo.min_pairs={cfg.min_pairs}: too little to change the model, nothing trained "

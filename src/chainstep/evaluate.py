@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import ChainstepError
 from .grading import grade_response
-from .records import JsonlWriter, family_of, iter_jsonl, mean_of, settings_path
+from .records import JsonlWriter, family_of, iter_jsonl, mean_of, settings_path, write_json
 from .sampling import Generation, Policy, SamplingParams
 
 Z95 = 1.959963984540054
@@ -33,6 +33,7 @@ def response_row(record: dict, gen: Generation, style: str = "cos", row_id: str 
     return {"id": row_id or record["id"], "question_id": record["id"], "family": family_of(record),
             "answer": record["answer"], "response": gen.text, "tokens": gen.num_tokens,
             "finish_reason": gen.finish_reason, "grammar_interventions": gen.grammar_interventions,
+            "grammar_error": gen.grammar_error,
             **grade_response(gen.text, record, style, extractor)}
 
 
@@ -46,6 +47,7 @@ def sample_stats(rows: list[dict]) -> dict:
     return {"chains": len(rows), "correct": mean(r["correct"] for r in rows),
             "parsed": mean(r["parsed"] for r in rows),
             "grammar_acted": mean(r.get("grammar_interventions", 0) > 0 for r in rows),
+            "grammar_errors": mean(r.get("grammar_error", False) for r in rows),
             "tokens": mean(r["tokens"] for r in rows),
             "steps": mean(r["steps"] for r in rows)}
 
@@ -73,7 +75,7 @@ def resumable_rows(out_path: Path, settings: dict) -> dict[str, dict]:
                 "delete the file to start again")
         return {p["id"]: p for p in iter_jsonl(out_path)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    beside.write_text(json.dumps(settings, indent=2))
+    write_json(beside, settings)
     return {}
 
 
@@ -226,5 +228,5 @@ def update_metrics(path: str | Path, results: list[dict] = (),
     metrics["comparisons"] = merge(metrics.get("comparisons", []), comparisons,
                                    lambda r: (r["a"], r["b"], r.get("split", "test")))
     metrics.update(sections)
-    path.write_text(json.dumps(metrics, indent=2))
+    write_json(path, metrics)
     return metrics

@@ -36,6 +36,7 @@ from .steps import (
 )
 
 _FIELD = r"/[^\n]*[^\s][^\n]*/"
+ACTED_MASS = 0.01  # masked probability from which a position counts as one the grammar acted on
 
 
 def step_grammar() -> str:
@@ -58,9 +59,13 @@ class StepGrammar(LogitsProcessor):
 
     `prefixes[i]` are the response tokens row i continues from (step beam search), consumed
     before the first new token. A row that has ended (an end id, or one of `stops`, such as the
-    step end a step search stops at), or that defensively left the grammar, is left alone:
-    generate pads it. `interventions[i]` counts the positions where the model's
-    most likely token was masked, the report's measure of how often the grammar had to act.
+    step end a step search stops at), or that left the grammar, is left alone: generate pads it.
+    A row whose matcher fails (a prefix outside the grammar, a grammar that did not compile, a
+    token the matcher refused) samples free from there, and `errors[i]` says so: the stats count
+    it rather than read it as "the grammar never had to act". `interventions[i]` counts the
+    positions where the mask changed the distribution the token was drawn from: the model's
+    most likely token was masked, or the masked tokens held at least `ACTED_MASS` of its
+    probability.
     Masks of the whole batch are filled in one call into one int32 bitmask (llguidance's
     executor), then unpacked on the tensor side."""
 
@@ -70,7 +75,8 @@ class StepGrammar(LogitsProcessor):
         for matcher, prefix in zip(self.matchers, prefixes):
             matcher.consume_tokens(prefix)
         self.stops = set(end_ids) | set(stops)  # a row that emits one is done: generate pads it
-        self.free = [m.is_error() for m in self.matchers]
+        self.errors = [m.is_error() for m in self.matchers]
+        self.free = list(self.errors)
         self.interventions = [0] * len(prefixes)
         self.prompt_length: int | None = None
         self.bitmask = torch.full(((len(prefixes)), (lltok.vocab_size + 31) // 32), -1, dtype=torch.int32)
@@ -92,7 +98,8 @@ class StepGrammar(LogitsProcessor):
         mask[:, :min(vocab, bits.shape[1])] = bits[:, :vocab]
         mask = torch.from_numpy(mask).to(scores.device)
         top_masked = ~mask.gather(1, scores.argmax(-1, keepdim=True)).squeeze(1)
-        for i in top_masked.nonzero().flatten().tolist():
+        masked_mass = scores.float().softmax(-1).masked_fill(mask, 0.0).sum(-1)
+        for i in (top_masked | (masked_mass >= ACTED_MASS)).nonzero().flatten().tolist():
             self.interventions[i] += 1
         return scores.masked_fill(~mask, float("-inf"))
 
@@ -100,8 +107,10 @@ class StepGrammar(LogitsProcessor):
         for i, token in enumerate(tokens):
             if self.free[i]:
                 continue
-            if token in self.stops or not self.matchers[i].consume_token(token):
+            if token in self.stops:
                 self.free[i] = True
+            elif not self.matchers[i].consume_token(token):
+                self.free[i] = self.errors[i] = True
 
 
 @lru_cache(maxsize=1)

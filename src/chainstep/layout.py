@@ -79,7 +79,7 @@ class RunLayout:
             holder = self.lock_file.read_text().strip() or "another process"
             os.close(fd)
             raise ChainstepError(f"{self.root} is in use by another run ({holder}); wait for it to "
-                                 "finish or choose another --out") from None
+                                 "finish or write elsewhere") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
@@ -89,6 +89,27 @@ class RunLayout:
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def run_root(path: str | Path) -> Path | None:
+    """The run directory `path` lies in (itself or the nearest ancestor a run has locked and
+    saved its config in), if any."""
+    path = Path(path).resolve()
+    return next((folder for folder in [path, *path.parents] if (folder / ".lock").exists()
+                 and (folder / "config.yaml").exists()), None)
+
+
+@contextmanager
+def writing_into(path: str | Path) -> Iterator[None]:
+    """Hold the lock of the run directory `path` lies in while writing there, as `chainstep run`
+    does: a command that writes into a busy run is refused in one line naming the holder.
+    Outside a run directory there is nothing to hold."""
+    root = run_root(path)
+    if root is None:
+        yield
+        return
+    with RunLayout(root).lock():
+        yield
 
 
 def relative_path(path: str | Path, start: str | Path) -> str:

@@ -29,6 +29,7 @@ from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
 
 from .errors import ChainstepError
+from .records import write_json
 from .steps import SPECIAL_TOKENS, TOKEN_DESCRIPTIONS
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -303,7 +304,7 @@ def save(model: PreTrainedModel, processor: ProcessorMixin, path: str | Path,
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
     if meta is not None:
-        (path / "chainstep.json").write_text(json.dumps(meta, indent=2))
+        write_json(path / "chainstep.json", meta)
     return path
 
 

@@ -33,7 +33,7 @@ from .layout import RunLayout
 from .pretrain import pretrain
 from .prm_metrics import check_quality, evaluate_prm, label_agreement, write_traces
 from .prm_train import train_prm
-from .records import load_tasks, read_jsonl
+from .records import load_tasks, read_jsonl, write_json
 from .report import write_report
 from .sampling import Policy, SamplingParams
 from .search import beam_search, choose_temperature, evaluate_search
@@ -62,7 +62,7 @@ class Run:
                 f"{self.dir} was started with a different config; resume it with the same "
                 "options, or pass a new --out")
         self.dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(current, indent=2))
+        write_json(saved, current)
         dump_config(self.cfg, self.paths.config_yaml)
 
     def stage(self, name: str, fn: Callable[[], dict | None]) -> None:
@@ -75,7 +75,7 @@ class Run:
         info = fn() or {}
         info["seconds"] = round(time.time() - start, 1)
         marker.parent.mkdir(exist_ok=True)
-        marker.write_text(json.dumps(info, indent=2))
+        write_json(marker, info)
         console.print(f"{name}: {info}")
 
 
@@ -386,13 +386,17 @@ def evaluate_improved(r: Run) -> dict:
     """Greedy test accuracy of every DPO/GRPO model, the comparisons the paper's claims rest
     on, and beam search on the final DPO model."""
     params = SamplingParams(max_tokens=r.cfg.eval.max_tokens)
-    results, comparisons, info = [], [], {}
+    results, comparisons, info, left_out = [], [], {}, {}
     for split in r.cfg.eval.splits:
         records = load_tasks(r.paths.split(split))
         preds = {"sft": read_jsonl(r.paths.predictions("sft", split))}
         for name in improved_models(r.cfg):
             if not (r.paths.model(name)).exists():
                 info[f"{name}/{split}"] = "not trained (too few pairs to change the model)"
+                continue
+            if not _weights_changed(r.paths.model(name)):
+                left_out[name] = "training left its weights unchanged: it is its start model"
+                info[f"{name}/{split}"] = f"left out: {left_out[name]}"
                 continue
             policy = _policy(r, name)
             preds[name] = predict(policy, records, r.paths.predictions(name, split), "cos", params)
@@ -408,8 +412,14 @@ def evaluate_improved(r: Run) -> dict:
         results.append(beam)
         comparisons.append(comparison)
         info[f"{final}/beam"] = round(beam["accuracy"], 3)
-    update_metrics(r.paths.metrics, results, comparisons)
+    update_metrics(r.paths.metrics, results, comparisons, left_out=left_out)
     return info
+
+
+def _weights_changed(model_dir: Path) -> bool:
+    """What the no-op guard recorded (`training.fit`); a model that does not say changed."""
+    summary = model_dir / "chainstep.json"
+    return not summary.exists() or json.loads(summary.read_text()).get("weights_changed", True)
 
 
 def _claims(cfg: RunConfig) -> list[tuple[str, str]]:

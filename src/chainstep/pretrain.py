@@ -37,6 +37,7 @@ from .config import PretrainConfig
 from .errors import ChainstepError
 from .layout import relative_path
 from .models import load, save
+from .records import write_json
 from .synthetic import COLOURS, FAMILIES, ORDER, SuiteConfig, readings
 from .training import VISION_PATTERNS, last_complete_checkpoint, model_meta, quiet_progress
 
@@ -242,6 +243,6 @@ def _store(entry: Path, model: nn.Module, info: dict) -> None:
     partial.mkdir(parents=True)
     state = {n: p.detach().cpu().contiguous() for n, p in perception_parameters(model).items()}
     save_file(state, partial / "perception.safetensors")
-    (partial / "meta.json").write_text(json.dumps(info, indent=2))
+    write_json(partial / "meta.json", info)
     shutil.rmtree(entry, ignore_errors=True)
     partial.rename(entry)

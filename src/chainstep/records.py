@@ -174,6 +174,27 @@ def replace_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     return path
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `path` whole or not at all: a temporary file beside it, flushed to disk, then renamed
+    over it. A kill mid-write leaves the old file (or none), never half a file a resume trips on."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, data) -> Path:
+    """`data` as indented JSON, atomically (markers, summaries, settings, metrics)."""
+    return write_text_atomic(path, json.dumps(data, indent=2))
+
+
 def family_of(record: dict) -> str:
     """A record's family: the synthetic suite's task family, a benchmark's category or name."""
     return record.get("family") or record.get("meta", {}).get("family") or record.get("source") or "all"

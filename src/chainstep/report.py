@@ -14,7 +14,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .layout import RunLayout
-from .records import iter_jsonl, load_tasks
+from .records import iter_jsonl, load_tasks, write_text_atomic
 
 MODEL_ORDER = ("base", "sft", "sft-continued", "dpo-r1", "dpo-r2", "dpo-r3", "rft", "grpo-prm",
                "grpo-outcome", "grpo-prm-step", "grpo-random")
@@ -103,6 +103,34 @@ def length_plot(points: list[tuple[int, dict]]) -> str:
     tokens_ax.set_ylabel("tokens", color="tab:orange")
     fig.tight_layout()
     return _png(fig)
+
+
+def curve_plot(curves: dict[str, list[dict]]) -> str:
+    """Greedy val accuracy against the SFT step, one line per policy, as a PNG data URL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for name, points in curves.items():
+        ax.plot([p["step"] for p in points], [p["accuracy"] for p in points], "o-", label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("val accuracy (greedy)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def val_curves(run: RunLayout) -> dict[str, list[dict]]:
+    """The val curves the SFT stages recorded (`sft.val_every`), by policy."""
+    curves = {}
+    for name in ("sft", "base"):
+        summary = run.model(name) / "chainstep.json"
+        if summary.exists() and (points := json.loads(summary.read_text()).get("val_curve")):
+            curves[name] = points
+    return curves
 
 
 def _dpo_sections(metrics: dict, greedy: dict[str, dict]) -> dict:
@@ -200,11 +228,13 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
     greedy = next((r for r in metrics["results"] if r["split"] == search.get("split")
                    and r["strategy"] == "greedy" and r["model"] == "sft"), None)
     prm_traces = _prm_traces(run)
+    curves = val_curves(run)
     trace_model = "sft" if any(r["model"] == "sft" for r in rows) else (rows[0]["model"] if rows else "")
     html = env.get_template("report.html.j2").render(
         run_name=run_dir.name, run_dir=str(run_dir), split=split, table=rows, families=families,
         num_questions=rows[0]["num_questions"] if rows else 0,
-        comparisons=[c for c in metrics.get("comparisons", []) if c.get("split", split) == split],
+        comparisons=[c for c in metrics.get("comparisons", []) if c.get("split", split).startswith(split)],
+        curves=curves, curve_plot=curve_plot(curves) if curves else None, left_out=metrics.get("left_out"),
         timings=timings, total_seconds=sum(s for _, s in timings),
         plot=accuracy_plot(rows, families) if rows else None,
         trace_model=trace_model, traces=_traces(run, trace_model, split),
@@ -213,5 +243,5 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
         prm_traces=prm_traces, colour=_score_colour, pct=_pct, ci=_ci, final_beam=final_beam,
         **_dpo_sections(metrics, greedy_rows), **benchmark_section(metrics["results"]),
     )
-    run.report.write_text(html)
+    write_text_atomic(run.report, html)
     return run.report

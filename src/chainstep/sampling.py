@@ -61,7 +61,9 @@ class Generation:
     text: str
     num_tokens: int
     finish_reason: str  # "stop" (end of sequence), "step" (step end), or "length"
-    grammar_interventions: int = 0  # positions where the step grammar masked the model's top token
+    grammar_interventions: int = 0  # positions where the step grammar changed the distribution (grammar.py)
+    grammar_error: bool = False  # asked for the grammar, sampled (partly) without it: a matcher error,
+    # a prefix outside the grammar, or a backend that has none (vLLM)
 
 
 def end_ids(tokenizer, generation_config=None) -> list[int]:
@@ -177,7 +179,8 @@ class Policy:
         new = out[:, batch["input_ids"].shape[1]:].tolist()
         gens = [self._finish(ids, stops) for ids in new]
         if grammar:
-            gens = [replace(g, grammar_interventions=k) for g, k in zip(gens, grammar.interventions)]
+            gens = [replace(g, grammar_interventions=k, grammar_error=e)
+                    for g, k, e in zip(gens, grammar.interventions, grammar.errors)]
         return [gens[i * params.n:(i + 1) * params.n] for i in range(len(records))]
 
     def _grammar(self, prefixes: list[str], n: int, stops: list[int]) -> StepGrammar:
@@ -257,7 +260,9 @@ class VLLMPolicy(Policy):
         prompts = [{"prompt": chat_prompt(self.processor, r) + p,
                     "multi_modal_data": {"image": load_image(r)}} for r, p in zip(records, prefixes)]
         outputs = self.llm.generate(prompts, engine, use_tqdm=progress)
-        return [[self._finish(list(o.token_ids), stops) for o in out.outputs] for out in outputs]
+        unconstrained = params.constrained  # asked for the grammar, which this backend does not apply
+        return [[replace(self._finish(list(o.token_ids), stops), grammar_error=unconstrained)
+                 for o in out.outputs] for out in outputs]
 
 
 def load_policy(path: str | Path, backend: str = "hf", batch_size: int = 32) -> Policy:

@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import RunConfig
 from .evaluate import paired_comparison
 from .layout import RunLayout
-from .records import read_jsonl
+from .records import read_jsonl, write_json
 
 
 def seed_dirs(out: Path, seeds: int) -> list[Path]:
@@ -31,7 +31,7 @@ def run_seeds(cfg: RunConfig, out: str | Path, seeds: int, run) -> dict:
     for k, folder in enumerate(dirs):
         run(replace(cfg, seed=cfg.seed + k, seeds=1), folder)
     summary = summarize_seeds(dirs)
-    (Path(out) / "seeds.json").write_text(json.dumps(summary, indent=2))
+    write_json(Path(out) / "seeds.json", summary)
     return summary
 
 

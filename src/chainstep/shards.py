@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChainstepError
-from .records import JsonlWriter, iter_jsonl, settings_path
+from .records import JsonlWriter, iter_jsonl, settings_path, write_json
 
 _SPEC = re.compile(r"^(\d+)/(\d+)$")
 
@@ -122,7 +122,7 @@ def merge(path: str | Path, count: int) -> dict:
     with JsonlWriter(path) as writer:
         writer.write_all(rows)
     if settings is not None:
-        settings_path(path).write_text(json.dumps(settings, indent=2))
+        write_json(settings_path(path), settings)
     return {"file": str(path), "shards": count, "records": len(order), "rows": len(rows)}
 
 
