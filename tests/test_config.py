@@ -95,7 +95,7 @@ def test_run_seed_moves_every_training_and_sampling_seed_but_not_the_suite():
     for name in RunConfig.SEEDED:
         assert getattr(other, name).seed != getattr(base, name).seed, name
     assert (other.suite, other.model, other.pretrain) == (base.suite, base.model, base.pretrain)
-    assert len({getattr(RunConfig(seed=s).seeded(), "sft").seed for s in range(3)}) == 3
+    assert len({RunConfig(seed=s).seeded().sft.seed for s in range(3)}) == 3
 
 
 def test_the_study_config_adds_seeds_controls_and_ablations_to_the_default():
@@ -106,3 +106,9 @@ def test_the_study_config_adds_seeds_controls_and_ablations_to_the_default():
     assert cfg.seeds == 3 and default.seeds == 1
     assert "random" in cfg.grpo.runs and set(default.grpo.runs) < set(cfg.grpo.runs)
     assert cfg.dpo.ablation and (cfg.sft, cfg.suite) == (default.sft, default.suite)
+
+
+def test_an_old_chain_score_key_names_where_the_rule_lives_and_how_to_override_it():
+    for key in ("dpo.step_weight", "grpo.step_weight"):
+        with pytest.raises(ChainstepError, match=r"prm\.step_weight.*--step-weight"):
+            load_config(overrides={key: 0.5})

@@ -491,19 +491,25 @@ def prm_train(
 
 @prm_app.command("eval")
 def prm_eval(
-    prm: Path = typer.Argument(..., help="PRM directory"),
+    prm: str = typer.Argument(..., help="PRM directory, `checks` or `judge`"),
     labels: Path = typer.Argument(..., help="Held-out prm_labels.jsonl"),
     source: str = typer.Option("judge", help="Label source to evaluate against (judge, mc, perturb)"),
+    checks: bool = typer.Option(None, "--checks/--no-checks", help="Read the PRM with or without the "
+                                "checks [default: as it was trained]"),
 ):
-    """Step accuracy, AUROC, bad-step F1, first-error accuracy and within-question ranking AUROC."""
-    from .prm import PRM
-    from .prm_metrics import evaluate_prm
+    """Step accuracy, AUROC, bad-step F1, first-error accuracy, within-question ranking AUROC (per
+    family) and, against judge labels, the checks' false-fail and false-pass rates."""
+    from .prm_metrics import check_quality, evaluate_prm
     from .records import read_jsonl
+    from .verifier import load_verifier
 
     rows = [r for r in read_jsonl(labels) if r["source"] == source]
     if not rows:
         raise ChainstepError(f"{labels} has no rows labelled by {source!r}")
-    console.print(evaluate_prm(PRM.from_dir(prm), rows))
+    metrics = evaluate_prm(load_verifier(prm, checks=checks), rows)
+    if source == "judge":
+        metrics["checks"] = check_quality(rows)
+    console.print(metrics)
 
 
 dpo_app = typer.Typer(help="Iterative DPO on PRM-scored pairs.", no_args_is_help=True)
@@ -516,7 +522,10 @@ def dpo_run(
     sft_model: Path = typer.Argument(..., help="SFT policy: every round restarts from it"),
     tasks: Path = typer.Argument(..., help="Training task records (the first dpo.questions are used)"),
     out: Path = typer.Option(..., help="Folder for data/ (samples, pairs) and models/dpo-r{k}"),
-    prm: Path = typer.Option(None, help="PRM directory (not needed with --set pair_source=outcome)"),
+    prm: str = typer.Option(None, help="PRM directory, `checks` or `judge` (not needed with --set "
+                                       "pair_source=outcome)"),
+    step_weight: float = STEP_WEIGHT_OPTION,
+    aggregate: str = AGGREGATE_OPTION,
     set_: list[str] = typer.Option([], "--set", help="DPO override, e.g. --set rounds=2 --set threshold=0.2"),
 ):
     """Sample, score, pair and train for dpo.rounds rounds; finished rounds are skipped on a re-run."""
@@ -527,7 +536,8 @@ def dpo_run(
     cfg = section_config(DPOConfig, set_, "dpo")
     records = load_tasks(tasks)
     records = records[:cfg.questions] if cfg.questions else records
-    for name, stats in iterative_dpo(sft_model, prm, records, out, cfg).items():
+    verifier = _verifier(prm, step_weight, aggregate, 64) if prm else None
+    for name, stats in iterative_dpo(sft_model, verifier, records, out, cfg).items():
         console.print(f"{name}: {stats}")
 
 
@@ -557,7 +567,10 @@ def grpo(
     sft_model: Path = typer.Argument(..., help="Starting policy"),
     tasks: Path = typer.Argument(..., help="Training task records (the first grpo.questions are used)"),
     out: Path = typer.Option(..., help="Output model directory"),
-    prm: Path = typer.Option(None, help="PRM directory (the reward with --set reward=prm)"),
+    prm: str = typer.Option(None, help="PRM directory, `checks` or `judge` (the reward with --set "
+                                       "reward=prm)"),
+    step_weight: float = STEP_WEIGHT_OPTION,
+    aggregate: str = AGGREGATE_OPTION,
     set_: list[str] = typer.Option([], "--set", help="GRPO override, e.g. --set reward=outcome "
                                    "--set advantages=step"),
 ):
@@ -568,14 +581,16 @@ def grpo(
 
     cfg = section_config(GRPOConfig, set_, "grpo")
     records = load_tasks(tasks)
-    train_grpo(sft_model, prm, records[:cfg.questions] if cfg.questions else records, out, cfg)
+    verifier = _verifier(prm, step_weight, aggregate, 64) if prm else None
+    train_grpo(sft_model, verifier, records[:cfg.questions] if cfg.questions else records, out, cfg)
     console.print(f"saved -> {out}")
 
 
 @app.command()
 def serve(
     model: Path = typer.Argument(..., help="Saved model directory, e.g. runs/final/models/sft"),
-    prm: Path = typer.Option(None, help="PRM directory: enables bon, weighted and beam, and step scores"),
+    prm: str = typer.Option(None, help="PRM directory, `checks` or `judge`: enables bon, weighted and beam, "
+                                       "and step scores"),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 exposes it to the network)"),
     port: int = typer.Option(8000, help="TCP port to listen on"),
     api_key: str = typer.Option(None, envvar="CHAINSTEP_API_KEY", help="Require Authorization: Bearer KEY"),

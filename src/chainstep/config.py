@@ -363,9 +363,9 @@ def from_dict(cls, data: dict | None, where: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if where + key in MOVED:
-            raise ChainstepError(f"config key {where + key!r} is now {MOVED[where + key]!r}: the "
-                                 "verifier carries the one chain-score rule search, DPO, GRPO and the "
-                                 "server read")
+            raise ChainstepError(f"config key {where + key!r} is now {MOVED[where + key]!r}, set when "
+                                 "the verifier is trained (it carries the rule search, DPO, GRPO and the "
+                                 "server read); to override it here, pass --step-weight / --aggregate")
         if key not in fields:
             _unknown(where + key, list(fields), where)
     hints = typing.get_type_hints(cls)

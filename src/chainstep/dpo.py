@@ -313,12 +313,13 @@ def dpo_round(policy_dir: Path, sft_dir: Path, prm: Verifier | None, records: li
     return stats
 
 
-def iterative_dpo(sft_dir: str | Path, prm_dir: str | Path | None, records: list[dict],
+def iterative_dpo(sft_dir: str | Path, prm_dir, records: list[dict],
                   out: str | Path, cfg: DPOConfig | None = None, batch_size: int = 64) -> dict[str, dict]:
     """`cfg.rounds` rounds; round k samples from round k-1's model (the SFT model first) and
-    writes `out/models/dpo-r{k}`. Finished rounds are skipped on a re-run. A round with fewer than
-    `min_pairs` pairs over the threshold trains nothing (`trained: false`), so no comparison is
-    made with it; the next samples from the same policy."""
+    writes `out/models/dpo-r{k}`; `prm_dir` is a verifier or what `load_verifier` reads. Finished
+    rounds are skipped on a re-run. A round with fewer than `min_pairs` pairs over the threshold
+    trains nothing (`trained: false`), so no comparison is made with it; the next samples from the
+    same policy."""
     cfg = cfg or DPOConfig()
     sft_dir, out = Path(sft_dir), RunLayout(out)
     prm = _load_prm(prm_dir, cfg.pair_source, batch_size)
@@ -386,12 +387,13 @@ def pair_source_ablation(sft_dir: str | Path, prm_dir: str | Path | None, record
     return stats
 
 
-def _load_prm(prm_dir, source: str, batch_size: int) -> Verifier | None:
+def _load_prm(prm, source: str, batch_size: int) -> Verifier | None:
+    """The verifier a pair source needs: `prm` itself when it is one, else loaded from its spec."""
     if source in GROUND_TRUTH:
         return None
-    if prm_dir is None:
+    if prm is None:
         raise ChainstepError(f"pair source {source!r} needs a PRM (--prm DIR)")
-    return load_verifier(prm_dir, batch_size=batch_size)
+    return prm if hasattr(prm, "score") else load_verifier(prm, batch_size=batch_size)
 
 
 def _round_once(policy, sft_dir, prm, records, out: RunLayout, name: str, cfg: DPOConfig, batch_size: int,

@@ -147,9 +147,10 @@ def grpo_arguments(cfg: GRPOConfig, checkpoints: Path, tokenizer, rewards: int) 
         generation_kwargs={"suppress_tokens": suppress} if suppress else None)
 
 
-def train_grpo(model_dir: str | Path, prm_dir: str | Path | None, records: list[dict],
+def train_grpo(model_dir: str | Path, prm_dir, records: list[dict],
                out_dir: str | Path, cfg: GRPOConfig | None = None, batch_size: int = 64) -> Path:
-    """GRPO from `model_dir` on `records`' prompts; returns the saved model directory."""
+    """GRPO from `model_dir` on `records`' prompts; returns the saved model directory. `prm_dir`:
+    a verifier, or what `load_verifier` reads (a PRM directory, `checks`, `judge`)."""
     cfg = cfg or GRPOConfig()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not records:
@@ -162,7 +163,8 @@ def train_grpo(model_dir: str | Path, prm_dir: str | Path | None, records: list[
     if cfg.reward == "prm":
         if prm_dir is None:
             raise ChainstepError("grpo.reward=prm needs a PRM (--prm DIR)")
-        main = PRMReward("prm", by_id, tok, load_verifier(prm_dir, batch_size=batch_size))
+        verifier = prm_dir if hasattr(prm_dir, "score") else load_verifier(prm_dir, batch_size=batch_size)
+        main = PRMReward("prm", by_id, tok, verifier)
         scoring = {"reward": "prm", **main.prm.scoring.describe()}
     elif cfg.reward == "random":
         main, scoring = RandomReward("random", by_id, tok, cfg.seed), {"reward": "random"}
