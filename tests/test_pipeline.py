@@ -12,16 +12,21 @@ from chainstep.cli import app
 def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     out = tmp_path / "quick"
     rule = ["--set", "prm.aggregate=min", "--set", "prm.step_weight=0.4"]  # reaches every consumer
-    result = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule])
+    study = ["--set", "dpo.rounds=3", "--set", "grpo.runs=[prm,outcome,prm-step]"]  # study.yaml's rows
+    result = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule, *study])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {(r["model"], r["split"]): r for r in metrics["results"] if r["split"] == "test"}
-    improved = {"dpo-r1", "dpo-r2", "dpo-r3", "rft", "dpo-r1-outcome", "dpo-r1-prm_answer", "grpo-prm",
-                "grpo-outcome", "grpo-prm-step"}
+    improved = {"dpo-r1", "dpo-r2", "dpo-r3", "rft", "sft-continued", "dpo-r1-outcome", "dpo-r1-prm_answer",
+                "grpo-prm", "grpo-outcome", "grpo-prm-step"}
     trained = {m for m in improved if (out / "models" / m / "model.safetensors").exists()}
-    assert {"dpo-r1", "rft", "grpo-prm", "grpo-outcome", "grpo-prm-step"} <= trained
+    assert {"dpo-r1", "rft", "sft-continued", "grpo-prm", "grpo-outcome"} <= trained
     assert metrics["dpo"]["control"]["trained"]  # the RFT control of the last round that trained
-    assert set(rows) == {(m, "test") for m in {"sft", "base"} | trained}
+    assert metrics["dpo"]["continued_sft"]["trained"]  # and the continued-SFT control of its steps
+    left_out = set(metrics["left_out"])  # trained, but the no-op guard saw no weight change
+    for name in left_out:
+        assert not json.loads((out / "models" / name / "chainstep.json").read_text())["weights_changed"]
+    assert set(rows) == {(m, "test") for m in {"sft", "base"} | (trained - left_out)}
     for row in rows.values():
         assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
         assert row["num_questions"] == 30
@@ -30,14 +35,16 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert metrics["comparisons"][0]["a"] == "sft"
     searched = {(r["strategy"], r["n"]) for r in metrics["results"]
                 if r["split"] == "test[:6]" and r["model"] == "sft"}
+    controls = {(f"{s}[{c}]", 4) for s in ("bon", "weighted") for c in ("checks", "learned", "judge")}
     assert searched == {(s, n) for s in ("pass", "sc", "bon", "weighted") for n in (1, 4)} | {
-        ("beam", 2), ("greedy", 1)}
+        ("beam", 2), ("greedy", 1)} | controls
     assert {(r["model"], r["strategy"]) for r in metrics["results"] if r["model"].startswith("dpo-r3")
             and r["split"] == "test[:6]"} == {("dpo-r3", "beam")}
     assert [s["pairs"] > 0 for s in metrics["dpo"]["rounds"].values()] == [True] * 3
     assert set(metrics["dpo"]["ablation"]) == {"dpo-r1-outcome"}
     claims = {(c["a"], c["b"]) for c in metrics["comparisons"]}
-    assert {("dpo-r1", "sft"), ("grpo-prm", "grpo-outcome"), ("grpo-prm", "grpo-prm-step")} <= claims
+    wanted = {("dpo-r1", "sft"), ("grpo-prm", "grpo-outcome"), ("grpo-prm", "grpo-prm-step")}
+    assert {c for c in wanted if not set(c) & left_out} <= claims
     assert 0 <= metrics["prm"]["step_accuracy"] <= 1 and metrics["prm"]["chains"] > 0
     assert metrics["search"]["temperature"] == 1.0
     assert len(metrics["search"]["step_weight_ablation"]) == 6
@@ -56,11 +63,11 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert (out / "models" / "sft" / "model.safetensors").exists()
     assert (out / "config.yaml").exists()
 
-    again = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule])
+    again = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule, *study])
     assert again.exit_code == 0, again.output
     assert again.output.count("done, skipping") == 16
 
-    changed = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule,
+    changed = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule, *study,
                                        "--set", "sft.max_steps=3"])
     assert changed.exit_code != 0
 
@@ -70,7 +77,7 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     out.rename(moved)
     meta = json.loads((moved / "models" / "dpo-r1" / "chainstep.json").read_text())
     assert meta["trained_from"] == "../sft" and meta["pairs"] == "../../data/dpo-r1-pairs.jsonl"
-    resumed = CliRunner().invoke(app, ["run", "--quick", "--out", str(moved), *rule])
+    resumed = CliRunner().invoke(app, ["run", "--quick", "--out", str(moved), *rule, *study])
     assert resumed.exit_code == 0 and resumed.output.count("done, skipping") == 16, resumed.output
     assert CliRunner().invoke(app, ["report", str(moved)]).exit_code == 0
     evaluated = CliRunner().invoke(app, ["eval", str(moved / "models" / "sft"),
@@ -102,8 +109,8 @@ def test_a_run_killed_mid_training_resumes_and_finishes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "models" / "sft" / "chainstep.json").read_text())["resumed_from"]
     metrics = json.loads((out / "metrics.json").read_text())
-    models = {r["model"] for r in metrics["results"] if r["split"] == "test"}
-    assert {"sft", "base", "grpo-prm", "grpo-outcome", "grpo-prm-step"} <= models
+    models = {r["model"] for r in metrics["results"] if r["split"] == "test"} | set(metrics["left_out"])
+    assert {"sft", "base", "sft-continued", "grpo-prm", "grpo-outcome"} <= models
     assert len(list((out / "stages").glob("*.json"))) == 16
 
 

@@ -7,7 +7,7 @@ so re-running skips finished stages, and a stage killed mid-way resumes from its
 (JSONL records keyed by id, trainer checkpoints).
 
     chainstep run --quick            # ~3 minutes on 2 CPU cores
-    chainstep run --out runs/main    # the default profile, ~30 minutes
+    chainstep run --out runs/main    # the default profile, about an hour on 2 CPU cores
 """
 
 from __future__ import annotations
