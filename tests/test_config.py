@@ -87,6 +87,23 @@ def test_reading_a_config_or_grading_loads_no_trainer(module):
     assert loaded.stdout.strip() == "[]"
 
 
+def test_config_imports_no_stage_module():
+    """Reading a config must not load the teacher, the scorers, the drawing or the server."""
+    import subprocess
+    import sys
+
+    code = "import sys, chainstep.config; print(sorted(m for m in sys.modules if m.startswith('chainstep.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "['chainstep.config', 'chainstep.errors', 'chainstep.scoring']"
+
+
+def test_the_suite_families_config_knows_are_the_families_synthetic_draws():
+    from chainstep.config import SUITE_FAMILIES
+    from chainstep.synthetic import FAMILIES
+
+    assert tuple(FAMILIES) == SUITE_FAMILIES
+
+
 def test_run_seed_moves_every_training_and_sampling_seed_but_not_the_suite():
     from chainstep.config import RunConfig
 

@@ -116,7 +116,8 @@ def tasks_make(
 
     Example: chainstep tasks make --out tasks --test 100
     """
-    from .synthetic import SuiteConfig, make_tasks
+    from .config import SuiteConfig
+    from .synthetic import make_tasks
 
     given = dict(train=train, val=val, test=test, seed=seed, max_objects=max_objects, terms=terms,
                  families=tuple(families.split(",")) if families else None)
@@ -168,11 +169,11 @@ def add_tokens(src: Path = typer.Argument(..., help="Local VLM directory"),
                dst: Path = typer.Argument(..., help="Where to save the extended model")):
     """Add the 17 step tokens to any local VLM (new rows = mean of a description's embedding)."""
     from . import models
+    from .layout import model_summary
 
     model, processor = models.load(src)
     added = models.add_step_tokens(model, processor)
-    meta_path = src / "chainstep.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"from_scratch": False}
+    meta = model_summary(src) or {"from_scratch": False}
     models.save(model, processor, dst, meta={**meta, "added_tokens": added})
     console.print(f"added {len(added)} tokens -> {dst}")
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from .construct import FilterConfig
 from .errors import ChainstepError
 from .scoring import ChainScore
-from .synthetic import SuiteConfig
 
+SUITE_FAMILIES = ("count_sum", "bar_chart", "attribute_mc", "measure", "compare_mc")  # chainstep.synthetic
+SUITE_BLOCKS = 4  # counted units per image side: 96 px / 12 px patches / 2 patches per unit
 HEADS = ("likelihood", "tag")  # the PRM's judging heads (chainstep.prm)
 PAIR_SOURCES = ("prm", "prm_answer", "outcome", "verified")  # how DPO ranks sampled chains
 GROUND_TRUTH = ("outcome", "verified")  # pair sources that need no PRM
@@ -294,6 +294,59 @@ class EvalConfig:
     batch_size: int = 128  # sequences per generate call (and PRM forward); 128 is fastest on 2 cores
     max_tokens: int = 256  # new tokens per response
     splits: tuple[str, ...] = ("test",)
+
+
+@dataclass
+class SuiteConfig:
+    """Size and difficulty of the suite. Knobs: `max_objects` per image, `terms` groups read."""
+
+    train: int = 3000
+    val: int = 500  # the val curve and every decision: ~500 resolve a few points
+    test: int = 1000  # reported only; a paired test on 1,000 questions sees ~3 points (McNemar, 80%)
+    families: tuple[str, ...] = SUITE_FAMILIES
+    max_objects: int = 8  # shapes per image in counting families (3..max_objects)
+    terms: int = 2  # difficulty: terms + 1 colour groups are read (4 or 5 steps)
+    seed: int = 0
+
+    def __post_init__(self):
+        self.families = tuple(self.families)
+        unknown = [f for f in self.families if f not in SUITE_FAMILIES]
+        if unknown:
+            raise ChainstepError(f"unknown task families {unknown}; choose from {sorted(SUITE_FAMILIES)}")
+        if self.terms not in (2, 3):
+            raise ChainstepError(f"terms={self.terms} must be 2 or 3")
+        if not self.terms + 2 <= self.max_objects <= SUITE_BLOCKS * SUITE_BLOCKS:
+            raise ChainstepError(f"max_objects={self.max_objects} must be in "
+                                 f"{self.terms + 2}..{SUITE_BLOCKS * SUITE_BLOCKS} "
+                                 f"(terms={self.terms} needs {self.terms + 1} colour groups)")
+
+
+@dataclass
+class FilterConfig:
+    """Bounds a teacher chain must meet; 0 turns a bound off."""
+
+    min_steps: int = 1
+    max_steps: int = 8
+    max_field_chars: int = 300
+
+
+@dataclass
+class ServeConfig:
+    """Limits that keep one request from taking the server down; defaults suit a single GPU."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    name: str | None = None  # model id clients send [default: the model folder's name]
+    max_n: int = 16
+    max_tokens: int = 2048
+    max_image_bytes: int = 20_000_000
+    max_body_bytes: int = 32_000_000  # refused (413) before the JSON is parsed
+    max_image_pixels: int = 40_000_000
+    batch_window_ms: float = 5.0
+    max_batch: int = 32
+    max_steps: int = 12  # streamed or beam-searched steps before the answer is forced
+
 
 
 @dataclass

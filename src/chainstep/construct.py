@@ -11,26 +11,17 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.progress import track
 
 from .client import RemoteError
+from .config import FilterConfig
 from .grading import matches
 from .records import JsonlWriter, done_ids, iter_jsonl, load_tasks, replace_jsonl
 from .shards import Shard, mark_done
 from .steps import ANSWER_END, ANSWER_START, Chain, FormatError, parse
 from .teacher import Teacher
-
-
-@dataclass
-class FilterConfig:
-    """Bounds a teacher chain must meet; 0 turns a bound off."""
-
-    min_steps: int = 1
-    max_steps: int = 8
-    max_field_chars: int = 300
 
 
 def check_chain(text: str, record: dict, cfg: FilterConfig) -> tuple[Chain | None, str | None]:

@@ -32,7 +32,7 @@ from .errors import ChainstepError
 from .evaluate import sample_responses, sample_stats
 from .inputs import collate, encode_example
 from .judge import ProgrammaticJudge
-from .layout import RunLayout, relative_path
+from .layout import RunLayout, checkpoints_of, is_saved, relative_path
 from .models import load
 from .records import mean_of, read_jsonl, replace_jsonl, write_json
 from .sampling import Policy, SamplingParams
@@ -226,7 +226,7 @@ def train_dpo(model_dir: str | Path, pairs_path: str | Path, records: dict[str, 
     cfg = round_schedule(cfg, len(pairs))
     model, processor = prepare_model(model_dir, cfg)
     ref = None if cfg.lora else load(model_dir)[0]
-    checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
+    checkpoints = checkpoints_of(out_dir)
     collator = PreferenceCollator(processor, cfg.max_length)
     trainer = PreferenceTrainer(model=model, ref_model=ref, args=dpo_arguments(cfg, checkpoints),
                                 data_collator=collator, train_dataset=Dataset.from_list(rows),
@@ -341,7 +341,7 @@ def rft_control(sft_dir: str | Path, records: list[dict], out: str | Path, cfg: 
     if last is None:
         return {"trained": False, "reason": "no DPO round trained"}
     target = out.model("rft")
-    if not (target / "chainstep.json").exists():
+    if not is_saved(target):
         train_rft(sft_dir, out.round_file(last, "pairs"), {r["id"]: r for r in records}, target, cfg)
     return {"trained": True, "chosen_of": last, "pairs": rounds[last]["pairs"]}
 
@@ -364,7 +364,7 @@ def continued_sft_control(sft_dir: str | Path, teacher_path: str | Path, records
         raise ChainstepError(f"{teacher_path} holds no teacher chain of the DPO questions")
     target = out.model("sft-continued")
     schedule = replace(cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, steps // 2))
-    if not (target / "chainstep.json").exists():
+    if not is_saved(target):
         fit_rows(sft_dir, rows, target, schedule, {"data": relative_path(teacher_path, target),
                                                    "control_for": "dpo", "dpo": asdict(schedule)})
     return {"trained": True, "steps_of": last, "steps": steps, "rows": len(rows)}

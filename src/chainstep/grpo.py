@@ -24,6 +24,7 @@ from trl import GRPOTrainer
 from .config import GRPOConfig
 from .errors import ChainstepError
 from .grading import grade_response
+from .layout import checkpoints_of
 from .records import load_image, prompt_text
 from .sampling import decode_response, foreign_token_ids
 from .scoring import StepScores, finished
@@ -171,7 +172,7 @@ def train_grpo(model_dir: str | Path, prm_dir, records: list[dict],
     else:
         main, scoring = OutcomeReward("outcome", by_id, tok), {"reward": "outcome"}
     funcs = [main] + ([FormatReward("format", by_id, tok)] if cfg.format_weight else [])
-    checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
+    checkpoints = checkpoints_of(out_dir)
     trainer = StepGRPOTrainer(
         model=model, reward_funcs=funcs, args=grpo_arguments(cfg, checkpoints, tok, len(funcs)),
         train_dataset=prompt_dataset(records), processing_class=processor,

@@ -17,6 +17,7 @@ moved or copied elsewhere still reports, evaluates and resumes.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import time
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ChainstepError
+
+MODEL_SUMMARY = "chainstep.json"  # beside a model's weights: how chainstep made it
 
 
 class RunLayout:
@@ -110,6 +113,29 @@ def writing_into(path: str | Path) -> Iterator[None]:
         return
     with RunLayout(root).lock():
         yield
+
+
+def model_summary(model_dir: str | Path) -> dict:
+    """What a model's `chainstep.json` says; {} for a model chainstep did not make. The one
+    reader of the file (`models.save` is its one writer)."""
+    path = Path(model_dir) / MODEL_SUMMARY
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ChainstepError(f"{path} is damaged (not JSON); delete {model_dir} to retrain it") from None
+
+
+def is_saved(model_dir: str | Path) -> bool:
+    """Whether a stage finished saving this model: its summary is written last."""
+    return (Path(model_dir) / MODEL_SUMMARY).exists()
+
+
+def checkpoints_of(model_dir: str | Path) -> Path:
+    """Where a model's trainer keeps its resumable checkpoints: beside the model, not in it."""
+    model_dir = Path(model_dir)
+    return model_dir.with_name(model_dir.name + "-checkpoints")
 
 
 def relative_path(path: str | Path, start: str | Path) -> str:

@@ -29,6 +29,7 @@ from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
 
 from .errors import ChainstepError
+from .layout import MODEL_SUMMARY
 from .records import write_json
 from .steps import SPECIAL_TOKENS, TOKEN_DESCRIPTIONS
 
@@ -304,7 +305,7 @@ def save(model: PreTrainedModel, processor: ProcessorMixin, path: str | Path,
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
     if meta is not None:
-        write_json(path / "chainstep.json", meta)
+        write_json(path / MODEL_SUMMARY, meta)
     return path
 
 

@@ -29,7 +29,7 @@ from .errors import ChainstepError
 from .evaluate import paired_comparison, predict, sample_responses, sample_stats, summarize, update_metrics
 from .grpo import train_grpo, variant
 from .label import label
-from .layout import RunLayout
+from .layout import RunLayout, model_summary
 from .pretrain import pretrain
 from .prm_metrics import check_quality, evaluate_prm, label_agreement, write_traces
 from .prm_train import train_prm
@@ -151,7 +151,7 @@ def _train(r: Run, name: str, sft_cfg) -> dict:
     val = load_tasks(r.paths.split("val")) if sft_cfg.val_every else None
     train_sft(_start_model(r), r.paths.data / data, r.paths.model(name), sft_cfg, val, style,
               r.cfg.eval.batch_size)
-    meta = json.loads((r.paths.model(name) / "chainstep.json").read_text())
+    meta = model_summary(r.paths.model(name))
     keys = ("train_loss_first", "train_loss_last", "train_runtime_s", "val_curve")
     return {k: meta[k] for k in keys if k in meta}
 
@@ -222,7 +222,7 @@ def _train_prm(r: Run) -> dict:
     else:
         start = Path(r.cfg.prm.init)
     train_prm(start, r.paths.labels("train"), r.paths.model("prm"), r.cfg.prm)
-    meta = json.loads((r.paths.model("prm") / "chainstep.json").read_text())
+    meta = model_summary(r.paths.model("prm"))
     keys = ("chains", "train_loss_first", "train_loss_last", "train_runtime_s")
     return {**info, **{k: meta[k] for k in keys}}
 
@@ -371,7 +371,7 @@ def improve_grpo(r: Run) -> dict:
     for run in cfg.runs:
         out = train_grpo(r.paths.model("sft"), r.paths.model("prm"), records, r.paths.model(f"grpo-{run}"),
                          variant(cfg, run), r.cfg.eval.batch_size)
-        meta = json.loads((out / "chainstep.json").read_text())
+        meta = model_summary(out)
         info[f"grpo-{run}"] = {k: meta[k] for k in ("train_loss_last", "train_runtime_s")}
     return info
 
@@ -418,8 +418,7 @@ def evaluate_improved(r: Run) -> dict:
 
 def _weights_changed(model_dir: Path) -> bool:
     """What the no-op guard recorded (`training.fit`); a model that does not say changed."""
-    summary = model_dir / "chainstep.json"
-    return not summary.exists() or json.loads(summary.read_text()).get("weights_changed", True)
+    return model_summary(model_dir).get("weights_changed", True)
 
 
 def _claims(cfg: RunConfig) -> list[tuple[str, str]]:

@@ -33,13 +33,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments, set_seed
 
-from .config import PretrainConfig
+from .config import PretrainConfig, SuiteConfig
 from .errors import ChainstepError
-from .layout import relative_path
+from .layout import checkpoints_of, model_summary, relative_path
 from .models import load, save
 from .records import write_json
-from .synthetic import COLOURS, FAMILIES, ORDER, SuiteConfig, readings
-from .training import VISION_PATTERNS, last_complete_checkpoint, model_meta, quiet_progress
+from .synthetic import COLOURS, FAMILIES, ORDER, readings
+from .training import VISION_PATTERNS, last_complete_checkpoint, quiet_progress
 
 VERSION = 1  # bump when the targets or heads change, so old cache entries are not reused
 PROJECTOR_PATTERNS = ("multi_modal_projector", "connector", "mlp1", "merger")
@@ -210,9 +210,9 @@ def pretrain(model_dir: str | Path, out_dir: str | Path, suite: SuiteConfig | No
         model.load_state_dict(load_file(entry / "perception.safetensors"), strict=False)
         info = json.loads((entry / "meta.json").read_text())
     else:
-        info = _train(model, processor, suite, cfg, out_dir.with_name(out_dir.name + "-checkpoints"))
+        info = _train(model, processor, suite, cfg, checkpoints_of(out_dir))
         _store(entry, model, info)
-    meta = {**model_meta(model_dir), "vision_pretrained": True, "pretrain": asdict(cfg), "cache_key": key,
+    meta = {**model_summary(model_dir), "vision_pretrained": True, "pretrain": asdict(cfg), "cache_key": key,
             "pretrained_from": relative_path(model_dir, out_dir), **info}
     save(model, processor, out_dir, meta=meta)
     return {"cache": "hit" if hit else "miss", "cache_key": key, **info}

@@ -16,7 +16,6 @@ verifier, and `scoring` turns step scores into one chain score.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from .config import check_head
 from .errors import ChainstepError
 from .inputs import collate, encode_prompt, extend_text
+from .layout import model_summary
 from .models import load
 from .sampling import SHARED_PREFIX_MODELS
 from .scoring import ChainScore, StepScores, finished, regroup, score_joined
@@ -204,8 +204,7 @@ class PRM:
         chainstep.json); `step_weight` / `aggregate` override the rule (recorded as such), `head`
         reads an untrained checkpoint with either head."""
         model, processor = load(path, device=device)
-        meta = Path(path) / "chainstep.json"
-        meta = json.loads(meta.read_text()) if meta.exists() else {}
+        meta = model_summary(path)
         scoring = ChainScore.trained(meta).override(step_weight, aggregate)
         return cls(model, processor, batch_size, scoring, head or meta.get("prm", {}).get("head", "tag"))
 

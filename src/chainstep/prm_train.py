@@ -20,7 +20,7 @@ from transformers import ProcessorMixin, set_seed
 from .config import PRMConfig
 from .errors import ChainstepError
 from .inputs import collate
-from .layout import relative_path
+from .layout import checkpoints_of, relative_path
 from .prm import (
     encode_prm_example,
     hidden_states,
@@ -127,7 +127,7 @@ def train_prm(model_dir: str | Path, labels_path: str | Path, out_dir: str | Pat
     if not rows:
         raise ChainstepError(f"{labels_path} holds no labelled chains (merge={cfg.merge})")
     model, processor = prepare_model(model_dir, cfg)
-    args = training_arguments(cfg, out_dir.with_name(out_dir.name + "-checkpoints"),
+    args = training_arguments(cfg, checkpoints_of(out_dir),
                               label_names=["prm_targets"])
     likelihood = cfg.head == "likelihood"
     trainer = PRMTrainer(model=model, args=args, train_dataset=rows,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from .layout import RunLayout
+from .layout import RunLayout, model_summary
 from .records import iter_jsonl, load_tasks, write_text_atomic
 
 MODEL_ORDER = ("base", "sft", "sft-continued", "dpo-r1", "dpo-r2", "dpo-r3", "rft", "grpo-prm",
@@ -127,8 +127,7 @@ def val_curves(run: RunLayout) -> dict[str, list[dict]]:
     """The val curves the SFT stages recorded (`sft.val_every`), by policy."""
     curves = {}
     for name in ("sft", "base"):
-        summary = run.model(name) / "chainstep.json"
-        if summary.exists() and (points := json.loads(summary.read_text()).get("val_curve")):
+        if points := model_summary(run.model(name)).get("val_curve"):
             curves[name] = points
     return curves
 

@@ -28,38 +28,20 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import astuple
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from .config import VERIFIER_STRATEGIES, check_strategy
+from .config import VERIFIER_STRATEGIES, ServeConfig, check_strategy
 from .errors import ChainstepError
 from .inputs import encode_prompt
 from .sampling import Generation, Policy, SamplingParams, load_policy
 from .search import beam_search, select
 from .steps import ANSWER_END, FormatError, parse
 from .verifier import Verifier, load_verifier
-
-
-@dataclass
-class ServeConfig:
-    """Limits that keep one request from taking the server down; defaults suit a single GPU."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    name: str | None = None  # model id clients send [default: the model folder's name]
-    max_n: int = 16
-    max_tokens: int = 2048
-    max_image_bytes: int = 20_000_000
-    max_body_bytes: int = 32_000_000  # refused (413) before the JSON is parsed
-    max_image_pixels: int = 40_000_000
-    batch_window_ms: float = 5.0
-    max_batch: int = 32
-    max_steps: int = 12  # streamed or beam-searched steps before the answer is forced
 
 
 class ContentPart(BaseModel):

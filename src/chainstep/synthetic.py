@@ -22,13 +22,14 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from rich.progress import track
 
-from .errors import ChainstepError
+from .config import SUITE_BLOCKS, SuiteConfig
 
 IMAGE_SIZE = 96
 PATCH = 12  # the tiny models' vision patch: every object snaps to the patch grid
 GRID = IMAGE_SIZE // PATCH
 UNIT = 2  # patches per side of one counted unit (a shape, a bar's width, a line's thickness)
-BLOCKS = GRID // UNIT
+BLOCKS = SUITE_BLOCKS
+assert GRID // UNIT == BLOCKS
 COLOURS = {
     "red": (220, 40, 40),
     "green": (30, 160, 60),
@@ -47,31 +48,6 @@ ORDER = ("red", "green", "blue", "yellow")
 SIZES = {"small": 1, "medium": 2, "large": 3}  # side in patch cells
 LETTERS = "ABCD"
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class SuiteConfig:
-    """Size and difficulty of the suite. Knobs: `max_objects` per image, `terms` groups read."""
-
-    train: int = 3000
-    val: int = 500  # the val curve and every decision: ~500 resolve a few points
-    test: int = 1000  # reported only; a paired test on 1,000 questions sees ~3 points (McNemar, 80%)
-    families: tuple[str, ...] = ("count_sum", "bar_chart", "attribute_mc", "measure", "compare_mc")
-    max_objects: int = 8  # shapes per image in counting families (3..max_objects)
-    terms: int = 2  # difficulty: terms + 1 colour groups are read (4 or 5 steps)
-    seed: int = 0
-
-    def __post_init__(self):
-        self.families = tuple(self.families)
-        unknown = [f for f in self.families if f not in FAMILIES]
-        if unknown:
-            raise ChainstepError(f"unknown task families {unknown}; choose from {sorted(FAMILIES)}")
-        if self.terms not in (2, 3):
-            raise ChainstepError(f"terms={self.terms} must be 2 or 3")
-        if not self.terms + 2 <= self.max_objects <= BLOCKS * BLOCKS:
-            raise ChainstepError(f"max_objects={self.max_objects} must be in "
-                                 f"{self.terms + 2}..{BLOCKS * BLOCKS} "
-                                 f"(terms={self.terms} needs {self.terms + 1} colour groups)")
 
 
 @dataclass

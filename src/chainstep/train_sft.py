@@ -21,7 +21,7 @@ from .config import SFTConfig, TrainConfig
 from .errors import ChainstepError
 from .grading import grade_response
 from .inputs import SFTCollator
-from .layout import relative_path
+from .layout import checkpoints_of, relative_path
 from .records import iter_jsonl, read_jsonl
 from .sampling import Policy, SamplingParams
 from .training import ResumableTrainer, fit, prepare_model, training_arguments
@@ -46,10 +46,6 @@ def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
         records = val_records[:cfg.val_questions] if cfg.val_questions else val_records
         curve = ValCurve(records, style, cfg.val_every, checkpoints_of(out_dir) / VAL_CURVE, batch_size)
     return fit_rows(model_dir, rows, out_dir, cfg, meta, callbacks=[curve] if curve else [])
-
-
-def checkpoints_of(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + "-checkpoints")
 
 
 def fit_rows(model_dir: str | Path, rows: list[dict], out_dir: str | Path, cfg: TrainConfig,

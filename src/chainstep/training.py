@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .config import TrainConfig
-from .layout import relative_path
+from .layout import model_summary, relative_path
 from .models import load, save
 
 console = Console(stderr=True)
@@ -29,18 +29,13 @@ def vision_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if any(v in n for v in VISION_PATTERNS)]
 
 
-def model_meta(model_dir: Path) -> dict:
-    path = model_dir / "chainstep.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def _is_pretrained(model_dir: Path) -> bool:
-    return not model_meta(model_dir).get("from_scratch")
+    return not model_summary(model_dir).get("from_scratch")
 
 
 def _sees(model_dir: Path) -> bool:
     """A vision tower that is already trained: a real checkpoint's, or one the pretrain stage made."""
-    return _is_pretrained(model_dir) or bool(model_meta(model_dir).get("vision_pretrained"))
+    return _is_pretrained(model_dir) or bool(model_summary(model_dir).get("vision_pretrained"))
 
 
 def _wrap_lora(model, cfg: TrainConfig):

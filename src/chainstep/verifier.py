@@ -12,12 +12,12 @@ and `chainstep eval` score chains through `Verifier`, whatever is behind it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Protocol
 
 from .checks import check_answer, check_steps
 from .errors import ChainstepError
+from .layout import model_summary
 from .scoring import ChainScore, StepScores, score_joined
 from .steps import ANSWER_END, FormatError, extract_answer, leading_steps, parse
 
@@ -129,5 +129,4 @@ def load_verifier(spec: str | Path, batch_size: int = 32, step_weight: float | N
 def trained_checks(model_dir: str | Path) -> bool:
     """Whether a PRM is read with the checks: what its summary says (`prm.checks`), off for a
     checkpoint that says nothing."""
-    meta = Path(model_dir) / "chainstep.json"
-    return bool(json.loads(meta.read_text()).get("prm", {}).get("checks", False)) if meta.exists() else False
+    return bool(model_summary(model_dir).get("prm", {}).get("checks", False))
