@@ -123,6 +123,7 @@ def test_the_study_config_adds_seeds_controls_and_ablations_to_the_default():
     assert cfg.seeds == 3 and default.seeds == 1
     assert "random" in cfg.grpo.runs and set(default.grpo.runs) < set(cfg.grpo.runs)
     assert cfg.dpo.ablation and (cfg.sft, cfg.suite) == (default.sft, default.suite)
+    assert cfg.search.final_beam and not default.search.final_beam
 
 
 def test_an_old_chain_score_key_names_where_the_rule_lives_and_how_to_override_it():

@@ -12,7 +12,8 @@ from chainstep.cli import app
 def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     out = tmp_path / "quick"
     rule = ["--set", "prm.aggregate=min", "--set", "prm.step_weight=0.4"]  # reaches every consumer
-    study = ["--set", "dpo.rounds=3", "--set", "grpo.runs=[prm,outcome,prm-step]"]  # study.yaml's rows
+    study = ["--set", "dpo.rounds=3", "--set", "grpo.runs=[prm,outcome,prm-step]",  # study.yaml's rows
+             "--set", "search.final_beam=true"]
     result = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule, *study])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())

@@ -64,22 +64,42 @@ def test_params_are_validated():
 
 @pytest.mark.parametrize("arch", ["llava", "llava_next", "idefics3", "internvl"])
 def test_shared_prefill_gives_the_same_samples(tiny_model_dir, sft_model_dir, test_records, arch):
-    """n samples from one shared prefill must equal n samples from n prefills (top_k=1 makes
-    sampling deterministic); prefixes of different lengths exercise left padding."""
+    """Whole sampled chains (temperature 1, full length, the same seed) from one shared prefill
+    equal those from n prefills, on every architecture that shares; prefixes of different
+    lengths exercise left padding."""
     path = sft_model_dir if arch == "llava" else tiny_model_dir(arch)
     shared, plain = Policy.from_dir(path, batch_size=8), Policy.from_dir(path, batch_size=8)
     plain.share_prefix = False
     assert shared.shares_prefix and not plain.shares_prefix  # two different code paths
-    params = SamplingParams(n=2, temperature=1.0, top_k=1, max_tokens=16)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=96, seed=3)
     prefixes = ["", "<|reasoning_start|>\n", "<|reasoning_start|>\n<|reasoning_step_start|>\n"]
-    a = [[g.text for g in gs] for gs in shared.generate(test_records[:3], params, prefixes)]
-    b = [[g.text for g in gs] for gs in plain.generate(test_records[:3], params, prefixes)]
+    a = [[g.text for g in gs] for gs in shared.generate(test_records[:3], params, prefixes, progress=False)]
+    b = [[g.text for g in gs] for gs in plain.generate(test_records[:3], params, prefixes, progress=False)]
     assert a == b
+    assert max(len(text) for texts in a for text in texts) > 100  # long samples, not a few argmaxes
 
 
 def test_qwen2_vl_never_shares_a_prefill(tiny_model_dir):
     """Its multimodal rotary positions depend on the whole sequence: it re-encodes per sample."""
     assert not Policy.from_dir(tiny_model_dir("qwen2_vl")).shares_prefix
+
+
+def test_a_text_model_the_cascade_would_get_wrong_is_refused():
+    """Softcapped, sliding-window or untested text attention stays on the plain path."""
+    from transformers import Gemma2Config, LlamaConfig, LlavaConfig, Qwen2Config
+
+    from chainstep.kvcache import sharing_refusal
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    assert sharing_refusal(LlavaConfig(text_config=LlamaConfig(**small))) is None
+    assert sharing_refusal(LlavaConfig(text_config=Qwen2Config(**small))) is None
+    windowed = Qwen2Config(**small, use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    assert "sliding window" in sharing_refusal(LlavaConfig(text_config=windowed))
+    assert "gemma2" in sharing_refusal(LlavaConfig(text_config=Gemma2Config(**small)))
+    capped = LlamaConfig(**small)
+    capped.attn_logit_softcapping = 50.0
+    assert "softcap" in sharing_refusal(LlavaConfig(text_config=capped))
 
 
 def test_image_chat_and_prm_tag_tokens_are_never_generated(policy):

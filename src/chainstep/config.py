@@ -109,7 +109,7 @@ class LabelConfig:
     questions: int = 160  # training questions whose policy samples get labelled; 0 = all
     samples: int = 4  # chains sampled per question (paper: 16)
     sample_temperature: float = 1.0
-    val_questions: int = 60  # held-out questions for the PRM evaluation
+    val_questions: int = 150  # held-out questions for the PRM evaluation: >= 200 right/wrong pairs
     mc: bool = True  # Monte Carlo rollouts (the costly source)
     judge: bool = True  # judge ratings (programmatic for the synthetic suite)
     rollouts: int = 4  # k per step prefix (paper: 16)
@@ -178,6 +178,7 @@ class SearchConfig:
     step_tokens: int = 96  # new-token cap for one step
     max_steps: int = 10  # steps before a beam is cut off
     step_weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # BoN ablation at max N
+    final_beam: bool = False  # beam search on the last DPO model too (~5 min here; study.yaml: on)
 
     def __post_init__(self):
         for name in ("ns", "beam_ns", "temperatures", "step_weights"):

@@ -22,6 +22,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 MIN_GROWTH = 64  # positions added at least, when a buffer grows
+SHARED_PREFIX_MODELS = ("llava", "llava_next", "idefics3", "internvl")  # VLMs whose positions are 1-D
+SHARED_TEXT_MODELS = ("llama", "qwen2")  # text attentions `cascade_attention` is tested equal to
 
 
 class GrowingLayer(DynamicLayer):
@@ -112,6 +114,24 @@ class SharedPrefixCache(DynamicCache):
         self.layer_class_to_replicate = None
 
 
+def sharing_refusal(config) -> str | None:
+    """Why a model must not take the shared-prefix path, or None when it may. `cascade_attention`
+    is plain scaled softmax attention: a text model that caps logits, attends through a sliding
+    window or adds attention sinks would be silently wrong on it, and so would a VLM whose
+    positions depend on the whole sequence (Qwen2-VL's multimodal rotary positions)."""
+    text = config.get_text_config()
+    if config.model_type not in SHARED_PREFIX_MODELS:
+        return f"{config.model_type} positions depend on the whole sequence"
+    if text.model_type not in SHARED_TEXT_MODELS:
+        return f"its text model ({text.model_type}) is not one the shared-prefix attention is tested on"
+    if getattr(text, "attn_logit_softcapping", None) or getattr(text, "final_logit_softcapping", None):
+        return "its text model caps attention logits (softcap)"
+    if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()) or (
+            getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None)):
+        return "its text model attends through a sliding window"
+    return None
+
+
 def can_share(cache: DynamicCache) -> bool:
     return all(isinstance(layer, GrowingLayer) and layer.keys is not None for layer in cache.layers)
 
@@ -137,6 +157,9 @@ def cascade_attention(module, query, key, value, attention_mask, scaling=None, d
 
     query [B, H, q, D] with B = groups x n; key/value [B, Hkv, S, D] (the continuations); the
     prefix [groups, Hkv, P, D]. Grouped-query heads are read without repeating states."""
+    if any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "s_aux")):
+        raise RuntimeError("shared-prefix attention got softcap, sliding_window or s_aux; "
+                           "`sharing_refusal` should have kept this model off it")
     layer = _ACTIVE.get().layers[module.layer_idx]
     prefix_keys, prefix_values, n = layer.prefix_keys, layer.prefix_values, layer.n
     batch, heads, q, dim = query.shape

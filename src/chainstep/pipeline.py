@@ -384,7 +384,7 @@ def improved_models(cfg: RunConfig) -> list[str]:
 
 def evaluate_improved(r: Run) -> dict:
     """Greedy test accuracy of every DPO/GRPO model, the comparisons the paper's claims rest
-    on, and beam search on the final DPO model."""
+    on, and (`search.final_beam`) beam search on the final DPO model."""
     params = SamplingParams(max_tokens=r.cfg.eval.max_tokens)
     results, comparisons, info, left_out = [], [], {}, {}
     for split in r.cfg.eval.splits:
@@ -407,7 +407,7 @@ def evaluate_improved(r: Run) -> dict:
                 comparisons.append({**paired_comparison(preds[a], preds[b], a, b), "split": split})
     final = next((f"dpo-r{k}" for k in range(r.cfg.dpo.rounds, 0, -1) if r.paths.model(f"dpo-r{k}").exists()),
                  None)
-    if final:
+    if final and r.cfg.search.final_beam:
         beam, comparison = _final_beam(r, final)
         results.append(beam)
         comparisons.append(comparison)

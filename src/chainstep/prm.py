@@ -25,9 +25,9 @@ from transformers import PreTrainedModel, ProcessorMixin
 from .config import check_head
 from .errors import ChainstepError
 from .inputs import collate, encode_prompt, extend_text
+from .kvcache import sharing_refusal
 from .layout import model_summary
 from .models import load
-from .sampling import SHARED_PREFIX_MODELS
 from .scoring import ChainScore, StepScores, finished, regroup, score_joined
 from .steps import (
     ANSWER_END,
@@ -236,7 +236,7 @@ class PRM:
         encoded once per record and their KV cache shared by the continuations; the same numbers
         as `score` on the joined texts. Falls back to `score` where sharing is not supported."""
         sizes = {len(group) for group in continuations}
-        if self.model.config.model_type not in SHARED_PREFIX_MODELS or len(sizes) != 1 or \
+        if sharing_refusal(self.model.config) or len(sizes) != 1 or \
                 any(p and not p.endswith(STEP_END) for p in prefixes):
             return score_joined(self.score, records, prefixes, continuations)
         n = sizes.pop()

@@ -9,6 +9,7 @@ decoder skips special tokens. `stop_at_step` ends a sequence after `<|reasoning_
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,13 +20,19 @@ from transformers import LogitsProcessorList, PreTrainedModel, ProcessorMixin
 from .errors import ChainstepError
 from .grammar import StepGrammar
 from .inputs import PER_TOKEN_KEYS, collate, encode_prompt
-from .kvcache import GrowingCache, SharedPrefixCache, can_share, shared_attention
+from .kvcache import (
+    SHARED_PREFIX_MODELS,
+    GrowingCache,
+    SharedPrefixCache,
+    can_share,
+    shared_attention,
+    sharing_refusal,
+)
 from .models import load
 from .steps import BAD_TAG, GOOD_TAG, SPECIAL_TOKENS, STEP_END, STEP_TAG
 
 # Architectures whose n samples may start from one shared prefill (tested equal to the plain
 # path); others (Qwen2-VL's multimodal rotary positions) re-encode the prompt per sample.
-SHARED_PREFIX_MODELS = ("llava", "llava_next", "idefics3", "internvl")
 
 
 @dataclass
@@ -115,6 +122,9 @@ class Policy:
                  share_prefix: bool = True):
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
         self.share_prefix = share_prefix
+        refusal = sharing_refusal(model.config)
+        if share_prefix and refusal and model.config.model_type in SHARED_PREFIX_MODELS:
+            print(f"chainstep: samples re-encode their prompt (no shared prefix): {refusal}", file=sys.stderr)
         self._read_tokens(processor.tokenizer, model.generation_config)
         self._seeded: int | None = None
 
@@ -191,7 +201,7 @@ class Policy:
 
     @property
     def shares_prefix(self) -> bool:
-        return self.share_prefix and self.model.config.model_type in SHARED_PREFIX_MODELS
+        return self.share_prefix and sharing_refusal(self.model.config) is None
 
     def _generate_shared(self, batch, n: int, knobs: dict) -> torch.Tensor:
         """n continuations of each prompt from one prefill: the prompt (image included) is
