@@ -71,3 +71,25 @@ def test_paths_are_recorded_relative_to_where_they_are_read(tmp_path):
     assert run.labels("train").name == "prm_labels.jsonl" and run.labels("val").name == "prm_labels-val.jsonl"
     assert run.round_file("dpo-r1", "stats").name == "dpo-r1-stats.json"
     assert run.predictions("sft", "val").name == "sft-val.jsonl"
+
+
+def test_a_waiting_lock_waits_for_its_holder_then_goes_on(tmp_path):
+    """The pretrain cache's lock: a second process waits for the first, it is not refused."""
+    import threading
+    import time
+
+    from chainstep.layout import waiting_lock
+
+    lock, got = tmp_path / "cache" / "entry.lock", threading.Event()
+
+    def second():
+        with waiting_lock(lock):
+            got.set()
+
+    with waiting_lock(lock):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+        assert not got.is_set()  # held: the second holder waits
+    thread.join(timeout=5)
+    assert got.is_set()

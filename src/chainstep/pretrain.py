@@ -35,7 +35,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from .config import PretrainConfig, SuiteConfig
 from .errors import ChainstepError
-from .layout import checkpoints_of, model_summary, relative_path
+from .layout import checkpoints_of, model_summary, relative_path, waiting_lock
 from .models import load, save
 from .records import write_json
 from .synthetic import COLOURS, FAMILIES, ORDER, readings
@@ -205,13 +205,14 @@ def pretrain(model_dir: str | Path, out_dir: str | Path, suite: SuiteConfig | No
         raise ChainstepError(f"{model_dir}: found no vision tower or projector to pretrain")
     key = cache_key(model, cfg, suite)
     entry = cache_root() / "pretrain" / key
-    hit = cfg.cache and (entry / "meta.json").exists()
-    if hit:
-        model.load_state_dict(load_file(entry / "perception.safetensors"), strict=False)
-        info = json.loads((entry / "meta.json").read_text())
-    else:
-        info = _train(model, processor, suite, cfg, checkpoints_of(out_dir))
-        _store(entry, model, info)
+    with waiting_lock(entry.with_name(entry.name + ".lock")):  # two runs pretrain one tower once
+        hit = cfg.cache and (entry / "meta.json").exists()
+        if hit:
+            model.load_state_dict(load_file(entry / "perception.safetensors"), strict=False)
+            info = json.loads((entry / "meta.json").read_text())
+        else:
+            info = _train(model, processor, suite, cfg, checkpoints_of(out_dir))
+            _store(entry, model, info)
     meta = {**model_summary(model_dir), "vision_pretrained": True, "pretrain": asdict(cfg), "cache_key": key,
             "pretrained_from": relative_path(model_dir, out_dir), **info}
     save(model, processor, out_dir, meta=meta)
