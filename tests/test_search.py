@@ -224,7 +224,7 @@ def test_the_temperature_sweep_picks_on_val_and_records_every_temperature(tmp_pa
                         i=j) for j in range(n)]
             scores = [StepScores([0.5], 0.9 if x["correct"] else 0.1) for x in rows]
             by_q[r["id"]] = (rows, scores)
-        return by_q, 0.0, 0.0
+        return by_q, 0.0, 0.0, None
 
     monkeypatch.setattr("chainstep.search._sample_and_score", sample_and_score)
 

@@ -148,18 +148,26 @@ def _final(params: SamplingParams) -> SamplingParams:
 def _sample_and_score(policy: Policy, prm: Verifier | None, records: list[dict], path, n: int,
                       temperature: float, max_tokens: int, seed: int, extractor=None):
     """N graded samples per record (resumable file) and their PRM scores (None without a PRM),
-    with wall times; all chains are scored in one batched pass."""
+    with wall times; all chains are scored in one batched pass. Also the learned PRM's own
+    scores of the same chains when the verifier is that PRM under the checks (the control
+    "learned alone"), from the same forward pass; else None."""
     start = time.time()
     samples = sample_responses(policy, records, path, SamplingParams(
         n=n, temperature=temperature, max_tokens=max_tokens, seed=seed), extractor=extractor)
     sample_s = time.time() - start
     rows = [r for rec in records for r in samples[rec["id"]]]
     start = time.time()
-    scores = [finished(s) for s in prm.score([rec for rec in records for _ in range(n)],
-                                             [r["response"] for r in rows])] if prm else [None] * len(rows)
+    recs, texts = [rec for rec in records for _ in range(n)], [r["response"] for r in rows]
+    learned = None
+    if isinstance(prm, CheckedVerifier) and prm.base is not None:
+        learned = prm.base.score(recs, texts)
+        scores = prm.combine(recs, texts, learned)
+    else:
+        scores = prm.score(recs, texts) if prm else [None] * len(rows)
+    scores = [s if s is None else finished(s) for s in scores]
     score_s = time.time() - start
     by_q = {rec["id"]: (samples[rec["id"]], scores[i * n:(i + 1) * n]) for i, rec in enumerate(records)}
-    return by_q, sample_s, score_s
+    return by_q, sample_s, score_s, learned
 
 
 def _predictions(by_q: dict, strategy: str, n: int, prm: Verifier | None,
@@ -181,7 +189,7 @@ def choose_temperature(policy: Policy, prm: Verifier, records: list[dict], cfg: 
     n = min(8, max(cfg.ns))
     sweep = []
     for t in cfg.temperatures:
-        by_q, _, _ = _sample_and_score(policy, prm, records, out_dir / f"val-samples-t{t}.jsonl", n, t,
+        by_q, *_ = _sample_and_score(policy, prm, records, out_dir / f"val-samples-t{t}.jsonl", n, t,
                                        max_tokens, seed)
         row = {"temperature": t, "n": n, "questions": len(records)}
         row["sample"] = sum(r["correct"] for rows, _ in by_q.values() for r in rows) / (n * len(by_q))
@@ -200,9 +208,8 @@ def evaluate_search(policy: Policy, prm: Verifier, records: list[dict], cfg: Sea
     per-strategy predictions at the largest N (for paired comparisons)."""
     top = max(cfg.ns)
     path = out_dir / f"{model}-{split}-samples.jsonl"
-    by_q, sample_s, score_s = _sample_and_score(policy, prm, records, path, top, temperature,
-                                                max_tokens, seed)
-    learned = prm.last_base if isinstance(prm, CheckedVerifier) else None  # before beam search rescores
+    by_q, sample_s, score_s, learned = _sample_and_score(policy, prm, records, path, top, temperature,
+                                                         max_tokens, seed)
     results, final = [], {}
     for n in cfg.ns:
         for strategy in ("pass", "sc", "bon", "weighted"):
@@ -278,7 +285,7 @@ def search_predictions(strategy: str, policy: Policy, records: list[dict], n: in
     start = time.time()
     path = out_dir / f"{name}-{split}-samples-t{temperature}.jsonl"
     scorer = prm if strategy in ("bon", "weighted") else None
-    by_q, _, _ = _sample_and_score(policy, scorer, records, path, n, temperature, max_tokens, seed,
+    by_q, *_ = _sample_and_score(policy, scorer, records, path, n, temperature, max_tokens, seed,
                                    extractor)
     preds = _predictions(by_q, strategy, n, scorer)
     return preds, _compute(preds, time.time() - start, estimated=False)

@@ -15,13 +15,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import ProcessorMixin, TrainerCallback, set_seed
 
 from .config import SFTConfig, TrainConfig
 from .errors import ChainstepError
 from .grading import grade_response
 from .inputs import SFTCollator
 from .layout import checkpoints_of, relative_path
+from .models import load_processor
 from .records import iter_jsonl, read_jsonl
 from .sampling import Policy, SamplingParams
 from .training import ResumableTrainer, fit, prepare_model, training_arguments
@@ -44,7 +45,8 @@ def train_sft(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
     curve = None
     if cfg.val_every and val_records:
         records = val_records[:cfg.val_questions] if cfg.val_questions else val_records
-        curve = ValCurve(records, style, cfg.val_every, checkpoints_of(out_dir) / VAL_CURVE, batch_size)
+        curve = ValCurve(records, style, cfg.val_every, checkpoints_of(out_dir) / VAL_CURVE, batch_size,
+                         load_processor(model_dir))
     return fit_rows(model_dir, rows, out_dir, cfg, meta, callbacks=[curve] if curve else [])
 
 
@@ -58,8 +60,6 @@ def fit_rows(model_dir: str | Path, rows: list[dict], out_dir: str | Path, cfg: 
     args = training_arguments(cfg, checkpoints_of(out_dir))
     trainer = ResumableTrainer(model=model, args=args, train_dataset=rows, callbacks=list(callbacks),
                                data_collator=SFTCollator(processor, cfg.max_length))
-    for callback in callbacks:
-        callback.processor = processor
     fit(trainer, cfg, processor, model_dir, out_dir, meta)
     return out_dir
 
@@ -70,9 +70,10 @@ class ValCurve(TrainerCallback):
     The random state is put back after each evaluation: recording the curve leaves the training
     draws as they were."""
 
-    def __init__(self, records: list[dict], style: str, every: int, path: Path, batch_size: int):
+    def __init__(self, records: list[dict], style: str, every: int, path: Path, batch_size: int,
+                 processor: ProcessorMixin):
         self.records, self.style, self.every, self.path = records, style, every, Path(path)
-        self.batch_size, self.processor = batch_size, None
+        self.batch_size, self.processor = batch_size, processor
 
     def points(self) -> list[dict]:
         if not self.path.exists():

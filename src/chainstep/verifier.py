@@ -48,7 +48,6 @@ class CheckedVerifier:
         self.base = base
         self.scoring = scoring or (base.scoring if base is not None else ChainScore())
         self.chains_scored = 0
-        self.last_base: list[StepScores] | None = None  # the base's scores in the last call (controls)
         self.check_counts = {"steps": 0, "checked": 0, "failed": 0, "answers_failed": 0}
 
     @property
@@ -67,7 +66,6 @@ class CheckedVerifier:
         """The checks over scores `base` already gave these chains (a control that compares the
         base alone with the base under the checks scores each chain once)."""
         self.chains_scored += len(records)
-        self.last_base = base
         return [self._combine(r, t, b) for r, t, b in zip(records, responses, base or [None] * len(records))]
 
     def score_continuations(self, records: list[dict], prefixes: list[str],
