@@ -93,3 +93,61 @@ def test_every_sampled_chain_parses_under_the_grammar(sft_model_dir, test_record
     finished = [g for g in bound if g.finish_reason == "stop"]
     assert finished and all(parses(g.text) for g in finished)
     assert sum(g.grammar_interventions for g in bound) > 0
+
+
+def test_the_grammar_accepts_exactly_what_the_parser_reads(tiny_model_dir):
+    """Property test: on random token sequences (valid chains and their mutations: special tokens
+    inserted, dropped or spelled out in plain-text tokens, newlines and blanks in fields), the
+    grammar matcher accepts a sequence if and only if `parse` reads its decoded text."""
+    import random
+
+    import llguidance
+
+    from chainstep.grammar import _compiled
+    from chainstep.models import load_processor
+    from chainstep.steps import SPECIAL_TOKENS
+
+    tok = load_processor(tiny_model_dir("llava")).tokenizer
+    ends = [tok.eos_token_id]
+    lltok, grammar = _compiled(tok, tuple(ends))
+    rng = random.Random(0)
+    plain = [t for t in SPECIAL_TOKENS if not t.startswith("к")]
+    words = ["Red", " shapes", ":", " 2", "\n", " ", "\t", "ok", ".", "<", "|", "answer", "_end", "|>", "ки"]
+
+    def text_ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def spelled(token: str) -> list[int]:  # a special token written with ordinary tokens
+        return [i for piece in (token[:2], token[2:-2], token[-2:]) for i in text_ids(piece)]
+
+    def chain_ids() -> list[int]:
+        steps = [Step(*(rng.choice(["a", "Red shapes: 2", "x\ny", "2 + 1 = 3"]) for _ in range(3)))
+                 for _ in range(rng.randint(1, 3))]
+        return text_ids(render(Chain(steps, rng.choice(["3", "B", "1.5 cm"]))))
+
+    def mutate(ids: list[int]) -> list[int]:
+        ids, at = list(ids), rng.randrange(len(ids) + 1)
+        kind = rng.randrange(6)
+        if kind == 0 and ids:
+            del ids[min(at, len(ids) - 1)]
+        elif kind == 1:
+            ids[at:at] = text_ids(rng.choice(SPECIAL_TOKENS))
+        elif kind == 2:
+            ids[at:at] = spelled(rng.choice(plain))
+        elif kind == 3:
+            ids[at:at] = text_ids(rng.choice(words))
+        elif kind == 4 and ids:
+            ids = ids[:at]
+        return ids
+
+    accepted = 0
+    for case in range(400):
+        ids = chain_ids()
+        for _ in range(case % 4):
+            ids = mutate(ids)
+        matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
+        grammar_ok = matcher.consume_tokens(ids) and not matcher.is_error() and matcher.is_accepting()
+        text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        assert grammar_ok == parses(text), (text, grammar_ok)
+        accepted += grammar_ok
+    assert 100 < accepted < 350  # both sides of the language were drawn

@@ -3,13 +3,15 @@
 The grammar is `steps.render`'s format written as a Lark grammar for llguidance, which
 matches the step markers as the tokenizer's own special tokens and the fields as text of any
 tokenization. At each position only the tokens that keep the chain inside the grammar are
-allowed: structural markers where the format needs them, any text (no marker, no newline)
-inside a field, the end of sequence only after the answer line. llguidance does the matching
-(a Rust Earley parser over token tries); this module only feeds it the batch.
+allowed: structural markers where the format needs them, any text inside a field but a
+special token (spelled out in plain text too), the end of sequence only after the answer line.
+llguidance does the matching (a Rust Earley parser over token tries); this module only feeds it
+the batch.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 import llguidance
@@ -29,22 +31,27 @@ from .steps import (
     REASONING_START,
     REFLECTION_END,
     REFLECTION_START,
+    SPECIAL_TOKENS,
     STEP_END,
     STEP_START,
     THOUGHT_END,
     THOUGHT_START,
 )
 
-_FIELD = r"/[^\n]*[^\s][^\n]*/"
+# A field is what `steps.parse` reads as one: any text (newlines too) with some non-space
+# character and no special token, not even spelled out in plain-text tokens.
+_FIELD = (r"/(?s:.*)[^\s](?s:.*)/ & ~/(?s:.*)(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS)
+          + r")(?s:.*)/")
 ACTED_MASS = 0.01  # masked probability from which a position counts as one the grammar acted on
 
 
 def step_grammar() -> str:
-    """The Lark grammar of a rendered chain (fields: one line with some non-space text)."""
+    """The Lark grammar of a rendered chain: the language `steps.parse` accepts (the final
+    newline optional, as there)."""
     step = " ".join([STEP_START, r'"\n"', NAME_START, "FIELD", NAME_END, r'"\n"', THOUGHT_START, "FIELD",
                      THOUGHT_END, r'"\n"', REFLECTION_START, "FIELD", REFLECTION_END, r'"\n"', STEP_END])
     start = " ".join([REASONING_START, r'"\n"', "step", f'("\\n" {PROCEED} "\\n" step)*', r'"\n"',
-                      REASONING_END, f'"\\n{ANSWER_LINE}\\n"', ANSWER_START, "FIELD", ANSWER_END, r'"\n"'])
+                      REASONING_END, f'"\\n{ANSWER_LINE}\\n"', ANSWER_START, "FIELD", ANSWER_END, r'"\n"?'])
     return f"start: {start}\nstep: {step}\nFIELD: {_FIELD}\n"
 
 
