@@ -68,8 +68,8 @@ class SFTConfig(TrainConfig):
     on 998 fresh held-out questions; docs/findings.md). `val_every` records the greedy val
     curve while training, which is how a converged budget is told from one stopped on the slope."""
 
-    max_steps: int = 1800  # val 95.6 at 1,500, 95.8 at 1,650 of 1,800 (docs/findings.md); 900: on the slope
-    val_every: int = 300  # steps between greedy val evaluations (0 = none); the last step is always one
+    max_steps: int = 1800  # terms 3: val 81.6, 84.6, 85.6 at 1,500, 1,650, 1,800 (docs/findings.md)
+    val_every: int = 150  # steps between greedy val evaluations (0 = none); the last step is always one
     val_questions: int = 0  # val questions each evaluation reads (0 = the whole split)
 
     def __post_init__(self):
@@ -306,7 +306,7 @@ class SuiteConfig:
     test: int = 1000  # reported only; a paired test on 1,000 questions sees ~3 points (McNemar, 80%)
     families: tuple[str, ...] = SUITE_FAMILIES
     max_objects: int = 8  # shapes per image in counting families (3..max_objects)
-    terms: int = 2  # difficulty: terms + 1 colour groups are read (4 or 5 steps)
+    terms: int = 3  # difficulty: terms + 1 colour groups are read (2: 4 or 5 steps; 3: one more)
     seed: int = 0
 
     def __post_init__(self):
