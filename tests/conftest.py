@@ -28,7 +28,7 @@ def private_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def suite_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("suite")
-    make_tasks(SuiteConfig(train=40, val=10, test=10), out / "tasks")
+    make_tasks(SuiteConfig(train=40, val=10, test=10, terms=2), out / "tasks")  # fixtures sized on terms 2
     construct(out / "tasks" / "train.jsonl", out / "data", ProgrammaticTeacher())
     return out
 

@@ -47,7 +47,7 @@ def test_splits_never_share_a_seed():
 
 
 def test_written_splits_share_no_image_question(tmp_path):
-    counts = make_tasks(SuiteConfig(train=200, val=50, test=50, max_objects=4), tmp_path)
+    counts = make_tasks(SuiteConfig(train=200, val=50, test=50, max_objects=4, terms=2), tmp_path)
     prints = {}
     for split in SPLITS:
         records = read_jsonl(tmp_path / f"{split}.jsonl")

@@ -321,55 +321,57 @@ def evaluate(
     chainstep eval runs/quick/models/sft tasks/test.jsonl --strategy bon --n 8 --prm judge;
     chainstep eval runs/final/models/sft --benchmark mathvista --data ~/data/MathVista --out runs/final
     """
-    from .benchmarks import LLMExtractor
-    from .client import ChatClient
-    from .evaluate import predict, summarize, update_metrics
-    from .sampling import SamplingParams, load_policy
-    from .search import search_predictions
+    from .sampling import load_policy
+    from .search import evaluate_strategy
     from .shards import sharded
 
     if style not in ("cos", "direct"):
         raise ChainstepError(f"--style {style!r}: choose cos or direct")
     check_strategy(strategy, prm is not None)
-    records, split, settings = _eval_records(tasks, benchmark, data, out, limit, max_tokens)
-    name = name or model.name
-    extractor = None
-    if extract_url:
-        if not benchmark:
-            raise ChainstepError("--extract-url applies to --benchmark evaluations")
-        extractor = LLMExtractor(ChatClient(extract_url, extract_model, max_tokens=32))
-        settings["extraction"] = f"llm:{extract_model}"
     if shard and strategy != "greedy":
         raise ChainstepError("--shard splits greedy evaluation; search strategies run unsharded")
+    records, split, settings = _eval_records(tasks, benchmark, data, out, limit, max_tokens)
+    name = name or model.name
+    extractor = _extractor(extract_url, extract_model, benchmark, settings)
     policy = load_policy(model, backend, batch_size)
     if shard:
+        from .evaluate import predict
+        from .sampling import SamplingParams
+
         with sharded(shard, records, out / f"{name}-{split}.jsonl") as (chosen, path):
             preds = predict(policy, chosen, path, style, SamplingParams(max_tokens=settings["max_tokens"]),
                             extractor)
         console.print(f"shard {shard}: {sum(p['correct'] for p in preds)}/{len(preds)} right -> {path}")
         return
-    if strategy == "greedy":
-        preds = predict(policy, records, out / f"{name}-{split}.jsonl", style,
-                        SamplingParams(max_tokens=settings["max_tokens"]), extractor)
-        compute = {}
-    else:
-        scorer = _verifier(prm, step_weight, aggregate, batch_size) if prm else None
-        if scorer is not None:
-            settings["scoring"] = scorer.scoring.describe()
-        preds, compute = search_predictions(strategy, policy, records, n, out, name, split, scorer,
-                                            temperature, settings["max_tokens"], extractor=extractor)
-    n = 1 if strategy == "greedy" else n
-    row = {**summarize(preds, name, strategy, n, split), **compute, **settings}
-    update_metrics(out / "metrics.json", [row])
+    verifier = _verifier(prm, step_weight, aggregate, batch_size) if prm and strategy != "greedy" else None
+    row = evaluate_strategy(policy, records, out, name, split, settings, style, strategy, n, verifier,
+                            temperature, extractor)
     _print_results(out / "metrics.json")
     if benchmark:
-        table = Table(title=f"{benchmark} by category ({split}, {strategy})")
-        table.add_column("category")
-        table.add_column("accuracy")
-        for family, acc in row["per_family"].items():
-            low, high = row["per_family_ci"][family]
-            table.add_row(family, f"{100 * acc:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
-        console.print(table)
+        _print_categories(row, f"{benchmark} by category ({split}, {strategy})")
+
+
+def _extractor(url: str | None, model: str, benchmark: str | None, settings: dict):
+    """The LLM answer extractor of a benchmark evaluation (`--extract-url`), recorded in its settings."""
+    if not url:
+        return None
+    if not benchmark:
+        raise ChainstepError("--extract-url applies to --benchmark evaluations")
+    from .benchmarks import LLMExtractor
+    from .client import ChatClient
+
+    settings["extraction"] = f"llm:{model}"
+    return LLMExtractor(ChatClient(url, model, max_tokens=32))
+
+
+def _print_categories(row: dict, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("category")
+    table.add_column("accuracy")
+    for family, acc in row["per_family"].items():
+        low, high = row["per_family_ci"][family]
+        table.add_row(family, f"{100 * acc:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
+    console.print(table)
 
 
 def _verifier(spec: str, step_weight: float | None, aggregate: str | None, batch_size: int):

@@ -17,7 +17,7 @@ from pathlib import Path
 from .answers import normalize
 from .config import DEFAULT_SEARCH_TEMPERATURE, STRATEGIES, SearchConfig, check_strategy
 from .errors import ChainstepError
-from .evaluate import response_row, sample_responses, summarize
+from .evaluate import predict, response_row, sample_responses, summarize, update_metrics
 from .judge import JudgeVerifier
 from .records import replace_jsonl
 from .sampling import Generation, Policy, SamplingParams
@@ -268,6 +268,27 @@ def _compute(preds: list[dict], wall_s: float, estimated: bool) -> dict:
             "wall_s": round(wall_s, 2), "wall_s_estimated": estimated}
 
 
+def evaluate_strategy(policy: Policy, records: list[dict], out_dir: Path, name: str, split: str,
+                      settings: dict, style: str = "cos", strategy: str = "greedy", n: int = 1,
+                      prm: Verifier | None = None, temperature: float = DEFAULT_SEARCH_TEMPERATURE,
+                      extractor=None) -> dict:
+    """What `chainstep eval` runs: greedy decoding, or one strategy at one N, on `records`; its
+    row (with `settings`, what the result needs to be reproduced, and the verifier's rule) is
+    added to `out_dir/metrics.json` and returned."""
+    if strategy == "greedy":
+        preds = predict(policy, records, out_dir / f"{name}-{split}.jsonl", style,
+                        SamplingParams(max_tokens=settings["max_tokens"]), extractor)
+        compute, n = {}, 1
+    else:
+        if prm is not None:
+            settings = {**settings, "scoring": prm.scoring.describe()}
+        preds, compute = search_predictions(strategy, policy, records, n, out_dir, name, split, prm,
+                                            temperature, settings["max_tokens"], extractor=extractor)
+    row = {**summarize(preds, name, strategy, n, split), **compute, **settings}
+    update_metrics(out_dir / "metrics.json", [row])
+    return row
+
+
 def search_predictions(strategy: str, policy: Policy, records: list[dict], n: int, out_dir: Path,
                        name: str, split: str, prm: Verifier | None = None,
                        temperature: float = DEFAULT_SEARCH_TEMPERATURE, max_tokens: int = 256,
@@ -285,7 +306,6 @@ def search_predictions(strategy: str, policy: Policy, records: list[dict], n: in
     start = time.time()
     path = out_dir / f"{name}-{split}-samples-t{temperature}.jsonl"
     scorer = prm if strategy in ("bon", "weighted") else None
-    by_q, *_ = _sample_and_score(policy, scorer, records, path, n, temperature, max_tokens, seed,
-                                   extractor)
+    by_q, *_ = _sample_and_score(policy, scorer, records, path, n, temperature, max_tokens, seed, extractor)
     preds = _predictions(by_q, strategy, n, scorer)
     return preds, _compute(preds, time.time() - start, estimated=False)

@@ -239,6 +239,113 @@ def describe(texts: list[str], record: dict, prm: Verifier | None) -> list[dict]
     return out
 
 
+class ChatService:
+    """What the routes do apart from HTTP: check a request against what this server can do,
+    then generate, search or stream through one batcher, and describe the chains it returns."""
+
+    def __init__(self, policy: Policy, prm: Verifier | None, cfg: ServeConfig, name: str):
+        self.policy, self.prm, self.cfg, self.name = policy, prm, cfg, name
+        self.batcher = Batcher(policy, cfg.batch_window_ms / 1000, cfg.max_batch)
+
+    def health(self) -> dict:
+        prm = self.prm
+        return {"status": "ok", "model": self.name, "prm": prm is not None,
+                "scoring": prm.scoring.describe() if prm is not None else None,
+                "batches": self.batcher.batches, "requests": self.batcher.requests,
+                "prm_chains_scored": prm.chains_scored if prm is not None else 0}
+
+    def search_options(self, req: ChatRequest) -> SearchOptions:
+        """The request's search, refused (RequestError) where this server cannot run it."""
+        if req.model != self.name:
+            raise RequestError(404, f"model {req.model!r} is not served here; this server has {self.name!r}",
+                               "model_not_found")
+        search = req.chainstep or SearchOptions()
+        try:
+            check_strategy(search.strategy, self.prm is not None)
+        except ChainstepError as err:
+            raise RequestError(400, f"{err}: start the server with one") from None
+        if search.strategy != "greedy" and req.n != 1:
+            raise RequestError(400, "with a search strategy, set chainstep.n (the search width) and n=1")
+        if search.scores and self.prm is None:
+            raise RequestError(400, "chainstep.scores needs a PRM: start the server with --prm DIR")
+        if req.stream and (search.strategy != "greedy" or req.n != 1):
+            raise RequestError(400, "stream=true serves n=1 without a search strategy")
+        return search
+
+    async def completion(self, req: ChatRequest, search: SearchOptions, record: dict, params: SamplingParams,
+                         rid: str, created: int) -> dict:
+        gens, extra = await self._complete(record, params, search)
+        cut = [_cut_at_stop(gen, req.stop) for gen in gens]
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(cut)]
+        described = await self.batcher.run(describe, [text for text, _ in cut], record, self._scorer(search))
+        completion = sum(g.num_tokens for g in gens)
+        processor = self.policy.processor
+        prompt = await self.batcher.run(lambda: len(encode_prompt(processor, record)["input_ids"]))
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.name,
+                "choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                              "total_tokens": prompt + completion},
+                "chainstep": {"strategy": search.strategy, "n": params.n, "choices": described, **extra}}
+
+    def _scorer(self, search: SearchOptions) -> Verifier | None:
+        """The PRM runs only where it is asked for, or where the strategy ranks by it anyway."""
+        return self.prm if search.scores or search.strategy in VERIFIER_STRATEGIES else None
+
+    async def _complete(self, record: dict, params: SamplingParams, search: SearchOptions):
+        if search.strategy == "greedy":
+            return await self.batcher.generate(record, params), {}
+        if search.strategy == "beam":
+            rows, compute = await self.batcher.run(lambda: beam_search(
+                self.policy, self.prm, [record], params.n, temperature=params.temperature or 1.0,
+                step_tokens=min(params.max_tokens, 256), max_steps=self.cfg.max_steps, seed=params.seed))
+            return [Generation(rows[0]["response"], compute["tokens_generated"], "stop")], compute
+        gens = await self.batcher.generate(record, params)
+        from .evaluate import response_row
+
+        rows = [response_row(record, g) for g in gens]
+        scores = await self.batcher.run(self.prm.chain_scores, [record] * len(gens), [g.text for g in gens]) \
+            if search.strategy in ("bon", "weighted") else None
+        chosen = select(search.strategy, rows, scores)
+        return [Generation(chosen["response"], chosen["tokens"], chosen["finish_reason"])], \
+            {"prm_chains": chosen["prm_chains"]}
+
+    async def stream(self, record: dict, params: SamplingParams, req: ChatRequest, search: SearchOptions,
+                     rid: str, created: int):
+        """Server-sent events, one step a chunk; a failure after the first chunk is sent as an
+        error event, since the status line has already gone."""
+        def chunk(delta: dict, reason: str | None = None, **extra) -> str:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
+            return f"data: {json.dumps(body)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        text, left, reason = "", params.max_tokens, "length"
+        try:
+            for _ in range(self.cfg.max_steps + 1):
+                step = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
+                                      max_tokens=left, stop_at_step=True,
+                                      seed=None if text else params.seed)
+                [gen] = await self.batcher.generate(record, step, prefix=text)
+                whole = text + gen.text
+                piece, _ = _cut_at_stop(Generation(whole, 0, gen.finish_reason), req.stop)
+                yield chunk({"content": piece[len(text):]})
+                text, left = piece, left - gen.num_tokens
+                if piece != whole or gen.finish_reason == "stop" or ANSWER_END in gen.text:
+                    reason = "stop"
+                    break
+                if left <= 0 or gen.finish_reason == "length":
+                    break
+            described = await self.batcher.run(describe, [text], record, self._scorer(search))
+        except Exception as err:  # noqa: BLE001 - the client must hear that the stream broke
+            failure = {"message": f"generation failed after streaming began: {err}", "type": "server_error",
+                       "code": 500}
+            yield f"data: {json.dumps({'error': failure})}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        yield chunk({}, reason, chainstep={"strategy": "greedy", "n": 1, "choices": described})
+        yield "data: [DONE]\n\n"
+
+
 def create_app(policy: Policy, prm: Verifier | None = None, cfg: ServeConfig | None = None,
                name: str = "chainstep"):
     """The FastAPI app; `chainstep serve` runs it under uvicorn, tests run it in a thread."""
@@ -247,15 +354,15 @@ def create_app(policy: Policy, prm: Verifier | None = None, cfg: ServeConfig | N
     from fastapi.responses import JSONResponse, StreamingResponse
 
     cfg = cfg or ServeConfig()
-    batcher = Batcher(policy, cfg.batch_window_ms / 1000, cfg.max_batch)
+    service = ChatService(policy, prm, cfg, name)
 
     @asynccontextmanager
     async def lifespan(_):
-        batcher.start()
+        service.batcher.start()
         yield
 
     app = FastAPI(title="chainstep", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batcher = service.batcher
 
     def error(status: int, message: str, code: str = "invalid_request_error") -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status)
@@ -285,10 +392,7 @@ def create_app(policy: Policy, prm: Verifier | None = None, cfg: ServeConfig | N
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "prm": prm is not None,
-                "scoring": prm.scoring.describe() if prm is not None else None,
-                "batches": batcher.batches, "requests": batcher.requests,
-                "prm_chains_scored": prm.chains_scored if prm is not None else 0}
+        return service.health()
 
     @app.get("/v1/models")
     async def models():
@@ -297,93 +401,14 @@ def create_app(policy: Policy, prm: Verifier | None = None, cfg: ServeConfig | N
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        if req.model != name:
-            raise RequestError(404, f"model {req.model!r} is not served here; this server has {name!r}",
-                               "model_not_found")
-        search = req.chainstep or SearchOptions()
-        try:
-            check_strategy(search.strategy, prm is not None)
-        except ChainstepError as err:
-            raise RequestError(400, f"{err}: start the server with one") from None
-        if search.strategy != "greedy" and req.n != 1:
-            raise RequestError(400, "with a search strategy, set chainstep.n (the search width) and n=1")
-        if search.scores and prm is None:
-            raise RequestError(400, "chainstep.scores needs a PRM: start the server with --prm DIR")
+        search = service.search_options(req)
         record = await asyncio.to_thread(request_record, req, cfg)
         params = _params(req, cfg, req.n if search.strategy == "greedy" else search.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
         if req.stream:
-            if search.strategy != "greedy" or req.n != 1:
-                raise RequestError(400, "stream=true serves n=1 without a search strategy")
-            return StreamingResponse(_stream(record, params, req, search, rid, created),
+            return StreamingResponse(service.stream(record, params, req, search, rid, created),
                                      media_type="text/event-stream")
-        gens, extra = await _complete(record, params, search)
-        cut = [_cut_at_stop(gen, req.stop) for gen in gens]
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                   for i, (text, reason) in enumerate(cut)]
-        described = await batcher.run(describe, [text for text, _ in cut], record, _scorer(search))
-        completion = sum(g.num_tokens for g in gens)
-        prompt = await batcher.run(lambda: len(encode_prompt(policy.processor, record)["input_ids"]))
-        return {"id": rid, "object": "chat.completion", "created": created, "model": name,
-                "choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                              "total_tokens": prompt + completion},
-                "chainstep": {"strategy": search.strategy, "n": params.n, "choices": described, **extra}}
-
-    def _scorer(search: SearchOptions) -> Verifier | None:
-        """The PRM runs only where it is asked for, or where the strategy ranks by it anyway."""
-        return prm if search.scores or search.strategy in VERIFIER_STRATEGIES else None
-
-    async def _complete(record: dict, params: SamplingParams, search: SearchOptions):
-        if search.strategy == "greedy":
-            return await batcher.generate(record, params), {}
-        if search.strategy == "beam":
-            rows, compute = await batcher.run(lambda: beam_search(
-                policy, prm, [record], params.n, temperature=params.temperature or 1.0,
-                step_tokens=min(params.max_tokens, 256), max_steps=cfg.max_steps, seed=params.seed))
-            return [Generation(rows[0]["response"], compute["tokens_generated"], "stop")], compute
-        gens = await batcher.generate(record, params)
-        from .evaluate import response_row
-
-        rows = [response_row(record, g) for g in gens]
-        scores = await batcher.run(prm.chain_scores, [record] * len(gens), [g.text for g in gens]) \
-            if search.strategy in ("bon", "weighted") else None
-        chosen = select(search.strategy, rows, scores)
-        return [Generation(chosen["response"], chosen["tokens"], chosen["finish_reason"])], \
-            {"prm_chains": chosen["prm_chains"]}
-
-    async def _stream(record: dict, params: SamplingParams, req: ChatRequest, search: SearchOptions,
-                      rid: str, created: int):
-        def chunk(delta: dict, reason: str | None = None, **extra) -> str:
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
-            return f"data: {json.dumps(body)}\n\n"
-
-        yield chunk({"role": "assistant", "content": ""})
-        text, left, reason = "", params.max_tokens, "length"
-        try:
-            for _ in range(cfg.max_steps + 1):
-                step = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
-                                      max_tokens=left, stop_at_step=True,
-                                      seed=None if text else params.seed)
-                [gen] = await batcher.generate(record, step, prefix=text)
-                whole = text + gen.text
-                piece, _ = _cut_at_stop(Generation(whole, 0, gen.finish_reason), req.stop)
-                yield chunk({"content": piece[len(text):]})
-                text, left = piece, left - gen.num_tokens
-                if piece != whole or gen.finish_reason == "stop" or ANSWER_END in gen.text:
-                    reason = "stop"
-                    break
-                if left <= 0 or gen.finish_reason == "length":
-                    break
-            described = await batcher.run(describe, [text], record, _scorer(search))
-        except Exception as err:  # noqa: BLE001 - the client must hear that the stream broke
-            failure = {"message": f"generation failed after streaming began: {err}", "type": "server_error",
-                       "code": 500}
-            yield f"data: {json.dumps({'error': failure})}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        yield chunk({}, reason, chainstep={"strategy": "greedy", "n": 1, "choices": described})
-        yield "data: [DONE]\n\n"
+        return await service.completion(req, search, record, params, rid, created)
 
     return app
 

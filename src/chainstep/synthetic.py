@@ -1,6 +1,6 @@
 """The synthetic visual reasoning suite: the embedded default data, drawn with Pillow.
 
-Five families shaped after the paper's benchmarks, each question needing 4-5 steps that read
+Five families shaped after the paper's benchmarks, each question needing 4-6 steps that read
 facts off the image and combine them. Every record keeps its scene and the ground-truth value
 of every step in `meta`, so the programmatic teacher can write chains and a judge can check them.
 

@@ -190,5 +190,6 @@ def fit(trainer: ResumableTrainer, cfg: TrainConfig, processor, model_dir: Path,
         "trained_from": relative_path(model_dir, out_dir), **meta,
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
-        "train_runtime_s": result.metrics.get("train_runtime"), "resumed_from": last,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "resumed_from": relative_path(last, out_dir) if last else None,
     })
