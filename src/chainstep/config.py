@@ -349,7 +349,6 @@ class ServeConfig:
     max_steps: int = 12  # streamed or beam-searched steps before the answer is forced
 
 
-
 @dataclass
 class RunConfig:
     """Everything `chainstep run` does; `configs/tiny.yaml` holds the same defaults."""

@@ -122,9 +122,10 @@ class Policy:
                  share_prefix: bool = True):
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
         self.share_prefix = share_prefix
-        refusal = sharing_refusal(model.config)
-        if share_prefix and refusal and model.config.model_type in SHARED_PREFIX_MODELS:
-            print(f"chainstep: samples re-encode their prompt (no shared prefix): {refusal}", file=sys.stderr)
+        self.prefix_refusal = sharing_refusal(model.config)  # why n samples cannot share a prefill
+        if share_prefix and self.prefix_refusal and model.config.model_type in SHARED_PREFIX_MODELS:
+            print(f"chainstep: samples re-encode their prompt (no shared prefix): {self.prefix_refusal}",
+                  file=sys.stderr)
         self._read_tokens(processor.tokenizer, model.generation_config)
         self._seeded: int | None = None
 
@@ -201,7 +202,7 @@ class Policy:
 
     @property
     def shares_prefix(self) -> bool:
-        return self.share_prefix and sharing_refusal(self.model.config) is None
+        return self.share_prefix and self.prefix_refusal is None
 
     def _generate_shared(self, batch, n: int, knobs: dict) -> torch.Tensor:
         """n continuations of each prompt from one prefill: the prompt (image included) is
