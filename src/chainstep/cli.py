@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .config import DEFAULT_SEARCH_TEMPERATURE, check_strategy
 from .errors import ChainstepError
+from .layout import METRICS, RunLayout, model_summary, predictions_file, writing_into
 
 console = Console()
 
@@ -46,8 +47,6 @@ def writes_into(param: str):
     def decorate(command):
         @functools.wraps(command)
         def locked(*args, **kwargs):
-            from .layout import writing_into
-
             with writing_into(kwargs[param]):
                 return command(*args, **kwargs)
         return locked
@@ -81,7 +80,7 @@ def run(
         console.print(f"summary: {out / 'seeds.json'}")
         return
     run_dir = run_pipeline(cfg, out)
-    _print_results(run_dir / "metrics.json")
+    _print_results(RunLayout(run_dir).metrics)
     console.print(f"report: {run_dir / 'report.html'}")
 
 
@@ -169,7 +168,6 @@ def add_tokens(src: Path = typer.Argument(..., help="Local VLM directory"),
                dst: Path = typer.Argument(..., help="Where to save the extended model")):
     """Add the 17 step tokens to any local VLM (new rows = mean of a description's embedding)."""
     from . import models
-    from .layout import model_summary
 
     model, processor = models.load(src)
     added = models.add_step_tokens(model, processor)
@@ -338,7 +336,7 @@ def evaluate(
         from .evaluate import predict
         from .sampling import SamplingParams
 
-        with sharded(shard, records, out / f"{name}-{split}.jsonl") as (chosen, path):
+        with sharded(shard, records, predictions_file(out, name, split)) as (chosen, path):
             preds = predict(policy, chosen, path, style, SamplingParams(max_tokens=settings["max_tokens"]),
                             extractor)
         console.print(f"shard {shard}: {sum(p['correct'] for p in preds)}/{len(preds)} right -> {path}")
@@ -346,7 +344,7 @@ def evaluate(
     verifier = _verifier(prm, step_weight, aggregate, batch_size) if prm and strategy != "greedy" else None
     row = evaluate_strategy(policy, records, out, name, split, settings, style, strategy, n, verifier,
                             temperature, extractor)
-    _print_results(out / "metrics.json")
+    _print_results(out / METRICS)
     if benchmark:
         _print_categories(row, f"{benchmark} by category ({split}, {strategy})")
 
@@ -638,7 +636,7 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory")):
     """Rewrite report.html from a run directory's files."""
     from .report import write_report
 
-    if not (run_dir / "metrics.json").exists():
+    if not RunLayout(run_dir).metrics.exists():
         raise ChainstepError(f"{run_dir} has no metrics.json: is it a run directory (chainstep run --out)?")
     console.print(f"report: {write_report(run_dir)}")
 

@@ -18,6 +18,7 @@ from rich.progress import track
 from .client import RemoteError
 from .config import FilterConfig
 from .grading import matches
+from .layout import TEACHER_DATA
 from .records import JsonlWriter, done_ids, iter_jsonl, load_tasks, replace_jsonl
 from .shards import Shard, mark_done
 from .steps import ANSWER_END, ANSWER_START, Chain, FormatError, parse
@@ -54,7 +55,7 @@ def example_row(record: dict, response: str) -> dict:
             "response": response}
 
 
-OUTPUTS = ("sft.jsonl", "rejects.jsonl", "direct.jsonl")
+OUTPUTS = tuple(TEACHER_DATA[kind] for kind in ("cos", "rejects", "direct"))
 
 
 def construct(tasks: str | Path | list[dict], out_dir: str | Path, teacher: Teacher,

@@ -281,9 +281,9 @@ def _record_rank(checkpoints: Path, trainer, collator: PreferenceCollator) -> No
     checkpoints.mkdir(parents=True, exist_ok=True)
     rank = trainer.args.process_index
     model = trainer.accelerator.unwrap_model(trainer.model)
-    (checkpoints / f"rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "world_size": trainer.args.world_size, "pairs_seen": collator.examples_seen,
-         "pid": os.getpid(), "weights_sha256": weights_digest(model)}))
+    write_json(checkpoints / f"rank{rank}.json",
+               {"rank": rank, "world_size": trainer.args.world_size, "pairs_seen": collator.examples_seen,
+                "pid": os.getpid(), "weights_sha256": weights_digest(model)})
 
 
 def dpo_round(policy_dir: Path, sft_dir: Path, prm: Verifier | None, records: list[dict], out: RunLayout,

@@ -29,6 +29,7 @@ from .construct import example_row
 from .errors import ChainstepError
 from .grading import grade_response, matches
 from .judge import Judge, JudgeError, ProgrammaticJudge
+from .layout import rejects_of
 from .perturb import clean_labels, perturb
 from .records import JsonlWriter, done_ids
 from .sampling import Policy, SamplingParams
@@ -94,7 +95,7 @@ def label(samples: list[dict], records: list[dict], out_path: str | Path, cfg: L
     judge = judge or ProgrammaticJudge()
     chains = [s for s in samples if s["parsed"]]
     stats: Counter = Counter()
-    rejects = out_path.with_name(out_path.stem + "_rejects.jsonl")
+    rejects = rejects_of(out_path)
     with JsonlWriter(out_path) as writer, JsonlWriter(rejects) as rejected:
         if cfg.judge:
             todo = [s for s in samples if f"{s['id']}/judge" not in done]

@@ -29,6 +29,8 @@ from pathlib import Path
 from .errors import ChainstepError
 
 MODEL_SUMMARY = "chainstep.json"  # beside a model's weights: how chainstep made it
+METRICS = "metrics.json"  # every result row of a run, or of an `eval --out` folder
+TEACHER_DATA = {"cos": "sft.jsonl", "direct": "direct.jsonl", "rejects": "rejects.jsonl"}
 
 
 class RunLayout:
@@ -38,7 +40,7 @@ class RunLayout:
         self.root = Path(root)
         self.tasks, self.data = self.root / "tasks", self.root / "data"
         self.models, self.eval, self.stages = self.root / "models", self.root / "eval", self.root / "stages"
-        self.metrics, self.report = self.root / "metrics.json", self.root / "report.html"
+        self.metrics, self.report = self.root / METRICS, self.root / "report.html"
         self.config_json, self.config_yaml = self.root / "config.json", self.root / "config.yaml"
         self.lock_file = self.root / ".lock"
         self.traces = self.eval / "prm-traces.jsonl"
@@ -50,7 +52,12 @@ class RunLayout:
         return self.models / name
 
     def predictions(self, model: str, split: str) -> Path:
-        return self.eval / f"{model}-{split}.jsonl"
+        return predictions_file(self.eval, model, split)
+
+    def teacher_data(self, kind: str) -> Path:
+        """The teacher's `cos` chains, the `direct` answers built from the same questions, or the
+        `rejects` the format filter turned away."""
+        return self.data / TEACHER_DATA[kind]
 
     def samples(self, split: str) -> Path:
         """Policy chains sampled for the PRM's labels (train) and its evaluation (val)."""
@@ -134,6 +141,32 @@ def writing_into(path: str | Path) -> Iterator[None]:
         return
     with RunLayout(root).lock():
         yield
+
+
+def predictions_file(folder: str | Path, model: str, split: str) -> Path:
+    """Greedy predictions, in a run's `eval/` or the folder `chainstep eval --out` names."""
+    return Path(folder) / f"{model}-{split}.jsonl"
+
+
+def samples_file(folder: str | Path, model: str, split: str, temperature: float | None = None) -> Path:
+    """Search's sampled chains (with their verifier scores) for one model and split."""
+    tail = "" if temperature is None else f"-t{temperature}"
+    return Path(folder) / f"{model}-{split}-samples{tail}.jsonl"
+
+
+def temperature_file(folder: str | Path, temperature: float) -> Path:
+    """The val chains sampled at one temperature while search chooses its temperature."""
+    return Path(folder) / f"val-samples-t{temperature}.jsonl"
+
+
+def beam_file(folder: str | Path, model: str, split: str, n: int) -> Path:
+    return Path(folder) / f"{model}-{split}-beam{n}.jsonl"
+
+
+def rejects_of(path: str | Path) -> Path:
+    """Where the rows a stage turned away from `path` are kept, with their reasons."""
+    path = Path(path)
+    return path.with_name(path.stem + "_rejects.jsonl")
 
 
 def model_summary(model_dir: str | Path) -> dict:

@@ -44,7 +44,7 @@ from .verifier import CheckedVerifier, Verifier, load_verifier
 
 console = Console(stderr=True)
 # Policy name (its models/ folder and metrics.json `model`) -> (training data, eval style).
-POLICIES = {"sft": ("sft.jsonl", "cos"), "base": ("direct.jsonl", "direct")}
+POLICIES = {"sft": "cos", "base": "direct"}  # each policy trains on the teacher data of its style
 
 
 class Run:
@@ -119,7 +119,7 @@ def init_model(r: Run) -> dict:
         added = models.add_step_tokens(model, processor)
         meta = {"from_scratch": False, "source": cfg.path, "added_tokens": added}
     else:
-        rows = read_jsonl(r.paths.data / "sft.jsonl")
+        rows = read_jsonl(r.paths.teacher_data("cos"))
         texts = [row["question"] for row in rows] + [row["response"] for row in rows]
         tokenizer = models.train_tokenizer(texts, vocab_size=cfg.vocab_size)
         model, processor = models.build_tiny(cfg.arch, tokenizer, cfg.size, cfg.seed)
@@ -147,9 +147,9 @@ def _start_model(r: Run) -> Path:
 
 def _train(r: Run, name: str, sft_cfg) -> dict:
     """One policy's SFT; with `val_every`, its greedy val curve is recorded as it trains."""
-    data, style = POLICIES[name]
+    style = POLICIES[name]
     val = load_tasks(r.paths.split("val")) if sft_cfg.val_every else None
-    train_sft(_start_model(r), r.paths.data / data, r.paths.model(name), sft_cfg, val, style,
+    train_sft(_start_model(r), r.paths.teacher_data(style), r.paths.model(name), sft_cfg, val, style,
               r.cfg.eval.batch_size)
     meta = model_summary(r.paths.model(name))
     keys = ("train_loss_first", "train_loss_last", "train_runtime_s", "val_curve")
@@ -163,7 +163,7 @@ def evaluate_policies(r: Run) -> dict:
     for split in r.cfg.eval.splits:
         records = load_tasks(r.paths.split(split))
         preds = {}
-        for name, (_, style) in POLICIES.items():
+        for name, style in POLICIES.items():
             policy = Policy.from_dir(r.paths.model(name), batch_size=r.cfg.eval.batch_size)
             preds[name] = predict(policy, records, r.paths.predictions(name, split), style, params)
             results.append(summarize(preds[name], name, split=split))
@@ -351,7 +351,7 @@ def improve_dpo(r: Run) -> dict:
     args = (r.paths.model("sft"), r.paths.model("prm"), records, r.dir, cfg, r.cfg.eval.batch_size)
     rounds = iterative_dpo(*args)
     control = rft_control(r.paths.model("sft"), records, r.dir, cfg, rounds)
-    continued = continued_sft_control(r.paths.model("sft"), r.paths.data / POLICIES["sft"][0], records,
+    continued = continued_sft_control(r.paths.model("sft"), r.paths.teacher_data("cos"), records,
                                       r.dir, cfg, rounds)
     ablation = pair_source_ablation(*args)
     update_metrics(r.paths.metrics, dpo={"rounds": rounds, "ablation": ablation, "control": control,

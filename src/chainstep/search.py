@@ -19,6 +19,7 @@ from .config import DEFAULT_SEARCH_TEMPERATURE, STRATEGIES, SearchConfig, check_
 from .errors import ChainstepError
 from .evaluate import predict, response_row, sample_responses, summarize, update_metrics
 from .judge import JudgeVerifier
+from .layout import METRICS, beam_file, predictions_file, samples_file, temperature_file
 from .records import replace_jsonl
 from .sampling import Generation, Policy, SamplingParams
 from .scoring import finished
@@ -189,7 +190,7 @@ def choose_temperature(policy: Policy, prm: Verifier, records: list[dict], cfg: 
     n = min(8, max(cfg.ns))
     sweep = []
     for t in cfg.temperatures:
-        by_q, *_ = _sample_and_score(policy, prm, records, out_dir / f"val-samples-t{t}.jsonl", n, t,
+        by_q, *_ = _sample_and_score(policy, prm, records, temperature_file(out_dir, t), n, t,
                                        max_tokens, seed)
         row = {"temperature": t, "n": n, "questions": len(records)}
         row["sample"] = sum(r["correct"] for rows, _ in by_q.values() for r in rows) / (n * len(by_q))
@@ -207,7 +208,7 @@ def evaluate_search(policy: Policy, prm: Verifier, records: list[dict], cfg: Sea
     """Every strategy at every N on `records`: results rows, step-weight ablation rows, and the
     per-strategy predictions at the largest N (for paired comparisons)."""
     top = max(cfg.ns)
-    path = out_dir / f"{model}-{split}-samples.jsonl"
+    path = samples_file(out_dir, model, split)
     by_q, sample_s, score_s, learned = _sample_and_score(policy, prm, records, path, top, temperature,
                                                          max_tokens, seed)
     results, final = [], {}
@@ -221,7 +222,7 @@ def evaluate_search(policy: Policy, prm: Verifier, records: list[dict], cfg: Sea
             if n == top:
                 final[strategy] = preds
     for n in cfg.beam_ns:
-        path = out_dir / f"{model}-{split}-beam{n}.jsonl"
+        path = beam_file(out_dir, model, split, n)
         preds, compute = beam_search(policy, prm, records, n, cfg.keep, temperature, cfg.step_tokens,
                                      cfg.max_steps, seed)
         replace_jsonl(path, preds)
@@ -276,7 +277,7 @@ def evaluate_strategy(policy: Policy, records: list[dict], out_dir: Path, name: 
     row (with `settings`, what the result needs to be reproduced, and the verifier's rule) is
     added to `out_dir/metrics.json` and returned."""
     if strategy == "greedy":
-        preds = predict(policy, records, out_dir / f"{name}-{split}.jsonl", style,
+        preds = predict(policy, records, predictions_file(out_dir, name, split), style,
                         SamplingParams(max_tokens=settings["max_tokens"]), extractor)
         compute, n = {}, 1
     else:
@@ -285,7 +286,7 @@ def evaluate_strategy(policy: Policy, records: list[dict], out_dir: Path, name: 
         preds, compute = search_predictions(strategy, policy, records, n, out_dir, name, split, prm,
                                             temperature, settings["max_tokens"], extractor=extractor)
     row = {**summarize(preds, name, strategy, n, split), **compute, **settings}
-    update_metrics(out_dir / "metrics.json", [row])
+    update_metrics(Path(out_dir) / METRICS, [row])
     return row
 
 
@@ -304,7 +305,7 @@ def search_predictions(strategy: str, policy: Policy, records: list[dict], n: in
     if strategy not in ("sc", "pass", "bon", "weighted"):
         raise ChainstepError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
     start = time.time()
-    path = out_dir / f"{name}-{split}-samples-t{temperature}.jsonl"
+    path = samples_file(out_dir, name, split, temperature)
     scorer = prm if strategy in ("bon", "weighted") else None
     by_q, *_ = _sample_and_score(policy, scorer, records, path, n, temperature, max_tokens, seed, extractor)
     preds = _predictions(by_q, strategy, n, scorer)
