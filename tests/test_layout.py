@@ -31,15 +31,33 @@ def test_a_second_run_on_a_held_directory_refuses_in_one_line(tmp_path):
                 pass
 
 
-@pytest.mark.parametrize("command", [
-    ["eval", "{run}/models/sft", "{run}/tasks/test.jsonl", "--out", "{run}/eval"],
-    ["report", "{run}"],
+WRITING_COMMANDS = [
+    ["construct", "{run}/tasks/train.jsonl", "--out", "{run}/data"],
+    ["pretrain", "{run}/models/init", "--out", "{run}/models/pretrained2"],
     ["sft", "{run}/models/init", "{run}/data/sft.jsonl", "--out", "{run}/models/sft2"],
+    ["eval", "{run}/models/sft", "{run}/tasks/test.jsonl", "--out", "{run}/eval"],
+    ["sample", "{run}/models/sft", "{run}/tasks/train.jsonl", "--out", "{run}/data/s.jsonl"],
+    ["label", "{run}/data/s.jsonl", "{run}/tasks/train.jsonl", "--out", "{run}/data/l.jsonl"],
     ["prm", "train", "{run}/models/sft", "{run}/data/prm_labels.jsonl", "--out", "{run}/models/prm2"],
     ["dpo", "run", "{run}/models/sft", "{run}/tasks/train.jsonl", "--out", "{run}"],
+    ["dpo", "train", "{run}/models/sft", "{run}/data/p.jsonl", "{run}/tasks/train.jsonl", "--out",
+     "{run}/models/d"],
     ["grpo", "{run}/models/sft", "{run}/tasks/train.jsonl", "--out", "{run}/models/g"],
     ["merge", "{run}/data/samples-train.jsonl", "--shards", "2"],
-])
+    ["report", "{run}"],
+]
+
+
+def test_the_busy_directory_test_covers_every_writing_command():
+    from chainstep import cli
+
+    locking = {fn.__name__ for fn in vars(cli).values() if hasattr(fn, "writes_into")}
+    named = {"_".join(c[:2]) if c[0] in ("prm", "dpo") else c[0] for c in WRITING_COMMANDS}
+    named = {"evaluate" if n == "eval" else n for n in named}
+    assert locking and locking == named
+
+
+@pytest.mark.parametrize("command", WRITING_COMMANDS)
 def test_every_writing_command_refuses_a_busy_run_directory(tmp_path, command):
     out = tmp_path / "run"
     (out / "models").mkdir(parents=True)

@@ -49,6 +49,7 @@ def writes_into(param: str):
         def locked(*args, **kwargs):
             with writing_into(kwargs[param]):
                 return command(*args, **kwargs)
+        locked.writes_into = param
         return locked
     return decorate
 
