@@ -147,3 +147,23 @@ def test_predictions_resume_only_under_the_same_model_and_settings(tiny_model_di
     other = Policy.from_dir(tiny_model_dir("llava"))  # another model, same file name
     with pytest.raises(ChainstepError, match="other settings \\(model differ"):
         predict(other, records, out, params=SamplingParams(max_tokens=8))
+
+
+def test_a_cut_sampling_run_redraws_exactly_what_it_would_have_drawn(sft_model_dir, test_records, tmp_path):
+    """A kill mid-chunk, or a resumed stage whose earlier split was already done, must end with
+    the rows an uninterrupted run writes (the kill/resume bench found val samples redrawn)."""
+    from chainstep.evaluate import sample_responses
+    from chainstep.records import read_jsonl
+    from chainstep.sampling import Policy, SamplingParams
+
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=24, seed=0)
+    train, val = test_records[:3], test_records[3:6]
+    policy = Policy.from_dir(sft_model_dir)
+    sample_responses(policy, train, tmp_path / "train.jsonl", params)
+    sample_responses(policy, val, tmp_path / "val.jsonl", params)  # after train, in one process
+    whole = read_jsonl(tmp_path / "val.jsonl")
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(line for line in (tmp_path / "val.jsonl").read_text().splitlines(True)[:3]))
+    (tmp_path / "cut.settings.json").write_text((tmp_path / "val.settings.json").read_text())
+    sample_responses(Policy.from_dir(sft_model_dir), val, cut, params)  # a fresh process, val only
+    assert read_jsonl(cut) == whole

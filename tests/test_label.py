@@ -74,6 +74,11 @@ def test_label_writes_every_source_once_and_resumes(sft_model_dir, train_records
     assert len({r["id"] for r in written}) == len(written)
     assert first["perturb"] == 8 and "perturb" not in again and "mc" not in again
     assert first["mc"] >= 1 and first["judge"] >= 1
+    lines = out.read_text().splitlines(True)  # a kill that cut the MC rows: redrawn the same
+    last_mc = max(i for i, line in enumerate(lines) if '/mc"' in line)
+    out.write_text("".join(lines[:last_mc] + lines[last_mc + 1:]))
+    label(rows, records, out, cfg, Policy.from_dir(sft_model_dir))
+    assert sorted(out.read_text().splitlines()) == sorted(line.rstrip("\n") for line in lines)
     for row in written:  # one label per tag: after every step end and the answer end
         tags = row["response"].count(STEP_END) + row["response"].count("<|answer_end|>")
         assert len(row["labels"]) == tags

@@ -111,15 +111,29 @@ def test_image_chat_and_prm_tag_tokens_are_never_generated(policy):
     assert policy.end_ids[0] not in policy.suppress_ids and policy.step_end_id not in policy.suppress_ids
 
 
-def test_a_seed_is_set_once_then_drawn_on(tiny_model_dir, test_records):
-    """Each beam depth and each chunk of records used to restart the same random stream."""
+def test_a_seeded_call_draws_from_its_own_stream(policy, test_records):
+    """What a seeded call draws depends on its seed alone, not on what the policy drew before it:
+    a resumed stage redraws what it would have drawn uninterrupted."""
     params = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=3)
-    policy = Policy.from_dir(tiny_model_dir("llava"), batch_size=8)
-    first = [g.text for g in policy.generate(test_records[:1], params)[0]]
-    second = [g.text for g in policy.generate(test_records[:1], params)[0]]
-    assert first != second
-    fresh = Policy.from_dir(tiny_model_dir("llava"), batch_size=8)
-    assert [g.text for g in fresh.generate(test_records[:1], params)[0]] == first
+
+    def texts(p):
+        return [g.text for g in policy.generate(test_records[:2], p)[1]]
+
+    first = texts(params)
+    policy.generate(test_records[:3], SamplingParams(n=2, temperature=1.0, max_tokens=8))  # draws on
+    assert texts(params) == first
+    assert texts(SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=4)) != first
+
+
+def test_chunks_and_their_seeds_do_not_depend_on_what_ran_before():
+    from chainstep.sampling import derived_seed, seeded_chunks
+
+    items = [{"id": f"q{i}"} for i in range(130)]
+    chunks = list(seeded_chunks(items, 7, key=lambda r: r["id"], size=64))
+    assert [len(c) for c, _ in chunks] == [64, 64, 2]
+    assert len({seed for _, seed in chunks}) == 3
+    assert chunks == list(seeded_chunks(items, 7, key=lambda r: r["id"], size=64))
+    assert derived_seed(None, "q0") is None and derived_seed(7, 0) != derived_seed(7, 1)
 
 
 def test_a_chat_models_own_turn_end_stops_generation(tiny_model_dir, test_records, tmp_path):

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .errors import ChainstepError
 from .grading import grade_response
 from .records import JsonlWriter, family_of, iter_jsonl, mean_of, settings_path, write_json
-from .sampling import Generation, Policy, SamplingParams
+from .sampling import Generation, Policy, SamplingParams, seeded_chunks
 
 Z95 = 1.959963984540054
 
@@ -104,11 +104,11 @@ def sample_responses(policy: Policy, records: list[dict], out_path: str | Path,
     out_path = Path(out_path)
     done = resumable_rows(out_path, generation_settings(policy, params, style, extractor))
     ids = {r["id"]: [f"{r['id']}#{j}" for j in range(params.n)] for r in records}
-    todo = [r for r in records if any(i not in done for i in ids[r["id"]])]
     with JsonlWriter(out_path) as writer:
-        for start in range(0, len(todo), 64):
-            chunk = todo[start:start + 64]
-            for record, gens in zip(chunk, policy.generate(chunk, params)):
+        for chunk, seed in seeded_chunks(records, params.seed, key=lambda r: r["id"]):
+            if all(i in done for r in chunk for i in ids[r["id"]]):
+                continue
+            for record, gens in zip(chunk, policy.generate(chunk, replace(params, seed=seed))):
                 for row_id, gen in zip(ids[record["id"]], gens):
                     if row_id not in done:
                         done[row_id] = response_row(record, gen, style, row_id, extractor)

@@ -32,7 +32,7 @@ from .judge import Judge, JudgeError, ProgrammaticJudge
 from .layout import rejects_of
 from .perturb import clean_labels, perturb
 from .records import JsonlWriter, done_ids
-from .sampling import Policy, SamplingParams
+from .sampling import Policy, SamplingParams, seeded_chunks
 from .scoring import regroup
 from .steps import STEP_END, Chain, FormatError, leading_steps, parse, render, tag_count
 from .teacher import ProgrammaticTeacher
@@ -105,8 +105,7 @@ def label(samples: list[dict], records: list[dict], out_path: str | Path, cfg: L
         if cfg.mc:
             stats["mc_skipped_unparsed"] = len(samples) - len(chains)
             picked = chains[:cfg.mc_chains] if cfg.mc_chains else chains
-            todo = [s for s in picked if f"{s['id']}/mc" not in done]
-            _mc_rows(todo, by_id, policy, cfg, writer, stats)
+            _mc_rows(picked, done, by_id, policy, cfg, writer, stats)
     return dict(stats)
 
 
@@ -163,13 +162,17 @@ def _perturbed_rows(records, cfg, done, writer, stats) -> None:
                     stats["perturb"] += 1
 
 
-def _mc_rows(todo, by_id, policy, cfg, writer, stats) -> None:
-    params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed)
-    for start in track(range(0, len(todo), 64), description="MC rollouts"):
-        chunk = todo[start:start + 64]
+def _mc_rows(picked, done, by_id, policy, cfg, writer, stats) -> None:
+    chunks = list(seeded_chunks(picked, cfg.seed, key=lambda s: s["id"]))
+    for chunk, seed in track(chunks, description="MC rollouts"):
+        if all(f"{s['id']}/mc" in done for s in chunk):
+            continue
+        params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)
         items = [(by_id[s["question_id"]], s["response"]) for s in chunk]
         for (record, response), sample, values in zip(items, chunk,
                                                       monte_carlo(policy, items, cfg.rollouts, params)):
+            if f"{sample['id']}/mc" in done:
+                continue
             correct = int(grade_response(response, record)["correct"])  # graded here, as rollouts are
             labels = mc_labels(values, cfg.rule, cfg.threshold) + [correct]
             writer.write(_row(record, sample["id"], "mc", response, labels, values=values + [float(correct)]))

@@ -35,6 +35,23 @@ from .steps import BAD_TAG, GOOD_TAG, SPECIAL_TOKENS, STEP_END, STEP_TAG
 # path); others (Qwen2-VL's multimodal rotary positions) re-encode the prompt per sample.
 
 
+def derived_seed(seed: int | None, *parts) -> int | None:
+    """A seed of its own for one piece of seeded work (a chunk of questions, a beam depth), the
+    same whichever pieces ran before it in this process."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def seeded_chunks(items: list, seed: int | None, key, size: int = 64):
+    """`items` cut into fixed chunks, each with its own seed (from `seed` and the key of its first
+    item): a resumed stage cuts the same chunks and redraws a half-done one exactly."""
+    for start in range(0, len(items), size):
+        chunk = items[start:start + size]
+        yield chunk, derived_seed(seed, key(chunk[0]))
+
+
 @dataclass
 class SamplingParams:
     """Sampling knobs with OpenAI/vLLM names."""
@@ -127,7 +144,6 @@ class Policy:
             print(f"chainstep: samples re-encode their prompt (no shared prefix): {self.prefix_refusal}",
                   file=sys.stderr)
         self._read_tokens(processor.tokenizer, model.generation_config)
-        self._seeded: int | None = None
 
     def _read_tokens(self, tok, generation_config=None) -> None:
         """Stop and suppressed token ids, looked up by string."""
@@ -145,20 +161,17 @@ class Policy:
         policy.fingerprint = weights_fingerprint(path)
         return policy
 
-    def reseed(self, seed: int) -> None:
-        """Restart the random stream: what one seeded request (the server's) needs."""
-        torch.manual_seed(seed)
-        self._seeded = seed
-
     @torch.inference_mode()
     def generate(self, records: list[dict], params: SamplingParams | None = None,
                  prefixes: list[str] | None = None, progress: bool = True
                  ) -> list[list[Generation]]:
-        """`params.n` generations per record, in record order."""
+        """`params.n` generations per record, in record order. A seeded call draws from its own
+        stream, whatever this policy generated before: a resumed stage redraws exactly what it
+        would have drawn uninterrupted."""
         params = params or SamplingParams()
         prefixes = prefixes or [""] * len(records)
-        if params.seed is not None and params.seed != self._seeded:
-            self.reseed(params.seed)  # once: later calls (beam depths, chunks) draw on
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
         per_batch = max(1, self.batch_size // params.n)
         results: list[list[Generation]] = []
         with Progress(disable=not progress, transient=True) as bar:

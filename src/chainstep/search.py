@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from .answers import normalize
@@ -21,7 +22,7 @@ from .evaluate import predict, response_row, sample_responses, summarize, update
 from .judge import JudgeVerifier
 from .layout import METRICS, beam_file, predictions_file, samples_file, temperature_file
 from .records import replace_jsonl
-from .sampling import Generation, Policy, SamplingParams
+from .sampling import Generation, Policy, SamplingParams, derived_seed
 from .scoring import finished
 from .steps import ANSWER_END, STEP_END, leading_steps, parses
 from .verifier import CheckedVerifier, Verifier
@@ -97,8 +98,8 @@ def beam_search(policy: Policy, prm: Verifier, records: list[dict], n: int, keep
         if not active:
             break
         last = depth == max_steps  # the final round must end the chain
-        gens = policy.generate([by_id[q] for q, _ in active],
-                               _final(params) if last else params,
+        depth_params = replace(_final(params) if last else params, seed=derived_seed(seed, depth))
+        gens = policy.generate([by_id[q] for q, _ in active], depth_params,
                                prefixes=[p for _, p in active], progress=False)
         candidates = [(qid, prefix + g.text, _done(g) or last)
                       for (qid, prefix), group in zip(active, gens) for g in group]

@@ -187,8 +187,6 @@ class Batcher:
             future.set_result(gens)
 
     def _generate(self, group: list, params: SamplingParams) -> list[list[Generation]]:
-        if params.seed is not None:
-            self.policy.reseed(params.seed)  # the same answer whoever else is asking
         return self.policy.generate([g[0] for g in group], params, prefixes=[g[1] for g in group],
                                     progress=False)
 
