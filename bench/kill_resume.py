@@ -4,9 +4,10 @@ ends with what an uninterrupted run gives: the same stages, the same rows in eve
 
     python bench/kill_resume.py --kills 20 --out /tmp/kill-resume
 
-The kill moments are drawn uniformly over the reference run's own duration, so they fall in
-every stage; each restart is given its share of that time plus the start-up it spends loading.
-Prints one line per kill (when, in which stage) and a verdict; exits 1 on any difference.
+Each kill picks a stage in proportion to the time the reference run spent in it and a moment
+within it, counted from when the restarted run reaches that stage (so restarts' loading does not
+push every kill into the first stages). Prints one line per kill and a verdict; exits 1 on any
+difference.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 TIMING = re.compile(r"(seconds|runtime|per_second|per_s$|_s$|time)")
-STARTUP_S = 8.0  # python, torch and transformers imports before a restart does any work
 
 
 def command(out: Path) -> list[str]:
@@ -49,23 +49,42 @@ def reference_run(out: Path) -> float:
     return seconds
 
 
-def killed_run(out: Path, moments: list[float]) -> list[dict]:
-    """Start, wait until the next kill moment (plus start-up), SIGKILL; then run to the end."""
-    kills, previous = [], 0.0
-    for moment in moments:
+def stage_seconds(out: Path) -> list[tuple[str, float]]:
+    """The reference run's stages in the order they ran, with how long each took."""
+    markers = sorted((out / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return [(p.stem, float(json.loads(p.read_text()).get("seconds", 0.0))) for p in markers]
+
+
+def draw_kills(reference: list[tuple[str, float]], count: int, rng: random.Random) -> list[tuple[int, float]]:
+    """(stage index, seconds into that stage) for each kill: stages drawn in proportion to the
+    time the reference spent in them, the moment uniform within the stage. Measured from the
+    moment a restarted run reaches the stage, so a restart's loading never eats the kills."""
+    weights = [max(seconds, 0.5) for _, seconds in reference]
+    picks = rng.choices(range(len(reference)), weights=weights, k=count)
+    return sorted((k, rng.uniform(0, weights[k])) for k in picks)
+
+
+def killed_run(out: Path, kills_at: list[tuple[int, float]], names: list[str]) -> list[dict]:
+    """For each kill: start (resuming), wait until the run is in its stage, then the drawn seconds
+    more, SIGKILL; then run to the end."""
+    kills = []
+    for stage, delay in kills_at:
         proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True, env=environment(out))
+        while proc.poll() is None and len(stages(out)) < stage:
+            time.sleep(0.2)
         try:
-            proc.wait(timeout=moment - previous + STARTUP_S)
-            kills.append({"at_s": round(moment, 1), "killed": False, "stages_done": len(stages(out))})
+            proc.wait(timeout=delay)
+            killed = False
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            kills.append({"at_s": round(moment, 1), "killed": True, "stages_done": len(stages(out))})
-        previous = moment
-        what = "killed" if kills[-1]["killed"] else "had finished"
-        print(f"kill {len(kills):2d} at {moment:6.1f} s: {what} with {kills[-1]['stages_done']} stages done",
-              flush=True)
+            killed = True
+        kills.append({"stage": names[stage], "after_s": round(delay, 1), "killed": killed,
+                      "stages_done": len(stages(out))})
+        what = "killed" if killed else "had finished"
+        print(f"kill {len(kills):2d} in {names[stage]:>12s} after {delay:5.1f} s: {what} with "
+              f"{kills[-1]['stages_done']} stages done", flush=True)
     subprocess.run(command(out), check=True, stdout=subprocess.DEVNULL, env=environment(out))
     return kills
 
@@ -111,9 +130,9 @@ def main() -> int:
     reference, killed = args.out / "reference", args.out / "killed"
     seconds = reference_run(reference)
     print(f"uninterrupted run: {seconds:.0f} s, {len(stages(reference))} stages", flush=True)
-    rng = random.Random(args.seed)
-    moments = sorted(rng.uniform(0, seconds) for _ in range(args.kills))
-    kills = killed_run(killed, moments)
+    timeline = stage_seconds(reference)
+    kills = killed_run(killed, draw_kills(timeline, args.kills, random.Random(args.seed)),
+                       [name for name, _ in timeline])
     problems = jsonl_differences(reference, killed)
     if stages(killed) != stages(reference):
         problems.append(f"stages differ: {sorted(set(stages(reference)) ^ set(stages(killed)))}")
@@ -121,7 +140,7 @@ def main() -> int:
     if without_timings(json.loads((killed / "metrics.json").read_text())) != ref_metrics:
         problems.append("metrics.json differs")
     done = sum(k["killed"] for k in kills)
-    print(f"{done} kills of {len(kills)} moments landed in {len({k['stages_done'] for k in kills})} "
+    print(f"{done} kills of {len(kills)} landed in {len({k['stage'] for k in kills if k['killed']})} "
           f"different stages; {'identical to the uninterrupted run' if not problems else 'DIFFERENCES:'}")
     for problem in problems:
         print(f"  {problem}")

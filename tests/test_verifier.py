@@ -29,16 +29,21 @@ class FixedVerifier:
                            self.value if "<|answer_end|>" in r else None) for r in responses]
 
 
-def test_checked_steps_get_the_verdict_the_rest_the_base_score():
+def test_the_checks_verdicts_are_averaged_with_the_base_scores():
     verifier = CheckedVerifier(FixedVerifier(0.6))
     right, slip, copy = verifier.score([RECORD] * 3, [chain("Red plus blue: 3 + 4 = 7", "7"),
                                                       chain("Red plus blue: 3 + 4 = 8", "8"),
                                                       chain("Red plus blue: 3 + 4 = 7", "8")])
-    assert right == StepScores([0.6, 0.6, 1.0], 0.6)
-    assert slip == StepScores([0.6, 0.6, 0.0], 0.6)
-    assert copy == StepScores([0.6, 0.6, 1.0], 0.0)  # the answer is not what the chain concluded
+    unchecked = (UNCHECKED + 0.6) / 2
+    assert right == StepScores([unchecked, unchecked, 0.8], 0.8)
+    assert slip == StepScores([unchecked, unchecked, 0.3], 0.8)
+    assert copy == StepScores([unchecked, unchecked, 0.8], 0.3)  # not what the chain concluded
     assert verifier.forward_passes == 3 and verifier.chains_scored == 3
     assert verifier.scoring(right) > verifier.scoring(slip) > verifier.scoring(copy)
+    alone = CheckedVerifier()  # under the mean rule: the mean of the two verifiers' chain scores
+    texts = [chain("Red plus blue: 3 + 4 = 8", "8")]
+    both = verifier.scoring(verifier.score([RECORD], texts)[0])
+    assert both == pytest.approx((alone.scoring(alone.score([RECORD], texts)[0]) + 0.6) / 2)
 
 
 def test_checks_alone_and_partial_chains():
@@ -60,9 +65,12 @@ def test_checks_raise_the_oracle_judge_nowhere_and_lower_a_noisy_one(train_recor
     wrong_sum = Step(facts[-1]["name"], f"{facts[-1]['key']}: {expression} = {int(result) + 1}", "ok")
     slip = render(Chain(steps[:-1] + (wrong_sum,), str(int(result) + 1)))
     oracle, checked = JudgeVerifier(), CheckedVerifier(JudgeVerifier())
-    assert checked.score([record] * 2, [right, slip]) == oracle.score([record] * 2, [right, slip])
+    for verifier in (oracle, checked):  # the same order, and the slip's step judged bad by both
+        good, bad = verifier.score([record] * 2, [right, slip])
+        assert verifier.scoring(good) > verifier.scoring(bad) and bad.steps[-1] < 0.5 <= good.steps[-1]
     noisy = CheckedVerifier(JudgeVerifier(flip=1.0))  # every verdict flipped: calls the slip good
-    assert noisy.score([record], [slip])[0].steps[-1] == 0.0
+    assert JudgeVerifier(flip=1.0).score([record], [slip])[0].steps[-1] == 1.0
+    assert noisy.score([record], [slip])[0].steps[-1] == 0.5
 
 
 def test_load_verifier_reads_the_checks_setting(sft_model_dir, tmp_path):
