@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,22 +58,38 @@ def stage_seconds(out: Path) -> list[tuple[str, float]]:
 
 def draw_kills(reference: list[tuple[str, float]], count: int, rng: random.Random) -> list[tuple[int, float]]:
     """(stage index, seconds into that stage) for each kill: stages drawn in proportion to the
-    time the reference spent in them, the moment uniform within the stage. Measured from the
-    moment a restarted run reaches the stage, so a restart's loading never eats the kills."""
+    time the reference spent in them; a stage drawn k times gets k moments within its first 1/k
+    (each restart resumes it from a checkpoint, so later kills there have less of it left)."""
     weights = [max(seconds, 0.5) for _, seconds in reference]
-    picks = rng.choices(range(len(reference)), weights=weights, k=count)
-    return sorted((k, rng.uniform(0, weights[k])) for k in picks)
+    picks = sorted(rng.choices(range(len(reference)), weights=weights, k=count))
+    return [(k, rng.uniform(0, weights[k] / picks.count(k))) for k in picks]
+
+
+def stage_started(proc: subprocess.Popen, names: list[str], stage: int) -> threading.Event:
+    """Set once the run prints the header of stage `stage` or a later one (or exits): the moment
+    it is working in that stage, past its imports, model loading and skipped stages."""
+    started = threading.Event()
+
+    def watch():
+        for line in proc.stderr:
+            name = line.strip().strip("─").strip()
+            if "─" in line and name in names and names.index(name) >= stage:
+                started.set()
+        started.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return started
 
 
 def killed_run(out: Path, kills_at: list[tuple[int, float]], names: list[str]) -> list[dict]:
-    """For each kill: start (resuming), wait until the run is in its stage, then the drawn seconds
-    more, SIGKILL; then run to the end."""
+    """For each kill: start (resuming), wait until the run works in its stage (or a later one),
+    then the drawn seconds more, SIGKILL; then run to the end."""
     kills = []
     for stage, delay in kills_at:
-        proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True, env=environment(out))
-        while proc.poll() is None and len(stages(out)) < stage:
-            time.sleep(0.2)
+        proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env={**environment(out), "COLUMNS": "80"})
+        stage_started(proc, names, stage).wait()
+        running = min(len(stages(out)), len(names) - 1)
         try:
             proc.wait(timeout=delay)
             killed = False
@@ -80,11 +97,13 @@ def killed_run(out: Path, kills_at: list[tuple[int, float]], names: list[str]) -
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             killed = True
-        kills.append({"stage": names[stage], "after_s": round(delay, 1), "killed": killed,
+        kills.append({"stage": names[running], "after_s": round(delay, 1), "killed": killed,
                       "stages_done": len(stages(out))})
         what = "killed" if killed else "had finished"
-        print(f"kill {len(kills):2d} in {names[stage]:>12s} after {delay:5.1f} s: {what} with "
+        print(f"kill {len(kills):2d} in {names[running]:>12s} after {delay:5.1f} s: {what} with "
               f"{kills[-1]['stages_done']} stages done", flush=True)
+        if not killed:
+            break  # the run is complete: nothing left to kill
     subprocess.run(command(out), check=True, stdout=subprocess.DEVNULL, env=environment(out))
     return kills
 
@@ -140,6 +159,8 @@ def main() -> int:
     if without_timings(json.loads((killed / "metrics.json").read_text())) != ref_metrics:
         problems.append("metrics.json differs")
     done = sum(k["killed"] for k in kills)
+    if done < args.kills:
+        problems.append(f"only {done} of {args.kills} kills landed before the run completed")
     print(f"{done} kills of {len(kills)} landed in {len({k['stage'] for k in kills if k['killed']})} "
           f"different stages; {'identical to the uninterrupted run' if not problems else 'DIFFERENCES:'}")
     for problem in problems:

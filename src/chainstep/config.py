@@ -147,7 +147,7 @@ class PRMConfig(TrainConfig):
     merge: str = "union"  # label sources: union (every labelled chain) or agree (steps both agree on)
     step_weight: float = ChainScore.step_weight  # chain score = w * agg(steps) + (1 - w) * answer
     aggregate: str = ChainScore.aggregate  # mean, min, last or prod; the trained verifier keeps both
-    checks: bool = True  # read with the checks (chainstep.checks): a step they cover gets their verdict
+    checks: bool = True  # read with the checks (chainstep.checks), averaged with the PRM's scores
 
     def __post_init__(self):
         super().__post_init__()
