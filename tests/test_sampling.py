@@ -134,6 +134,8 @@ def test_chunks_and_their_seeds_do_not_depend_on_what_ran_before():
     assert len({seed for _, seed in chunks}) == 3
     assert chunks == list(seeded_chunks(items, 7, key=lambda r: r["id"], size=64))
     assert derived_seed(None, "q0") is None and derived_seed(7, 0) != derived_seed(7, 1)
+    halfway = list(seeded_chunks(items, 7, key=lambda r: r["id"], pending=lambda r: r["id"] == "q70"))
+    assert halfway == [chunks[1]]  # a resume redraws the one chunk left, under the same seed
 
 
 def test_a_chat_models_own_turn_end_stops_generation(tiny_model_dir, test_records, tmp_path):

@@ -80,9 +80,9 @@ def run(
         _print_seeds(run_seeds(cfg, out, seeds, run_pipeline))
         console.print(f"summary: {out / 'seeds.json'}")
         return
-    run_dir = run_pipeline(cfg, out)
-    _print_results(RunLayout(run_dir).metrics)
-    console.print(f"report: {run_dir / 'report.html'}")
+    layout = RunLayout(run_pipeline(cfg, out))
+    _print_results(layout.metrics)
+    console.print(f"report: {layout.report}")
 
 
 def _print_seeds(summary: dict) -> None:

@@ -105,9 +105,8 @@ def sample_responses(policy: Policy, records: list[dict], out_path: str | Path,
     done = resumable_rows(out_path, generation_settings(policy, params, style, extractor))
     ids = {r["id"]: [f"{r['id']}#{j}" for j in range(params.n)] for r in records}
     with JsonlWriter(out_path) as writer:
-        for chunk, seed in seeded_chunks(records, params.seed, key=lambda r: r["id"]):
-            if all(i in done for r in chunk for i in ids[r["id"]]):
-                continue
+        for chunk, seed in seeded_chunks(records, params.seed, key=lambda r: r["id"],
+                                         pending=lambda r: any(i not in done for i in ids[r["id"]])):
             for record, gens in zip(chunk, policy.generate(chunk, replace(params, seed=seed))):
                 for row_id, gen in zip(ids[record["id"]], gens):
                     if row_id not in done:

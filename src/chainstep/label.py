@@ -163,10 +163,9 @@ def _perturbed_rows(records, cfg, done, writer, stats) -> None:
 
 
 def _mc_rows(picked, done, by_id, policy, cfg, writer, stats) -> None:
-    chunks = list(seeded_chunks(picked, cfg.seed, key=lambda s: s["id"]))
+    chunks = list(seeded_chunks(picked, cfg.seed, key=lambda s: s["id"],
+                                pending=lambda s: f"{s['id']}/mc" not in done))
     for chunk, seed in track(chunks, description="MC rollouts"):
-        if all(f"{s['id']}/mc" in done for s in chunk):
-            continue
         params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)
         items = [(by_id[s["question_id"]], s["response"]) for s in chunk]
         for (record, response), sample, values in zip(items, chunk,

@@ -44,12 +44,14 @@ def derived_seed(seed: int | None, *parts) -> int | None:
     return int.from_bytes(digest[:4], "big")
 
 
-def seeded_chunks(items: list, seed: int | None, key, size: int = 64):
+def seeded_chunks(items: list, seed: int | None, key, size: int = 64, pending=None):
     """`items` cut into fixed chunks, each with its own seed (from `seed` and the key of its first
-    item): a resumed stage cuts the same chunks and redraws a half-done one exactly."""
+    item): a resumed stage cuts the same chunks and redraws a half-done one exactly. With
+    `pending`, only the chunks holding an item it says is not done yet."""
     for start in range(0, len(items), size):
         chunk = items[start:start + size]
-        yield chunk, derived_seed(seed, key(chunk[0]))
+        if pending is None or any(pending(item) for item in chunk):
+            yield chunk, derived_seed(seed, key(chunk[0]))
 
 
 @dataclass
