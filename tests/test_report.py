@@ -55,3 +55,22 @@ def test_benchmark_results_in_the_paper_table_layout_with_categories(tmp_path):
     assert "sft (sc, N=4)" in layout
     assert "mmmu-cat0" in html and "max tokens 1024" in html
     assert "Table 1 — greedy decoding" not in html  # no synthetic-suite rows in this run
+
+
+def test_the_verifier_cost_counts_its_stages_and_its_scoring_in_search(tmp_path):
+    from chainstep.report import verifier_cost
+
+    timings = [("sft", 600.0), ("sample", 50.0), ("label", 30.0), ("prm", 200.0), ("prm_eval", 20.0),
+               ("search", 100.0)]
+    cost = verifier_cost(timings, {"verifier_s": 25.0})
+    assert cost["seconds"] == 325.0 and cost["share"] == 325.0 / 1000.0
+    assert cost["parts"]["scoring in search"] == 25.0 and "sft" not in cost["parts"]
+    assert verifier_cost([("sft", 600.0)], {}) is None
+    metrics = {"results": [summarize(_preds([True, False]), "sft")], "comparisons": [],
+               "search": {"verifier_s": 25.0}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "stages").mkdir()
+    for name, secs in timings:
+        (tmp_path / "stages" / f"{name}.json").write_text(json.dumps({"seconds": secs}))
+    html = " ".join(write_report(tmp_path).read_text().split())
+    assert "325 s of the run's 1000 s (32.5%)" in html

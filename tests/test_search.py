@@ -91,6 +91,7 @@ def test_beam_search_extends_one_step_at_a_time(searchers, test_records):
     assert compute["prm_chains"] == sum(r["prm_chains"] for r in rows)
     assert compute["prm_chains"] == sum(len(p) * 4 for p, _, _ in seen)
     assert compute["prm_forward_passes"] >= len(seen)
+    assert 0 < compute["verifier_s"] <= compute["wall_s"]
     for r in rows:
         assert r["response"] == "" or ANSWER_END in r["response"] or not r["parsed"]
 
@@ -181,6 +182,8 @@ def test_sampled_strategies_score_with_the_task_records(searchers, test_records,
         (c, 2) for c in controls}
     assert [a["step_weight"] for a in ablation] == [0.0, 1.0]
     assert set(final) == {"pass", "sc", "bon", "weighted", "beam"} | controls
+    scored = {(r["strategy"], r["n"]) for r in results if "verifier_s" in r}
+    assert scored == {(s, n) for s in ("bon", "weighted", "beam") for n in (1, 2) if (s, n) != ("beam", 1)}
     pass_at = {r["n"]: r["accuracy"] for r in results if r["strategy"] == "pass"}
     assert pass_at[2] >= pass_at[1]
     # the oracle picks a right chain wherever one is right in every step

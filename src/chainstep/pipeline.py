@@ -314,9 +314,17 @@ def search(r: Run) -> dict:
     update_metrics(r.paths.metrics, results, comparisons,
                    search={"temperature": temperature, "temperature_sweep": sweep,
                            "step_weight_ablation": ablation, "split": split,
-                           "scoring": prm.scoring.describe()})
+                           "scoring": prm.scoring.describe(),
+                           "verifier_s": _verifier_seconds(results, sweep, top)})
     return {"temperature": temperature, **{f"{row['strategy']}@{row['n']}": round(row["accuracy"], 3)
                                            for row in results if row["n"] in (1, top)}}
+
+
+def _verifier_seconds(results: list[dict], sweep: list[dict], top: int) -> float:
+    """Seconds the verifier spent scoring in search: the temperature sweep, the top-N samples
+    (scored once for best-of-N and the weighted vote) and every beam."""
+    scored = [r for r in results if (r["strategy"] == "bon" and r["n"] == top) or r["strategy"] == "beam"]
+    return round(sum(r.get("verifier_s", 0) for r in [*scored, *sweep]), 1)
 
 
 def _search_seed(cfg: RunConfig) -> int:

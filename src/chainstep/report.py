@@ -205,6 +205,21 @@ def benchmark_section(results: list[dict]) -> dict:
             "bench_rows": ours, "paper_rows": paper, "bench_results": rows}
 
 
+VERIFIER_STAGES = ("sample", "label", "prm", "prm_eval")  # chains for its labels, labels, training, metrics
+
+
+def verifier_cost(timings: list[tuple[str, float]], search: dict) -> dict | None:
+    """What the verifier costs the run: the stages that exist for it, and its scoring inside
+    search (the sampling it scores is the policy's cost)."""
+    stages = {name: secs for name, secs in timings if name in VERIFIER_STAGES}
+    total = sum(secs for _, secs in timings)
+    if not stages or not total:
+        return None
+    parts = {**stages, "scoring in search": search.get("verifier_s", 0)}
+    seconds = sum(parts.values())
+    return {"parts": parts, "seconds": seconds, "share": seconds / total}
+
+
 def write_report(run_dir: str | Path, split: str = "test") -> Path:
     run = RunLayout(run_dir)
     run_dir = run.root
@@ -235,6 +250,7 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
         comparisons=[c for c in metrics.get("comparisons", []) if c.get("split", split).startswith(split)],
         curves=curves, curve_plot=curve_plot(curves) if curves else None, left_out=metrics.get("left_out"),
         timings=timings, total_seconds=sum(s for _, s in timings),
+        verifier_cost=verifier_cost(timings, search),
         plot=accuracy_plot(rows, families) if rows else None,
         trace_model=trace_model, traces=_traces(run, trace_model, split),
         prm=metrics.get("prm"), search=search, search_rows=search_rows, greedy=greedy,

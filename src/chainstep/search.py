@@ -93,6 +93,7 @@ def beam_search(policy: Policy, prm: Verifier, records: list[dict], n: int, keep
     ended: dict[str, list[tuple[float, str]]] = defaultdict(list)
     tokens, chains = defaultdict(int), defaultdict(int)
     by_id = {r["id"]: r for r in records}
+    verifier_s = 0.0
     for depth in range(max_steps + 1):
         active = [(qid, prefix) for qid, prefixes in beams.items() for prefix in prefixes]
         if not active:
@@ -105,11 +106,13 @@ def beam_search(policy: Policy, prm: Verifier, records: list[dict], n: int, keep
                       for (qid, prefix), group in zip(active, gens) for g in group]
         for (qid, _), group in zip(active, gens):
             tokens[qid] += sum(g.num_tokens for g in group)
+        scoring_start = time.time()
         step_scores = prm.score_continuations([by_id[q] for q, _ in active], [p for _, p in active],
                                               [[g.text for g in group] for group in gens])
         done = [d for _, _, d in candidates]
         scores = [prm.scoring(finished(s) if d else s)
                   for d, s in zip(done, (s for group in step_scores for s in group))]
+        verifier_s += time.time() - scoring_start
         grouped = defaultdict(list)
         for (qid, text, done), score in zip(candidates, scores):
             grouped[qid].append((score, text, done))
@@ -126,7 +129,7 @@ def beam_search(policy: Policy, prm: Verifier, records: list[dict], n: int, keep
         rows.append({**row, "prm_chains": chains[record["id"]], "prm_score": score})
     compute = {"tokens_generated": sum(tokens.values()), "prm_chains": sum(chains.values()),
                "prm_forward_passes": prm.forward_passes - calls_before,
-               "wall_s": round(time.time() - start, 2)}
+               "wall_s": round(time.time() - start, 2), "verifier_s": round(verifier_s, 2)}
     return rows, compute
 
 
@@ -191,9 +194,9 @@ def choose_temperature(policy: Policy, prm: Verifier, records: list[dict], cfg: 
     n = min(8, max(cfg.ns))
     sweep = []
     for t in cfg.temperatures:
-        by_q, *_ = _sample_and_score(policy, prm, records, temperature_file(out_dir, t), n, t,
-                                       max_tokens, seed)
-        row = {"temperature": t, "n": n, "questions": len(records)}
+        by_q, _, score_s, _ = _sample_and_score(policy, prm, records, temperature_file(out_dir, t), n, t,
+                                                max_tokens, seed)
+        row = {"temperature": t, "n": n, "questions": len(records), "verifier_s": round(score_s, 2)}
         row["sample"] = sum(r["correct"] for rows, _ in by_q.values() for r in rows) / (n * len(by_q))
         for strategy in ("pass", "sc", "bon"):
             preds = _predictions(by_q, strategy, n, prm)
@@ -218,8 +221,10 @@ def evaluate_search(policy: Policy, prm: Verifier, records: list[dict], cfg: Sea
             preds = _predictions(by_q, strategy, n, prm)
             uses_prm = strategy in ("bon", "weighted")
             wall = (sample_s + (score_s if uses_prm else 0)) * n / top
+            verifier_s = {"verifier_s": round(score_s * n / top, 2)} if uses_prm else {}
             results.append({**summarize(preds, model, strategy, n, split),
-                            **_compute(preds, wall, estimated=True), "temperature": temperature})
+                            **_compute(preds, wall, estimated=True), **verifier_s,
+                            "temperature": temperature})
             if n == top:
                 final[strategy] = preds
     for n in cfg.beam_ns:
