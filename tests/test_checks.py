@@ -52,6 +52,8 @@ def test_option_letters_are_checked_against_the_question_list():
     assert verdicts(check_steps(fixed, "q", options))[-1] is True
     assert verdicts(check_steps(steps("Pick option F"), "q", options))[0] is False
     assert verdicts(check_steps(fixed, "q", None))[-1] is None  # no list: nothing to check
+    for bare in ("option B", "red. option B", ".option A"):  # a letter with no option text before it
+        assert verdicts(check_steps(steps(bare), "q", options)) == [None], bare
 
 
 def test_answer_must_be_what_the_chain_concluded():
@@ -91,3 +93,20 @@ def test_teacher_chains_of_every_family_pass(train_records):
         chain = teacher.chain(record)
         result = check_chain(list(chain.steps), chain.answer, record["question"], record.get("options"))
         assert result.passed, (record["id"], [c.reasons for c in result.steps], result.answer.reasons)
+
+
+def test_no_sampled_text_makes_a_check_raise():
+    """Policies write anything: a check gives a verdict or none, never an exception (a bare
+    "option B" once stopped a whole run's search)."""
+    import random
+
+    pieces = ["option", "choice", "B", "(C)", ".", ",", ":", ";", "=", "+", "-", "*", "/", "x", "3", "4.5",
+              "12", "red", "Red", "blue", "%", "cm", "(", ")", "answer", " ", "", "option Z", "1/0", "2 ^ 99"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        thoughts = ["".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(0, 8)))
+                    for _ in range(rng.randint(1, 3))]
+        options = rng.choice([None, [], ["red", "blue"], [".", "", "3"]])
+        answer = rng.choice([None, "", "B", "3", thoughts[-1]])
+        check_steps(steps(*thoughts), rng.choice(["q", "", "How many red and blue?"]), options)
+        check_answer(steps(*thoughts), answer, options)

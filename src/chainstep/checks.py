@@ -170,7 +170,7 @@ def check_options(text: str, options: list[str] | None, check: StepCheck) -> lis
         if index >= len(options):
             check.fail(f"option {letter} is not among the {len(options)} options")
             continue
-        words = normalize(match.group("text"))
+        words = normalize(match.group("text")) or ""  # "option B" alone names no option text
         named = [o for o in options if normalize(o) and re.search(rf"\b{re.escape(normalize(o))}\b", words)]
         if named and normalize(options[index]) not in map(normalize, named):
             check.fail(f"option {letter} is {options[index]!r}, not {named[-1]!r}")
