@@ -1,4 +1,4 @@
-from chainstep.construct import FilterConfig, check_chain, construct, direct_response
+from chainstep.construct import FilterConfig, check_chain, construct, direct_response, plain_response
 from chainstep.records import read_jsonl
 from chainstep.steps import Chain, Step, parse, render
 from chainstep.teacher import ProgrammaticTeacher
@@ -65,10 +65,13 @@ def test_construct_resumes_without_duplicates(tmp_path, suite_dir):
     teacher = ProgrammaticTeacher()
     calls = []
     teacher.explain = lambda r, f=teacher.explain: calls.append(r["id"]) or f(r)
+    cot = tmp_path / "cot.jsonl"
+    cot.write_text("\n".join(cot.read_text().splitlines()[:5]) + "\n")
     construct(tasks, tmp_path, teacher)
     ids = [r["id"] for r in read_jsonl(sft)]
     assert len(ids) == len(set(ids)) == 40
     assert len(calls) == 30
+    assert sorted(r["id"] for r in read_jsonl(cot)) == sorted(ids)  # the plain twins, none twice
 
 
 def test_check_chain_and_direct_response(train_records):
@@ -77,3 +80,17 @@ def test_check_chain_and_direct_response(train_records):
     assert check_chain(text, record, FilterConfig())[1] is None
     assert check_chain(text, record, FilterConfig(min_steps=9))[1] == "too_few_steps"
     assert direct_response("7") == "<|answer_start|>7<|answer_end|>"
+
+
+def test_plain_reasoning_keeps_the_thoughts_and_the_answer_without_the_steps(train_records):
+    from chainstep.grading import grade_response
+    from chainstep.steps import parse
+
+    record = train_records[0]
+    chain = parse(ProgrammaticTeacher().explain(record))
+    text = plain_response(chain)
+    assert text.splitlines()[:len(chain.steps)] == [s.thought for s in chain.steps]
+    assert "<|reasoning" not in text and chain.steps[0].name not in text.splitlines()
+    graded = grade_response(text, record, "cot")
+    assert graded["correct"] and graded["predicted"] == record["answer"] and graded["steps_right"] is None
+    assert not grade_response(text, record, "cos")["parsed"]  # not a step chain

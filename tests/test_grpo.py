@@ -46,6 +46,16 @@ def test_outcome_and_format_rewards(processor, train_records):
     by_id = {record["id"]: record}
     assert OutcomeReward("outcome", by_id, tok)(**kwargs) == [1.0, 0.0, 0.0]
     assert FormatReward("format", by_id, tok)(**kwargs) == [1.0, 1.0, 0.0]
+    plain = f"Value: 1\nAnswer:\n<|answer_start|>{record['answer']}<|answer_end|>"
+    kwargs["completion_ids"] = [_ids(tok, t) for t in (plain, right, "no answer")]
+    assert OutcomeReward("outcome", by_id, tok, "cot")(**kwargs) == [1.0, 1.0, 0.0]  # the answer span counts
+    assert OutcomeReward("outcome", by_id, tok)(**kwargs) == [0.0, 1.0, 0.0]  # a CoS policy must write steps
+
+
+def test_a_policy_without_steps_has_no_prm_reward(sft_model_dir, train_records, tmp_path):
+    with pytest.raises(ChainstepError, match="no step chain"):
+        train_grpo(sft_model_dir, "checks", train_records[:2], tmp_path / "g", GRPOConfig(reward="prm"),
+                   style="direct")
 
 
 def test_prm_reward_is_the_chain_score_of_the_decoded_chain(sft_model_dir, processor, train_records):

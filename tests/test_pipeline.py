@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from chainstep.cli import app
+from chainstep.records import read_jsonl
 
 
 @pytest.mark.slow
@@ -13,21 +14,22 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     out = tmp_path / "quick"
     rule = ["--set", "prm.aggregate=min", "--set", "prm.step_weight=0.4"]  # reaches every consumer
     study = ["--set", "dpo.rounds=3", "--set", "grpo.runs=[prm,outcome,prm-step]",  # study.yaml's rows
-             "--set", "search.final_beam=true"]
+             "--set", "search.final_beam=true", "--set", "grpo.reasoning_modes=true"]
     result = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule, *study])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {(r["model"], r["split"]): r for r in metrics["results"] if r["split"] == "test"}
     improved = {"dpo-r1", "dpo-r2", "dpo-r3", "rft", "sft-continued", "dpo-r1-outcome", "dpo-r1-prm_answer",
-                "grpo-prm", "grpo-outcome", "grpo-prm-step"}
+                "grpo-prm", "grpo-outcome", "grpo-prm-step", "grpo-outcome-base", "grpo-outcome-cot"}
     trained = {m for m in improved if (out / "models" / m / "model.safetensors").exists()}
-    assert {"dpo-r1", "rft", "sft-continued", "grpo-prm", "grpo-outcome"} <= trained
+    assert {"dpo-r1", "rft", "sft-continued", "grpo-prm", "grpo-outcome", "grpo-outcome-base",
+            "grpo-outcome-cot"} <= trained
     assert metrics["dpo"]["control"]["trained"]  # the RFT control of the last round that trained
     assert metrics["dpo"]["continued_sft"]["trained"]  # and the continued-SFT control of its steps
     left_out = set(metrics["left_out"])  # trained, but the no-op guard saw no weight change
     for name in left_out:
         assert not json.loads((out / "models" / name / "chainstep.json").read_text())["weights_changed"]
-    assert set(rows) == {(m, "test") for m in {"sft", "base"} | (trained - left_out)}
+    assert set(rows) == {(m, "test") for m in {"sft", "base", "cot"} | (trained - left_out)}
     for row in rows.values():
         assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
         assert row["num_questions"] == 30
@@ -44,7 +46,8 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert [s["pairs"] > 0 for s in metrics["dpo"]["rounds"].values()] == [True] * 3
     assert set(metrics["dpo"]["ablation"]) == {"dpo-r1-outcome"}
     claims = {(c["a"], c["b"]) for c in metrics["comparisons"]}
-    wanted = {("dpo-r1", "sft"), ("grpo-prm", "grpo-outcome"), ("grpo-prm", "grpo-prm-step")}
+    wanted = {("dpo-r1", "sft"), ("grpo-prm", "grpo-outcome"), ("grpo-prm", "grpo-prm-step"),
+              ("grpo-outcome-base", "base"), ("grpo-outcome-cot", "cot"), ("cot", "base"), ("sft", "cot")}
     assert {c for c in wanted if not set(c) & left_out} <= claims
     assert 0 <= metrics["prm"]["step_accuracy"] <= 1 and metrics["prm"]["chains"] > 0
     assert metrics["search"]["temperature"] == 1.0
@@ -57,16 +60,21 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
             for run in ("prm", "prm-step", "outcome")}
     prm_reward = {"reward": "prm", **scoring}
     assert grpo == {"prm": prm_reward, "prm-step": prm_reward, "outcome": {"reward": "outcome"}}
+    styles = {name: json.loads((out / "models" / name / "chainstep.json").read_text())["style"]
+              for name in ("grpo-outcome", "grpo-outcome-base", "grpo-outcome-cot")}
+    assert styles == {"grpo-outcome": "cos", "grpo-outcome-base": "direct", "grpo-outcome-cot": "cot"}
+    assert read_jsonl(out / "data" / "cot.jsonl")[0]["response"].count("<|reasoning") == 0
     html = (out / "report.html").read_text()
     assert "Table 1" in html and "sft" in html and "base" in html
     assert "Process reward model" in html and "accuracy against N" in html
     assert "Iterative DPO" in html and "reasoning length per round" in html
+    assert "Reasoning modes" in html and "plain reasoning" in html
     assert (out / "models" / "sft" / "model.safetensors").exists()
     assert (out / "config.yaml").exists()
 
     again = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule, *study])
     assert again.exit_code == 0, again.output
-    assert again.output.count("done, skipping") == 16
+    assert again.output.count("done, skipping") == 17
 
     changed = CliRunner().invoke(app, ["run", "--quick", "--out", str(out), *rule, *study,
                                        "--set", "sft.max_steps=3"])
@@ -79,7 +87,7 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     meta = json.loads((moved / "models" / "dpo-r1" / "chainstep.json").read_text())
     assert meta["trained_from"] == "../sft" and meta["pairs"] == "../../data/dpo-r1-pairs.jsonl"
     resumed = CliRunner().invoke(app, ["run", "--quick", "--out", str(moved), *rule, *study])
-    assert resumed.exit_code == 0 and resumed.output.count("done, skipping") == 16, resumed.output
+    assert resumed.exit_code == 0 and resumed.output.count("done, skipping") == 17, resumed.output
     assert CliRunner().invoke(app, ["report", str(moved)]).exit_code == 0
     evaluated = CliRunner().invoke(app, ["eval", str(moved / "models" / "sft"),
                                          str(moved / "tasks" / "test.jsonl"), "--out", str(moved / "eval")])
@@ -113,7 +121,7 @@ def test_a_run_killed_mid_training_resumes_and_finishes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     models = {r["model"] for r in metrics["results"] if r["split"] == "test"} | set(metrics["left_out"])
     assert {"sft", "base", "sft-continued", "grpo-prm", "grpo-outcome"} <= models
-    assert len(list((out / "stages").glob("*.json"))) == 16
+    assert len(list((out / "stages").glob("*.json"))) == 17
 
 
 def test_a_larger_verifier_base_must_be_larger_and_built_for_tiny_models(tmp_path):

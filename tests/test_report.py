@@ -33,6 +33,7 @@ def test_report_with_dpo_rounds_ablation_and_a_zero_accuracy_model(tmp_path):
     ablation = html[html.index("Pair-source ablation"):html.index("Paired comparisons")]
     assert "outcome" in ablation and "60.0" in html
     assert "reasoning length per round" in html
+    assert "Reasoning modes" not in html  # the run trained no reasoning-mode ablation
 
 
 def test_benchmark_results_in_the_paper_table_layout_with_categories(tmp_path):

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import DEFAULT_SEARCH_TEMPERATURE, check_strategy
+from .config import DEFAULT_SEARCH_TEMPERATURE, STYLES, check_strategy
 from .errors import ChainstepError
 from .layout import METRICS, RunLayout, model_summary, predictions_file, writing_into
 
@@ -289,7 +289,7 @@ def evaluate(
     limit: int = typer.Option(None, help="Only the first N records"),
     out: Path = typer.Option(Path("eval"), help="Folder for predictions and metrics.json"),
     name: str = typer.Option(None, help="Model name in metrics.json [default: folder name]"),
-    style: str = typer.Option("cos", help="cos (step chains) or direct (answer only)"),
+    style: str = typer.Option("cos", help="cos (step chains), cot (plain reasoning) or direct (answer only)"),
     strategy: str = typer.Option("greedy", help="greedy, sc (self-consistency), bon (best-of-N), weighted "
                                  "(PRM-weighted vote), beam (step beam search), or pass (pass@N: an "
                                  "oracle that reads the answers, an upper bound, not a method)"),
@@ -324,8 +324,7 @@ def evaluate(
     from .search import evaluate_strategy
     from .shards import sharded
 
-    if style not in ("cos", "direct"):
-        raise ChainstepError(f"--style {style!r}: choose cos or direct")
+    _check_style(style)
     check_strategy(strategy, prm is not None)
     if shard and strategy != "greedy":
         raise ChainstepError("--shard splits greedy evaluation; search strategies run unsharded")
@@ -575,6 +574,8 @@ def grpo(
     aggregate: str = AGGREGATE_OPTION,
     set_: list[str] = typer.Option([], "--set", help="GRPO override, e.g. --set reward=outcome "
                                    "--set advantages=step"),
+    style: str = typer.Option("cos", help="How the starting policy answers: cos, cot or direct (outcome "
+                                          "reward only)"),
 ):
     """GRPO with the PRM chain score (or the outcome) as reward; resumes after a kill."""
     from .config import GRPOConfig, section_config
@@ -584,7 +585,9 @@ def grpo(
     cfg = section_config(GRPOConfig, set_, "grpo")
     records = load_tasks(tasks)
     verifier = _verifier(prm, step_weight, aggregate, 64) if prm else None
-    train_grpo(sft_model, verifier, records[:cfg.questions] if cfg.questions else records, out, cfg)
+    _check_style(style)
+    train_grpo(sft_model, verifier, records[:cfg.questions] if cfg.questions else records, out, cfg,
+               style=style)
     console.print(f"saved -> {out}")
 
 
@@ -640,6 +643,11 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory")):
     if not RunLayout(run_dir).metrics.exists():
         raise ChainstepError(f"{run_dir} has no metrics.json: is it a run directory (chainstep run --out)?")
     console.print(f"report: {write_report(run_dir)}")
+
+
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ChainstepError(f"--style {style!r}: choose one of {', '.join(STYLES)}")
 
 
 def _print_results(path: Path) -> None:

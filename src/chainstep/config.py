@@ -24,6 +24,7 @@ SUITE_BLOCKS = 4  # counted units per image side: 96 px / 12 px patches / 2 patc
 HEADS = ("likelihood", "tag")  # the PRM's judging heads (chainstep.prm)
 PAIR_SOURCES = ("prm", "prm_answer", "outcome", "verified")  # how DPO ranks sampled chains
 GROUND_TRUTH = ("outcome", "verified")  # pair sources that need no PRM
+STYLES = ("cos", "cot", "direct")  # how a policy answers: step chains, plain reasoning, the answer alone
 REWARDS = ("prm", "outcome", "random")  # GRPO rewards; random is the control for "any update helps"
 ADVANTAGES = ("chain", "step")  # GRPO advantages: one per completion, or one per step
 STRATEGIES = ("greedy", "sc", "bon", "weighted", "beam", "pass")  # decoding strategies (chainstep.search)
@@ -109,7 +110,7 @@ class LabelConfig:
     questions: int = 160  # training questions whose policy samples get labelled; 0 = all
     samples: int = 4  # chains sampled per question (paper: 16)
     sample_temperature: float = 1.0
-    val_questions: int = 150  # held-out questions for the PRM evaluation: >= 200 right/wrong pairs
+    val_questions: int = 200  # held-out questions for the PRM metrics: 150 gave 161-207 pairs
     mc: bool = True  # Monte Carlo rollouts (the costly source)
     judge: bool = True  # judge ratings (programmatic for the synthetic suite)
     rollouts: int = 4  # k per step prefix (paper: 16)
@@ -238,6 +239,7 @@ class GRPOConfig(TrainConfig):
     advantages: str = "chain"  # chain: one per completion (TRL); step: per-step PRM advantages
     format_weight: float = 0.0  # weight of a 0/1 reward for a parseable step chain
     runs: tuple[str, ...] = ("prm", "outcome")  # what `chainstep run` trains: reward[-step] (+ study.yaml)
+    reasoning_modes: bool = False  # the paper's ablation: outcome GRPO from base and a plain-reasoning SFT
     questions: int = 32  # train questions (taken after those the PRM and DPO saw)
     num_generations: int = 8  # completions per prompt (the group)
     temperature: float = 1.0

@@ -1,8 +1,9 @@
 """Tasks + teacher -> SFT data, with a format filter that keeps its rejects and their reasons.
 
 Reads `tasks/train.jsonl`, writes `sft.jsonl` (accepted chains) and `rejects.jsonl` (one reason
-code each), and `direct.jsonl` (answer-only targets for the direct-answer baseline). Append-only
-and keyed by id: a killed run resumes without duplicates.
+code each), `direct.jsonl` (answer-only targets for the direct-answer baseline) and `cot.jsonl`
+(the accepted chains as plain text, for the reasoning-mode ablation). Append-only and keyed by
+id: a killed run resumes without duplicates.
 
     chainstep construct runs/x/tasks/train.jsonl --out runs/x/data
 """
@@ -21,7 +22,7 @@ from .grading import matches
 from .layout import TEACHER_DATA
 from .records import JsonlWriter, done_ids, iter_jsonl, load_tasks, replace_jsonl
 from .shards import Shard, mark_done
-from .steps import ANSWER_END, ANSWER_START, Chain, FormatError, parse
+from .steps import ANSWER_END, ANSWER_LINE, ANSWER_START, Chain, FormatError, parse
 from .teacher import Teacher
 
 
@@ -48,6 +49,14 @@ def direct_response(answer: str) -> str:
     return f"{ANSWER_START}{answer}{ANSWER_END}"
 
 
+def plain_response(chain: Chain) -> str:
+    """The same chain as free-text reasoning: its thoughts, one per line, then the answer. The
+    reasoning-mode ablation's middle row (the paper's "direct prompt" reasoning): what the CoS
+    chain says, without its steps, names and reflections."""
+    thoughts = "\n".join(step.thought for step in chain.steps)
+    return f"{thoughts}\n{ANSWER_LINE}\n{ANSWER_START}{chain.answer}{ANSWER_END}"
+
+
 def example_row(record: dict, response: str) -> dict:
     return {"id": record["id"], "image": record["image"], "question": record["question"],
             "options": record["options"], "answer": record["answer"],
@@ -55,7 +64,7 @@ def example_row(record: dict, response: str) -> dict:
             "response": response}
 
 
-OUTPUTS = tuple(TEACHER_DATA[kind] for kind in ("cos", "rejects", "direct"))
+OUTPUTS = tuple(TEACHER_DATA[kind] for kind in ("cos", "rejects", "direct", "cot"))
 
 
 def construct(tasks: str | Path | list[dict], out_dir: str | Path, teacher: Teacher,
@@ -69,7 +78,8 @@ def construct(tasks: str | Path | list[dict], out_dir: str | Path, teacher: Teac
     out_dir = Path(out_dir)
     every = load_tasks(tasks) if isinstance(tasks, (str, Path)) else tasks
     records = shard.select(every) if shard else every
-    sft_path, rejects_path, direct_path = (shard.path(out_dir / n) if shard else out_dir / n for n in OUTPUTS)
+    paths = [shard.path(out_dir / n) if shard else out_dir / n for n in OUTPUTS]
+    sft_path, rejects_path, direct_path, cot_path = paths
     if retry_remote:
         _drop_remote_rejects(rejects_path)
     finished = done_ids(sft_path) | done_ids(rejects_path)
@@ -89,15 +99,24 @@ def construct(tasks: str | Path | list[dict], out_dir: str | Path, teacher: Teac
             else:
                 reasons[reason] += 1
                 rejects.write({"id": record["id"], "reason": reason, "response": text})
+    _write_plain(sft_path, cot_path)
     rejected = {r["id"]: r["reason"] for r in iter_jsonl(rejects_path)}
     stats = {"accepted": len(done_ids(sft_path)), "rejected": len(rejected),
              "rejected_by_reason": dict(Counter(rejected.values())), "rejected_now_by_reason": dict(reasons)}
     if getattr(teacher, "usage", None) is not None:
         stats["tokens"] = dict(teacher.usage)
     if shard and not any(str(r).startswith("remote:") for r in rejected.values()):
-        for path in (sft_path, rejects_path, direct_path):
+        for path in paths:
             mark_done(path, shard, records, every)
     return stats
+
+
+def _write_plain(sft_path: Path, cot_path: Path) -> None:
+    """Plain-text twins of the accepted chains not yet written (after a kill, the rest)."""
+    done = done_ids(cot_path)
+    with JsonlWriter(cot_path) as cot:
+        cot.write_all({**row, "response": plain_response(parse(row["response"]))}
+                      for row in iter_jsonl(sft_path) if row["id"] not in done)
 
 
 def _explain_all(teacher: Teacher, records: list[dict], concurrency: int):

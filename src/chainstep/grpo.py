@@ -37,8 +37,8 @@ class Reward:
     """A GRPO reward function over TRL's keyword arguments; completions are decoded from their
     ids with the step markers kept (TRL's own text drops special tokens)."""
 
-    def __init__(self, name: str, records: dict[str, dict], tokenizer):
-        self.__name__, self.records, self.tokenizer = name, records, tokenizer
+    def __init__(self, name: str, records: dict[str, dict], tokenizer, style: str = "cos"):
+        self.__name__, self.records, self.tokenizer, self.style = name, records, tokenizer, style
 
     def __call__(self, prompts, completions, completion_ids, record_id, **kwargs) -> list[float]:
         texts = [decode_response(self.tokenizer, list(ids)) for ids in completion_ids]
@@ -65,12 +65,12 @@ class RandomReward(Reward):
 
 class OutcomeReward(Reward):
     def rewards(self, records, texts):
-        return [float(grade_response(t, r)["correct"]) for r, t in zip(records, texts)]
+        return [float(grade_response(t, r, self.style)["correct"]) for r, t in zip(records, texts)]
 
 
 class FormatReward(Reward):
     def rewards(self, records, texts):
-        return [float(grade_response(t, r)["parsed"]) for r, t in zip(records, texts)]
+        return [float(grade_response(t, r, self.style)["parsed"]) for r, t in zip(records, texts)]
 
 
 class PRMReward(Reward):
@@ -149,9 +149,12 @@ def grpo_arguments(cfg: GRPOConfig, checkpoints: Path, tokenizer, rewards: int) 
 
 
 def train_grpo(model_dir: str | Path, prm_dir, records: list[dict],
-               out_dir: str | Path, cfg: GRPOConfig | None = None, batch_size: int = 64) -> Path:
+               out_dir: str | Path, cfg: GRPOConfig | None = None, batch_size: int = 64,
+               style: str = "cos") -> Path:
     """GRPO from `model_dir` on `records`' prompts; returns the saved model directory. `prm_dir`:
-    a verifier, or what `load_verifier` reads (a PRM directory, `checks`, `judge`)."""
+    a verifier, or what `load_verifier` reads (a PRM directory, `checks`, `judge`). `style`: how
+    the start model answers (`cos` chains; `cot` or `direct` policies of the reasoning-mode
+    ablation, rewarded by their outcome only)."""
     cfg = cfg or GRPOConfig()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not records:
@@ -161,6 +164,9 @@ def train_grpo(model_dir: str | Path, prm_dir, records: list[dict],
     cfg = replace(cfg, warmup_steps=min(cfg.warmup_steps, cfg.max_steps // 2))
     model, processor = prepare_model(model_dir, cfg)
     by_id, tok = {r["id"]: r for r in records}, processor.tokenizer
+    if style != "cos" and cfg.reward == "prm":
+        raise ChainstepError(f"a {style} policy writes no step chain for a PRM to score: "
+                             "use grpo.reward=outcome")
     if cfg.reward == "prm":
         if prm_dir is None:
             raise ChainstepError("grpo.reward=prm needs a PRM (--prm DIR)")
@@ -170,13 +176,13 @@ def train_grpo(model_dir: str | Path, prm_dir, records: list[dict],
     elif cfg.reward == "random":
         main, scoring = RandomReward("random", by_id, tok, cfg.seed), {"reward": "random"}
     else:
-        main, scoring = OutcomeReward("outcome", by_id, tok), {"reward": "outcome"}
-    funcs = [main] + ([FormatReward("format", by_id, tok)] if cfg.format_weight else [])
+        main, scoring = OutcomeReward("outcome", by_id, tok, style), {"reward": "outcome"}
+    funcs = [main] + ([FormatReward("format", by_id, tok, style)] if cfg.format_weight else [])
     checkpoints = checkpoints_of(out_dir)
     trainer = StepGRPOTrainer(
         model=model, reward_funcs=funcs, args=grpo_arguments(cfg, checkpoints, tok, len(funcs)),
         train_dataset=prompt_dataset(records), processing_class=processor,
         step_reward=main if cfg.advantages == "step" else None)
     fit(trainer, cfg, processor, model_dir, out_dir,
-        {"grpo": asdict(cfg), "questions": len(records), "scoring": scoring})
+        {"grpo": asdict(cfg), "questions": len(records), "scoring": scoring, "style": style})
     return out_dir

@@ -30,7 +30,7 @@ from .errors import ChainstepError
 
 MODEL_SUMMARY = "chainstep.json"  # beside a model's weights: how chainstep made it
 METRICS = "metrics.json"  # every result row of a run, or of an `eval --out` folder
-TEACHER_DATA = {"cos": "sft.jsonl", "direct": "direct.jsonl", "rejects": "rejects.jsonl"}
+TEACHER_DATA = {"cos": "sft.jsonl", "cot": "cot.jsonl", "direct": "direct.jsonl", "rejects": "rejects.jsonl"}
 
 
 class RunLayout:
@@ -55,8 +55,8 @@ class RunLayout:
         return predictions_file(self.eval, model, split)
 
     def teacher_data(self, kind: str) -> Path:
-        """The teacher's `cos` chains, the `direct` answers built from the same questions, or the
-        `rejects` the format filter turned away."""
+        """The teacher's `cos` chains, the same chains as plain `cot` text, the `direct` answers
+        built from the same questions, or the `rejects` the format filter turned away."""
         return self.data / TEACHER_DATA[kind]
 
     def samples(self, split: str) -> Path:

@@ -44,7 +44,20 @@ from .verifier import CheckedVerifier, Verifier, load_verifier
 
 console = Console(stderr=True)
 # Policy name (its models/ folder and metrics.json `model`) -> (training data, eval style).
-POLICIES = {"sft": "cos", "base": "direct"}  # each policy trains on the teacher data of its style
+POLICIES = {"sft": "cos", "base": "direct", "cot": "cot"}  # each trains on the teacher data of its style
+# The reasoning-mode ablation (`grpo.reasoning_modes`): outcome GRPO run -> the policy it starts from.
+MODE_RUNS = {"grpo-outcome-base": "base", "grpo-outcome-cot": "cot"}
+
+
+def policies(cfg: RunConfig) -> list[str]:
+    """The SFT policies a run trains: CoS and the direct baseline, and with
+    `grpo.reasoning_modes` the plain-reasoning policy."""
+    return [name for name in POLICIES if name != "cot" or cfg.grpo.reasoning_modes]
+
+
+def style_of(name: str) -> str:
+    """How a run's model answers: its own style, or that of the policy it was improved from."""
+    return POLICIES.get(name) or POLICIES[MODE_RUNS.get(name, "sft")]
 
 
 class Run:
@@ -99,6 +112,8 @@ def _stages(r: Run) -> None:
     r.stage("pretrain", lambda: pretrain_perception(r))
     r.stage("sft", lambda: _train(r, "sft", cfg.sft))
     r.stage("base", lambda: _train(r, "base", cfg.base_sft))
+    r.stage("cot", lambda: _train(r, "cot", cfg.sft) if cfg.grpo.reasoning_modes
+            else {"skipped": "grpo.reasoning_modes is false"})
     r.stage("eval", lambda: evaluate_policies(r))
     r.stage("sample", lambda: sample_chains(r))
     r.stage("label", lambda: label_chains(r))
@@ -163,12 +178,13 @@ def evaluate_policies(r: Run) -> dict:
     for split in r.cfg.eval.splits:
         records = load_tasks(r.paths.split(split))
         preds = {}
-        for name, style in POLICIES.items():
+        for name in policies(r.cfg):
             policy = Policy.from_dir(r.paths.model(name), batch_size=r.cfg.eval.batch_size)
-            preds[name] = predict(policy, records, r.paths.predictions(name, split), style, params)
+            preds[name] = predict(policy, records, r.paths.predictions(name, split), POLICIES[name], params)
             results.append(summarize(preds[name], name, split=split))
-        comparison = paired_comparison(preds["sft"], preds["base"], "sft", "base")
-        comparisons.append({**comparison, "split": split})
+        for a, b in (("sft", "base"), ("cot", "base"), ("sft", "cot")):
+            if a in preds and b in preds:
+                comparisons.append({**paired_comparison(preds[a], preds[b], a, b), "split": split})
     update_metrics(r.paths.metrics, results, comparisons)
     return {f"{row['model']}/{row['split']}": round(row["accuracy"], 3) for row in results}
 
@@ -372,22 +388,28 @@ def improve_dpo(r: Run) -> dict:
 
 
 def improve_grpo(r: Run) -> dict:
-    """GRPO from the SFT model with each reward in `grpo.runs` (PRM, outcome, PRM with step advantages)."""
+    """GRPO from the SFT model with each reward in `grpo.runs` (PRM, outcome, PRM with step
+    advantages); with `grpo.reasoning_modes`, outcome GRPO from the direct and plain-reasoning
+    policies too, on the same questions and steps."""
     cfg = r.cfg.grpo
     records = _train_questions(r, "grpo")
+    jobs = [(f"grpo-{run}", "sft", run) for run in cfg.runs]
+    if cfg.reasoning_modes:
+        jobs += [(name, start, "outcome") for name, start in MODE_RUNS.items()]
     info = {}
-    for run in cfg.runs:
-        out = train_grpo(r.paths.model("sft"), r.paths.model("prm"), records, r.paths.model(f"grpo-{run}"),
-                         variant(cfg, run), r.cfg.eval.batch_size)
+    for name, start, run in jobs:
+        out = train_grpo(r.paths.model(start), r.paths.model("prm"), records, r.paths.model(name),
+                         variant(cfg, run), r.cfg.eval.batch_size, style=POLICIES[start])
         meta = model_summary(out)
-        info[f"grpo-{run}"] = {k: meta[k] for k in ("train_loss_last", "train_runtime_s")}
+        info[name] = {k: meta[k] for k in ("train_loss_last", "train_runtime_s")}
     return info
 
 
 def improved_models(cfg: RunConfig) -> list[str]:
     return ([f"dpo-r{k}" for k in range(1, cfg.dpo.rounds + 1)] + ["rft", "sft-continued"]
             + [f"dpo-r1-{s}" for s in cfg.dpo.ablation]
-            + [f"grpo-{run}" for run in cfg.grpo.runs])
+            + [f"grpo-{run}" for run in cfg.grpo.runs]
+            + (list(MODE_RUNS) if cfg.grpo.reasoning_modes else []))
 
 
 def evaluate_improved(r: Run) -> dict:
@@ -397,7 +419,7 @@ def evaluate_improved(r: Run) -> dict:
     results, comparisons, info, left_out = [], [], {}, {}
     for split in r.cfg.eval.splits:
         records = load_tasks(r.paths.split(split))
-        preds = {"sft": read_jsonl(r.paths.predictions("sft", split))}
+        preds = {name: read_jsonl(r.paths.predictions(name, split)) for name in policies(r.cfg)}
         for name in improved_models(r.cfg):
             if not (r.paths.model(name)).exists():
                 info[f"{name}/{split}"] = "not trained (too few pairs to change the model)"
@@ -407,7 +429,7 @@ def evaluate_improved(r: Run) -> dict:
                 info[f"{name}/{split}"] = f"left out: {left_out[name]}"
                 continue
             policy = _policy(r, name)
-            preds[name] = predict(policy, records, r.paths.predictions(name, split), "cos", params)
+            preds[name] = predict(policy, records, r.paths.predictions(name, split), style_of(name), params)
             results.append(summarize(preds[name], name, split=split))
             info[f"{name}/{split}"] = round(results[-1]["accuracy"], 3)
         for a, b in _claims(r.cfg):
@@ -436,6 +458,8 @@ def _claims(cfg: RunConfig) -> list[tuple[str, str]]:
     pairs += [("dpo-r1", f"dpo-r1-{s}") for s in cfg.dpo.ablation]
     runs = [f"grpo-{run}" for run in cfg.grpo.runs]
     pairs += [(a, "sft") for a in runs] + [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]]
+    if cfg.grpo.reasoning_modes:
+        pairs += list(MODE_RUNS.items())
     return list(dict.fromkeys(pairs))
 
 

@@ -16,8 +16,12 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from .layout import RunLayout, model_summary
 from .records import iter_jsonl, load_tasks, write_text_atomic
 
-MODEL_ORDER = ("base", "sft", "sft-continued", "dpo-r1", "dpo-r2", "dpo-r3", "rft", "grpo-prm",
-               "grpo-outcome", "grpo-prm-step", "grpo-random")
+MODEL_ORDER = ("base", "cot", "sft", "sft-continued", "dpo-r1", "dpo-r2", "dpo-r3", "rft", "grpo-prm",
+               "grpo-outcome", "grpo-prm-step", "grpo-random", "grpo-outcome-base", "grpo-outcome-cot")
+# The paper's reasoning-mode ablation (`grpo.reasoning_modes`): mode, its SFT policy, RL from it, the reward.
+REASONING_MODES = (("no reasoning (answer only)", "base", "grpo-outcome-base", "outcome"),
+                   ("plain reasoning", "cot", "grpo-outcome-cot", "outcome"),
+                   ("chain of steps", "sft", "grpo-prm", "PRM"))
 ABLATION_PREFIX = "dpo-r1-"
 
 
@@ -126,7 +130,7 @@ def curve_plot(curves: dict[str, list[dict]]) -> str:
 def val_curves(run: RunLayout) -> dict[str, list[dict]]:
     """The val curves the SFT stages recorded (`sft.val_every`), by policy."""
     curves = {}
-    for name in ("sft", "base"):
+    for name in ("sft", "base", "cot"):
         if points := model_summary(run.model(name)).get("val_curve"):
             curves[name] = points
     return curves
@@ -144,6 +148,16 @@ def _dpo_sections(metrics: dict, greedy: dict[str, dict]) -> dict:
                  for name, stats in dpo["ablation"].items()]
     return {"dpo": dpo, "dpo_rounds": rounds, "ablation": ablation if dpo["ablation"] else None,
             "length_plot": length_plot(points) if len(points) > 1 else None}
+
+
+def reasoning_modes(greedy: dict[str, dict], comparisons: list[dict]) -> list[dict] | None:
+    """One row per reasoning mode: its SFT policy, RL from it, and the paired RL − SFT test;
+    None unless the run trained the ablation."""
+    if "cot" not in greedy:
+        return None
+    paired = {(c["a"], c["b"]): c for c in comparisons}
+    return [{"mode": mode, "sft": greedy.get(sft), "rl": greedy.get(rl), "reward": reward,
+             "gain": paired.get((rl, sft))} for mode, sft, rl, reward in REASONING_MODES]
 
 
 def _png(fig) -> str:
@@ -242,12 +256,13 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
     greedy = next((r for r in metrics["results"] if r["split"] == search.get("split")
                    and r["strategy"] == "greedy" and r["model"] == "sft"), None)
     prm_traces = _prm_traces(run)
+    comparisons = [c for c in metrics.get("comparisons", []) if c.get("split", split).startswith(split)]
     curves = val_curves(run)
     trace_model = "sft" if any(r["model"] == "sft" for r in rows) else (rows[0]["model"] if rows else "")
     html = env.get_template("report.html.j2").render(
         run_name=run_dir.name, run_dir=str(run_dir), split=split, table=rows, families=families,
         num_questions=rows[0]["num_questions"] if rows else 0,
-        comparisons=[c for c in metrics.get("comparisons", []) if c.get("split", split).startswith(split)],
+        comparisons=comparisons, modes=reasoning_modes(greedy_rows, comparisons),
         curves=curves, curve_plot=curve_plot(curves) if curves else None, left_out=metrics.get("left_out"),
         timings=timings, total_seconds=sum(s for _, s in timings),
         verifier_cost=verifier_cost(timings, search),
