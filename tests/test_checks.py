@@ -44,6 +44,14 @@ def test_an_operand_never_stated_or_bound_to_another_colour_fails():
     assert verdicts(check_steps(steps("Cost: 5 + 12 = 17"), "A pen costs 5 and a book 12."))[0] is True
 
 
+def test_superlatives_name_the_largest_and_smallest_stated_values():
+    bars = ("Red bar: 3", "Green bar: 2", "Blue bar: 3", "Yellow bar: 5")
+    check = check_steps(steps(*bars, "Tallest minus shortest: 5 - 1 = 4"), "q")[-1]  # 1: no bar, a constant
+    assert check.verdict is False and "named values are [2.0, 5.0]" in check.reasons[-1]
+    assert verdicts(check_steps(steps(*bars, "Tallest minus shortest: 5 - 2 = 3"), "q"))[-1] is True
+    assert verdicts(check_steps(steps(*bars, "Shortest plus tallest: 2 + 5 = 7"), "q"))[-1] is True
+
+
 def test_option_letters_are_checked_against_the_question_list():
     chain = steps("Red shape: large", "Blue shape: small", "Largest: red, option B")
     options = ["red", "blue", "green"]

@@ -1,7 +1,8 @@
 """Checks a program can make on a chain from the question and the chain's own text.
 
 A policy's commonest slips are ones a calculator sees: a sum it got wrong ("7 + 4 = 10"), an
-operand it never read ("Red plus green: 7 + 4" when red was read as 3), an option letter that
+operand it never read ("Red plus green: 7 + 4" when red was read as 3; "tallest minus shortest"
+naming values other than the largest and smallest stated), an option letter that
 names another option ("red, option B" when the question lists red as A), an answer that is not
 what the chain concluded. None of these needs the gold answer or task metadata, so the checks
 work on any benchmark's free text. Each step gets a verdict: True (something was checked and
@@ -33,6 +34,8 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # numbers a chain may use without stating them (halving, percentages, months, angles, unit changes)
 CONSTANTS = frozenset({0.0, 1.0, 2.0, 10.0, 12.0, 24.0, 60.0, 90.0, 100.0, 180.0, 360.0, 365.0, 1000.0,
                        3600.0})
+LARGEST = frozenset({"largest", "biggest", "tallest", "longest", "highest", "greatest", "most", "maximum"})
+SMALLEST = frozenset({"smallest", "shortest", "lowest", "fewest", "least", "minimum"})
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _STOP = frozenset({"the", "of", "a", "an", "and", "from", "image", "in", "is", "are", "there", "to",
                    "shapes", "shape", "bar", "bars", "line", "lines", "count", "number", "total",
@@ -124,6 +127,16 @@ def stated_facts(texts: list[str]) -> dict[str, float]:
     return {w: next(iter(v)) for w, v in seen.items() if len(v) == 1}
 
 
+def _named_value(word: str, facts: dict[str, float]) -> float | None:
+    """The value a key word names: a stated fact's ("red"), or the largest or smallest of those
+    stated ("tallest minus shortest")."""
+    if word in facts:
+        return facts[word]
+    if len(facts) < 2 or word not in LARGEST | SMALLEST:
+        return None
+    return max(facts.values()) if word in LARGEST else min(facts.values())
+
+
 def _key_words(text: str) -> list[str]:
     return [w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOP and len(w) > 1]
 
@@ -151,7 +164,7 @@ def check_arithmetic(text: str, earlier: list[str], question: str, check: StepCh
         if missing:
             check.fail(f"{', '.join(f'{v:g}' for v in missing)} not stated before {left.strip()}")
             continue
-        named = [facts[w] for w in _key_words(text[:match.start()]) if w in facts]
+        named = [v for v in (_named_value(w, facts) for w in _key_words(text[:match.start()])) if v is not None]
         if len(named) == len(used) and sorted(named) != sorted(used):
             check.fail(f"{left.strip()} uses {sorted(used)}, the named values are {sorted(named)}")
     return results
