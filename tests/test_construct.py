@@ -1,4 +1,11 @@
-from chainstep.construct import FilterConfig, check_chain, construct, direct_response, plain_response
+from chainstep.construct import (
+    FilterConfig,
+    check_chain,
+    construct,
+    direct_response,
+    plain_response,
+    write_plain,
+)
 from chainstep.records import read_jsonl
 from chainstep.steps import Chain, Step, parse, render
 from chainstep.teacher import ProgrammaticTeacher
@@ -72,6 +79,15 @@ def test_construct_resumes_without_duplicates(tmp_path, suite_dir):
     assert len(ids) == len(set(ids)) == 40
     assert len(calls) == 30
     assert sorted(r["id"] for r in read_jsonl(cot)) == sorted(ids)  # the plain twins, none twice
+
+
+def test_plain_twins_are_written_for_a_run_constructed_before_them(tmp_path, suite_dir):
+    construct(suite_dir / "tasks" / "train.jsonl", tmp_path, ProgrammaticTeacher())
+    (tmp_path / "cot.jsonl").unlink()
+    write_plain(tmp_path / "sft.jsonl", tmp_path / "cot.jsonl")  # what the cot stage does first
+    plain = read_jsonl(tmp_path / "cot.jsonl")
+    assert sorted(r["id"] for r in plain) == sorted(r["id"] for r in read_jsonl(tmp_path / "sft.jsonl"))
+    assert all("<|reasoning" not in r["response"] for r in plain)
 
 
 def test_check_chain_and_direct_response(train_records):

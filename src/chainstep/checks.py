@@ -164,7 +164,7 @@ def check_arithmetic(text: str, earlier: list[str], question: str, check: StepCh
         if missing:
             check.fail(f"{', '.join(f'{v:g}' for v in missing)} not stated before {left.strip()}")
             continue
-        named = [v for v in (_named_value(w, facts) for w in _key_words(text[:match.start()])) if v is not None]
+        named = [v for w in _key_words(text[:match.start()]) if (v := _named_value(w, facts)) is not None]
         if len(named) == len(used) and sorted(named) != sorted(used):
             check.fail(f"{left.strip()} uses {sorted(used)}, the named values are {sorted(named)}")
     return results

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import DEFAULT_SEARCH_TEMPERATURE, STYLES, check_strategy
+from .config import DEFAULT_SEARCH_TEMPERATURE, check_strategy, check_style
 from .errors import ChainstepError
 from .layout import METRICS, RunLayout, model_summary, predictions_file, writing_into
 
@@ -324,7 +324,7 @@ def evaluate(
     from .search import evaluate_strategy
     from .shards import sharded
 
-    _check_style(style)
+    check_style(style, strategy)
     check_strategy(strategy, prm is not None)
     if shard and strategy != "greedy":
         raise ChainstepError("--shard splits greedy evaluation; search strategies run unsharded")
@@ -585,7 +585,7 @@ def grpo(
     cfg = section_config(GRPOConfig, set_, "grpo")
     records = load_tasks(tasks)
     verifier = _verifier(prm, step_weight, aggregate, 64) if prm else None
-    _check_style(style)
+    check_style(style)
     train_grpo(sft_model, verifier, records[:cfg.questions] if cfg.questions else records, out, cfg,
                style=style)
     console.print(f"saved -> {out}")
@@ -643,11 +643,6 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory")):
     if not RunLayout(run_dir).metrics.exists():
         raise ChainstepError(f"{run_dir} has no metrics.json: is it a run directory (chainstep run --out)?")
     console.print(f"report: {write_report(run_dir)}")
-
-
-def _check_style(style: str) -> None:
-    if style not in STYLES:
-        raise ChainstepError(f"--style {style!r}: choose one of {', '.join(STYLES)}")
 
 
 def _print_results(path: Path) -> None:

@@ -276,6 +276,16 @@ def check_strategy(strategy: str, has_verifier: bool) -> None:
         raise ChainstepError(f"strategy {strategy!r} needs a PRM (--prm DIR)")
 
 
+def check_style(style: str, strategy: str = "greedy") -> None:
+    """A policy style every caller accepts the same way; search samples step chains, so a policy
+    of another style is evaluated greedily."""
+    if style not in STYLES:
+        raise ChainstepError(f"style {style!r}: choose one of {', '.join(STYLES)}")
+    if style != "cos" and strategy != "greedy":
+        raise ChainstepError(f"strategy {strategy!r} searches over step chains; a {style} policy "
+                             "is evaluated with greedy")
+
+
 def check_head(head: str) -> None:
     if head not in HEADS:
         raise ChainstepError(f"prm.head={head!r} must be one of {HEADS}")

@@ -99,7 +99,7 @@ def construct(tasks: str | Path | list[dict], out_dir: str | Path, teacher: Teac
             else:
                 reasons[reason] += 1
                 rejects.write({"id": record["id"], "reason": reason, "response": text})
-    _write_plain(sft_path, cot_path)
+    write_plain(sft_path, cot_path)
     rejected = {r["id"]: r["reason"] for r in iter_jsonl(rejects_path)}
     stats = {"accepted": len(done_ids(sft_path)), "rejected": len(rejected),
              "rejected_by_reason": dict(Counter(rejected.values())), "rejected_now_by_reason": dict(reasons)}
@@ -111,8 +111,9 @@ def construct(tasks: str | Path | list[dict], out_dir: str | Path, teacher: Teac
     return stats
 
 
-def _write_plain(sft_path: Path, cot_path: Path) -> None:
-    """Plain-text twins of the accepted chains not yet written (after a kill, the rest)."""
+def write_plain(sft_path: Path, cot_path: Path) -> None:
+    """Plain-text twins of the accepted chains not yet written (after a kill, the rest; for a run
+    constructed before `cot.jsonl` existed, all of them)."""
     done = done_ids(cot_path)
     with JsonlWriter(cot_path) as cot:
         cot.write_all({**row, "response": plain_response(parse(row["response"]))}

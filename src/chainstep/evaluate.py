@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from .config import check_style
 from .errors import ChainstepError
 from .grading import grade_response
 from .records import JsonlWriter, family_of, iter_jsonl, mean_of, settings_path, write_json
@@ -82,6 +83,7 @@ def resumable_rows(out_path: Path, settings: dict) -> dict[str, dict]:
 def predict(policy: Policy, records: list[dict], out_path: str | Path, style: str = "cos",
             params: SamplingParams | None = None, extractor=None) -> list[dict]:
     """Greedy (by default) predictions, appended to `out_path` and resumed by id."""
+    check_style(style)
     out_path = Path(out_path)
     params = params or SamplingParams()
     done = resumable_rows(out_path, generation_settings(policy, params, style, extractor))

@@ -21,7 +21,7 @@ from transformers import set_seed
 from trl import GRPOConfig as TRLGRPOConfig
 from trl import GRPOTrainer
 
-from .config import GRPOConfig
+from .config import GRPOConfig, check_style
 from .errors import ChainstepError
 from .grading import grade_response
 from .layout import checkpoints_of
@@ -159,14 +159,15 @@ def train_grpo(model_dir: str | Path, prm_dir, records: list[dict],
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not records:
         raise ChainstepError("GRPO needs at least one training question")
+    check_style(style)
+    if style != "cos" and cfg.reward == "prm":
+        raise ChainstepError(f"a {style} policy writes no step chain for a PRM to score: "
+                             "use grpo.reward=outcome")
     set_seed(cfg.seed)
     # a short run still takes steps at a learning rate above 0, after its warm-up
     cfg = replace(cfg, warmup_steps=min(cfg.warmup_steps, cfg.max_steps // 2))
     model, processor = prepare_model(model_dir, cfg)
     by_id, tok = {r["id"]: r for r in records}, processor.tokenizer
-    if style != "cos" and cfg.reward == "prm":
-        raise ChainstepError(f"a {style} policy writes no step chain for a PRM to score: "
-                             "use grpo.reward=outcome")
     if cfg.reward == "prm":
         if prm_dir is None:
             raise ChainstepError("grpo.reward=prm needs a PRM (--prm DIR)")

@@ -30,6 +30,13 @@ from .errors import ChainstepError
 
 MODEL_SUMMARY = "chainstep.json"  # beside a model's weights: how chainstep made it
 METRICS = "metrics.json"  # every result row of a run, or of an `eval --out` folder
+# Policy name (its models/ folder and metrics.json `model`) -> its style: the teacher data it trains on
+# and how it answers.
+POLICIES = {"sft": "cos", "base": "direct", "cot": "cot"}
+# The reasoning-mode ablation (`grpo.reasoning_modes`): outcome GRPO run -> the policy it starts from.
+MODE_RUNS = {"grpo-outcome-base": "base", "grpo-outcome-cot": "cot"}
+# Stages that exist for the verifier: chains for its labels, the labels, its training, its metrics.
+VERIFIER_STAGES = ("sample", "label", "prm", "prm_eval")
 TEACHER_DATA = {"cos": "sft.jsonl", "cot": "cot.jsonl", "direct": "direct.jsonl", "rejects": "rejects.jsonl"}
 
 

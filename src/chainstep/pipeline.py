@@ -23,13 +23,13 @@ from rich.console import Console
 
 from . import models
 from .config import SEED_STRIDE, RunConfig, dump_config, to_dict
-from .construct import construct
+from .construct import construct, write_plain
 from .dpo import continued_sft_control, iterative_dpo, pair_source_ablation, rft_control
 from .errors import ChainstepError
 from .evaluate import paired_comparison, predict, sample_responses, sample_stats, summarize, update_metrics
 from .grpo import train_grpo, variant
 from .label import label
-from .layout import RunLayout, model_summary
+from .layout import MODE_RUNS, POLICIES, RunLayout, model_summary
 from .pretrain import pretrain
 from .prm_metrics import check_quality, evaluate_prm, label_agreement, write_traces
 from .prm_train import train_prm
@@ -43,10 +43,6 @@ from .train_sft import train_sft
 from .verifier import CheckedVerifier, Verifier, load_verifier
 
 console = Console(stderr=True)
-# Policy name (its models/ folder and metrics.json `model`) -> (training data, eval style).
-POLICIES = {"sft": "cos", "base": "direct", "cot": "cot"}  # each trains on the teacher data of its style
-# The reasoning-mode ablation (`grpo.reasoning_modes`): outcome GRPO run -> the policy it starts from.
-MODE_RUNS = {"grpo-outcome-base": "base", "grpo-outcome-cot": "cot"}
 
 
 def policies(cfg: RunConfig) -> list[str]:
@@ -112,7 +108,7 @@ def _stages(r: Run) -> None:
     r.stage("pretrain", lambda: pretrain_perception(r))
     r.stage("sft", lambda: _train(r, "sft", cfg.sft))
     r.stage("base", lambda: _train(r, "base", cfg.base_sft))
-    r.stage("cot", lambda: _train(r, "cot", cfg.sft) if cfg.grpo.reasoning_modes
+    r.stage("cot", lambda: _train_plain(r) if cfg.grpo.reasoning_modes
             else {"skipped": "grpo.reasoning_modes is false"})
     r.stage("eval", lambda: evaluate_policies(r))
     r.stage("sample", lambda: sample_chains(r))
@@ -169,6 +165,11 @@ def _train(r: Run, name: str, sft_cfg) -> dict:
     meta = model_summary(r.paths.model(name))
     keys = ("train_loss_first", "train_loss_last", "train_runtime_s", "val_curve")
     return {k: meta[k] for k in keys if k in meta}
+
+
+def _train_plain(r: Run) -> dict:
+    write_plain(r.paths.teacher_data("cos"), r.paths.teacher_data("cot"))
+    return _train(r, "cot", r.cfg.sft)
 
 
 def evaluate_policies(r: Run) -> dict:

@@ -13,15 +13,16 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from .layout import RunLayout, model_summary
+from .layout import MODE_RUNS, POLICIES, VERIFIER_STAGES, RunLayout, model_summary
 from .records import iter_jsonl, load_tasks, write_text_atomic
 
 MODEL_ORDER = ("base", "cot", "sft", "sft-continued", "dpo-r1", "dpo-r2", "dpo-r3", "rft", "grpo-prm",
                "grpo-outcome", "grpo-prm-step", "grpo-random", "grpo-outcome-base", "grpo-outcome-cot")
+MODE_NAMES = {"direct": "no reasoning (answer only)", "cot": "plain reasoning", "cos": "chain of steps"}
 # The paper's reasoning-mode ablation (`grpo.reasoning_modes`): mode, its SFT policy, RL from it, the reward.
-REASONING_MODES = (("no reasoning (answer only)", "base", "grpo-outcome-base", "outcome"),
-                   ("plain reasoning", "cot", "grpo-outcome-cot", "outcome"),
-                   ("chain of steps", "sft", "grpo-prm", "PRM"))
+REASONING_MODES = (*((MODE_NAMES[POLICIES[start]], start, run, "outcome")
+                     for run, start in MODE_RUNS.items()),
+                   (MODE_NAMES["cos"], "sft", "grpo-prm", "PRM"))
 ABLATION_PREFIX = "dpo-r1-"
 
 
@@ -217,9 +218,6 @@ def benchmark_section(results: list[dict]) -> dict:
              for label, numbers in PAPER_TABLE1.items()]
     return {"bench_names": names, "bench_titles": {b: BENCHMARKS[b].title for b in names},
             "bench_rows": ours, "paper_rows": paper, "bench_results": rows}
-
-
-VERIFIER_STAGES = ("sample", "label", "prm", "prm_eval")  # chains for its labels, labels, training, metrics
 
 
 def verifier_cost(timings: list[tuple[str, float]], search: dict) -> dict | None:

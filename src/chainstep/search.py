@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .answers import normalize
-from .config import DEFAULT_SEARCH_TEMPERATURE, STRATEGIES, SearchConfig, check_strategy
+from .config import DEFAULT_SEARCH_TEMPERATURE, STRATEGIES, SearchConfig, check_strategy, check_style
 from .errors import ChainstepError
 from .evaluate import predict, response_row, sample_responses, summarize, update_metrics
 from .judge import JudgeVerifier
@@ -282,6 +282,7 @@ def evaluate_strategy(policy: Policy, records: list[dict], out_dir: Path, name: 
     """What `chainstep eval` runs: greedy decoding, or one strategy at one N, on `records`; its
     row (with `settings`, what the result needs to be reproduced, and the verifier's rule) is
     added to `out_dir/metrics.json` and returned."""
+    check_style(style, strategy)
     if strategy == "greedy":
         preds = predict(policy, records, predictions_file(out_dir, name, split), style,
                         SamplingParams(max_tokens=settings["max_tokens"]), extractor)
