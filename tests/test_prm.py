@@ -23,6 +23,7 @@ from chainstep.prm_train import merge_labels, prm_loss, train_prm
 from chainstep.records import JsonlWriter, read_jsonl
 from chainstep.steps import ANSWER_END, ANSWER_START, STEP_END, THOUGHT_END, THOUGHT_START, parse
 from chainstep.teacher import ProgrammaticTeacher
+from chainstep.verifier import CheckedVerifier
 
 
 @pytest.fixture(scope="module")
@@ -217,14 +218,19 @@ def test_scoring_continuations_on_a_shared_prefix_equals_scoring_them_whole(tiny
     prefixes = ["", texts[1].split(STEP_END)[0] + STEP_END,
                 STEP_END.join(texts[2].split(STEP_END)[:3]) + STEP_END]
     groups = [[t[len(p):], t[len(p):len(p) + 40]] for p, t in zip(prefixes, texts)]
-    shared = prm.score_continuations(train_records[:3], prefixes, groups)
-    whole = prm.score([r for r in train_records[:3] for _ in range(2)],
-                      [p + c for p, g in zip(prefixes, groups) for c in g])
-    for got, want in zip([s for g in shared for s in g], whole):
-        assert got.steps == pytest.approx(want.steps, abs=1e-4)
-        assert (got.answer is None) == (want.answer is None)
-        if want.answer is not None:
-            assert got.answer == pytest.approx(want.answer, abs=1e-4)
+    records = [r for r in train_records[:3] for _ in range(2)]
+    joined = [p + c for p, g in zip(prefixes, groups) for c in g]
+    passes = []
+    for verifier in (prm, CheckedVerifier(prm)):  # the checks keep the shared prefill
+        before = prm.forward_passes
+        shared = verifier.score_continuations(train_records[:3], prefixes, groups)
+        passes.append(prm.forward_passes - before)
+        for got, want in zip([s for g in shared for s in g], verifier.score(records, joined)):
+            assert got.steps == pytest.approx(want.steps, abs=1e-4)
+            assert (got.answer is None) == (want.answer is None)
+            if want.answer is not None:
+                assert got.answer == pytest.approx(want.answer, abs=1e-4)
+    assert passes[1] == passes[0]  # the PRM's own path (llava: 4, two per chunk of two prefixes; joined: 2)
 
 
 def test_training_leaves_out_chains_whose_labels_miss_their_tags(tiny_model_dir, train_records, tmp_path):

@@ -18,7 +18,7 @@ from typing import Protocol
 from .checks import check_answer, check_steps
 from .errors import ChainstepError
 from .layout import model_summary
-from .scoring import ChainScore, StepScores, score_joined
+from .scoring import ChainScore, StepScores, regroup
 from .steps import ANSWER_END, FormatError, extract_answer, leading_steps, parse
 
 UNCHECKED = 0.5  # what the checks alone give a step they cannot judge
@@ -76,7 +76,13 @@ class CheckedVerifier:
 
     def score_continuations(self, records: list[dict], prefixes: list[str],
                             continuations: list[list[str]]) -> list[list[StepScores]]:
-        return score_joined(self.score, records, prefixes, continuations)
+        """The base's continuation scores (a PRM shares one prefill of prompt and prefix among
+        them) under the checks of each joined chain."""
+        base = self.base.score_continuations(records, prefixes, continuations) if self.base else None
+        joined = self.combine([r for r, g in zip(records, continuations) for _ in g],
+                              [p + c for p, g in zip(prefixes, continuations) for c in g],
+                              [s for group in base for s in group] if base is not None else None)
+        return regroup(joined, [len(g) for g in continuations])
 
     def _combine(self, record: dict, text: str, base: StepScores | None) -> StepScores:
         own = self._verdicts(record, text, len(base.steps) if base is not None else None)
