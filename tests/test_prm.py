@@ -187,7 +187,10 @@ def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_recor
     prm = PRM.from_dir(out)  # scores as it was trained to
     assert (prm.scoring.step_weight, prm.scoring.aggregate, prm.scoring.source) == (0.5, "min", "verifier")
     assert PRM.from_dir(out, step_weight=0.1).scoring.source == "override"
-    metrics = evaluate_prm(prm, read_jsonl(path))
+    rows = read_jsonl(path)
+    metrics = evaluate_prm(prm, rows)
+    scores, passes = prm.score(rows, [r["response"] for r in rows]), prm.forward_passes
+    assert evaluate_prm(prm, rows, scores) == metrics and prm.forward_passes == passes  # given scores: no pass
     assert metrics["steps"] == sum(len(parse(r["response"]).steps) for r in read_jsonl(path))
     assert metrics["majority_baseline"] == pytest.approx(0.5)
     assert metrics["ranking_auroc"] == pytest.approx(0.5)  # identical chains tie

@@ -10,6 +10,7 @@ import numpy as np
 
 from .checks import check_chain
 from .records import JsonlWriter, by_sample, family_of
+from .scoring import StepScores
 from .steps import FormatError, parse, parses
 from .verifier import Verifier
 
@@ -27,14 +28,16 @@ def auroc(scores: list[float], labels: list[int]) -> float | None:
     return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def evaluate_prm(prm: Verifier, rows: list[dict]) -> dict:
-    """Step-level and selection-level quality on held-out labelled chains.
+def evaluate_prm(prm: Verifier, rows: list[dict], scores: list[StepScores] | None = None) -> dict:
+    """Step-level and selection-level quality on held-out labelled chains (`scores`: what `prm`
+    already gave them, so that verifiers sharing a base score each chain once).
 
     `ranking_auroc` is what selection needs: for two chains of one question, one right and one
     wrong, how often the right one scores higher. Pooled step metrics mostly measure how hard
     each question is.
     """
-    scores = prm.score(rows, [r["response"] for r in rows])
+    if scores is None:
+        scores = prm.score(rows, [r["response"] for r in rows])
     families = {r["question_id"]: family_of(r) for r in rows}
     step_p, step_y, first_hits, by_question, parsed = [], [], [], {}, {}
     for row, s in zip(rows, scores):

@@ -18,7 +18,7 @@ from typing import Protocol
 from .checks import check_answer, check_steps
 from .errors import ChainstepError
 from .layout import model_summary
-from .scoring import ChainScore, StepScores, regroup
+from .scoring import ChainScore, StepScores, score_joined
 from .steps import ANSWER_END, FormatError, extract_answer, leading_steps, parse
 
 UNCHECKED = 0.5  # what the checks alone give a step they cannot judge
@@ -80,10 +80,8 @@ class CheckedVerifier:
         """The base's continuation scores (a PRM shares one prefill of prompt and prefix among
         them) under the checks of each joined chain."""
         base = self.base.score_continuations(records, prefixes, continuations) if self.base else None
-        joined = self.combine([r for r, g in zip(records, continuations) for _ in g],
-                              [p + c for p, g in zip(prefixes, continuations) for c in g],
-                              [s for group in base for s in group] if base is not None else None)
-        return regroup(joined, [len(g) for g in continuations])
+        flat = [s for group in base for s in group] if base is not None else None
+        return score_joined(lambda recs, texts: self.combine(recs, texts, flat), records, prefixes, continuations)
 
     def _combine(self, record: dict, text: str, base: StepScores | None) -> StepScores:
         own = self._verdicts(record, text, len(base.steps) if base is not None else None)
