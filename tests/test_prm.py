@@ -190,7 +190,7 @@ def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_recor
     rows = read_jsonl(path)
     metrics = evaluate_prm(prm, rows)
     scores, passes = prm.score(rows, [r["response"] for r in rows]), prm.forward_passes
-    assert evaluate_prm(prm, rows, scores) == metrics and prm.forward_passes == passes  # given scores: no pass
+    assert evaluate_prm(prm, rows, scores) == metrics and prm.forward_passes == passes  # none recomputed
     assert metrics["steps"] == sum(len(parse(r["response"]).steps) for r in read_jsonl(path))
     assert metrics["majority_baseline"] == pytest.approx(0.5)
     assert metrics["ranking_auroc"] == pytest.approx(0.5)  # identical chains tie

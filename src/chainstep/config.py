@@ -141,7 +141,7 @@ class PRMConfig(TrainConfig):
     size: str = "medium"  # the larger base's size (models.SIZES), with init=larger
     head: str = "likelihood"  # likelihood (of the step's tokens) or tag (the paper's two-token head)
     label_weight: float = 0.0  # likelihood head: weight of the BCE on labels beside next-token loss
-    max_steps: int = 150  # val ranking with the checks 0.929 at 150, 300 and 900 steps, 0.897 at 75 (224 pairs)
+    max_steps: int = 150  # val ranking with the checks: 0.929 at 150, 300 and 900 steps, 0.897 at 75
     learning_rate: float = 5e-4
     bf16: bool = True  # autocast: faster on this CPU
     soft_labels: bool = False  # train on MC values instead of 0/1 (others truncate these silently)

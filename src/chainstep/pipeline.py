@@ -287,13 +287,14 @@ def evaluate_verifier(r: Run) -> dict:
     learned_scores = learned.score(judged, texts)
     checked = CheckedVerifier(learned)
     checked_scores = checked.combine(judged, texts, learned_scores)
-    metrics = evaluate_prm(prm, judged, checked_scores if isinstance(prm, CheckedVerifier) else learned_scores)
+    own = checked_scores if isinstance(prm, CheckedVerifier) else learned_scores
+    metrics = evaluate_prm(prm, judged, own)
     metrics["mc_judge_agreement"] = label_agreement(rows)
     metrics["checks"] = check_quality(judged)
     controls = {"learned PRM alone": (learned, learned_scores), "checks alone": (CheckedVerifier(), None),
                 "learned PRM with checks": (checked, checked_scores)}
-    metrics["controls"] = {name: {k: v for k, v in evaluate_prm(verifier, judged, scores).items() if "ranking" in k}
-                           for name, (verifier, scores) in controls.items()}
+    metrics["controls"] = {name: {k: v for k, v in evaluate_prm(verifier, judged, scores).items()
+                                  if "ranking" in k} for name, (verifier, scores) in controls.items()}
     update_metrics(r.paths.metrics, prm=metrics)
     write_traces(prm, rows, r.paths.traces)
     return {k: v for k, v in metrics.items() if isinstance(v, float)}

@@ -81,7 +81,8 @@ class CheckedVerifier:
         them) under the checks of each joined chain."""
         base = self.base.score_continuations(records, prefixes, continuations) if self.base else None
         flat = [s for group in base for s in group] if base is not None else None
-        return score_joined(lambda recs, texts: self.combine(recs, texts, flat), records, prefixes, continuations)
+        return score_joined(lambda recs, texts: self.combine(recs, texts, flat),
+                            records, prefixes, continuations)
 
     def _combine(self, record: dict, text: str, base: StepScores | None) -> StepScores:
         own = self._verdicts(record, text, len(base.steps) if base is not None else None)
