@@ -46,7 +46,8 @@ def test_one_line_errors_for_common_mistakes(tmp_path):
     assert "write FIELD=COLUMN pairs" in fails("construct", str(tmp_path / "x.json"), "--columns", "question")
     assert "'sft.max_steps': 'abc' is not a valid int" in fails("run", "--set", "sft.max_steps=abc")
     assert "reads the 'sft' section" in fails("sft", "m", "d", "--out", "o", "--set", "dpo.beta=0.1")
-    assert "style 'plain': choose one of cos, cot, direct" in fails("eval", "m", "t", "--style", "plain")
+    for command in (["eval", "m", "t"], ["sft", "m", "d", "--out", "o"]):
+        assert "style 'plain': choose one of cos, cot, direct" in fails(*command, "--style", "plain")
     searched = fails("eval", "m", "t", "--style", "cot", "--strategy", "bon", "--n", "4", "--prm", "judge")
     assert "a cot policy is evaluated with greedy" in searched
 

@@ -21,6 +21,7 @@ from chainstep.prm import (
 from chainstep.prm_metrics import auroc, evaluate_prm, ranking_auroc, ranking_pairs
 from chainstep.prm_train import merge_labels, prm_loss, train_prm
 from chainstep.records import JsonlWriter, read_jsonl
+from chainstep.scoring import score_samples
 from chainstep.steps import ANSWER_END, ANSWER_START, STEP_END, THOUGHT_END, THOUGHT_START, parse
 from chainstep.teacher import ProgrammaticTeacher
 from chainstep.verifier import CheckedVerifier
@@ -234,6 +235,21 @@ def test_scoring_continuations_on_a_shared_prefix_equals_scoring_them_whole(tiny
             if want.answer is not None:
                 assert got.answer == pytest.approx(want.answer, abs=1e-4)
     assert passes[1] == passes[0]  # the PRM's own path (llava: 4, two per chunk of two prefixes; joined: 2)
+
+
+def test_samples_of_a_question_share_its_prompt_and_keep_their_order(tiny_model_dir, train_records):
+    model, processor = models.load(tiny_model_dir("llava"))
+    prm = PRM(model, processor, batch_size=8, head="likelihood")
+    texts = [ProgrammaticTeacher().explain(r) for r in train_records[:3]]
+    samples = [[texts[0], texts[0][:60]], [texts[1], texts[2]], [texts[2]]]  # two sizes, scored apart
+    flat = score_samples(prm, train_records[:3], samples)
+    assert prm.forward_passes == 4  # the shared prefill, two passes per size; joined would take 2
+    records = [r for r, g in zip(train_records[:3], samples) for _ in g]
+    whole = prm.score(records, [t for g in samples for t in g])
+    assert len(flat) == len(whole) == 5
+    for got, want in zip(flat, whole):
+        assert got.steps == pytest.approx(want.steps, abs=1e-4)
+        assert (got.answer is None) == (want.answer is None)
 
 
 def test_training_leaves_out_chains_whose_labels_miss_their_tags(tiny_model_dir, train_records, tmp_path):

@@ -7,8 +7,10 @@ import time
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from chainstep import models
+from chainstep.cli import app
 from chainstep.config import SFTConfig
 from chainstep.inputs import SFTCollator
 from chainstep.records import read_jsonl
@@ -58,6 +60,18 @@ def test_val_curve_is_recorded_and_leaves_training_unchanged(tiny_model_dir, sui
     b, _ = models.load(plain)
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(x, y), name
+
+
+def test_the_sft_command_records_a_val_curve(tiny_model_dir, suite_dir, tmp_path):
+    out, data = tmp_path / "sft", suite_dir / "data" / "sft.jsonl"
+    settings = ["max_steps=2", "per_device_train_batch_size=4", "save_steps=100", "val_every=2",
+                "val_questions=3"]
+    result = CliRunner().invoke(app, ["sft", str(tiny_model_dir("llava")), str(data), "--out", str(out),
+                                      "--val", str(suite_dir / "tasks" / "val.jsonl"),
+                                      *[a for kv in settings for a in ("--set", kv)]])
+    assert result.exit_code == 0, result.output
+    curve = json.loads((out / "chainstep.json").read_text())["val_curve"]
+    assert [(p["step"], p["questions"]) for p in curve] == [(2, 3)]
 
 
 def test_vision_frozen_for_pretrained_checkpoints(tiny_model_dir, suite_dir, tmp_path):

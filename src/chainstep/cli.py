@@ -269,13 +269,19 @@ def sft(
     model: Path = typer.Argument(..., help="Starting model directory"),
     data: Path = typer.Argument(..., help="sft.jsonl (or direct.jsonl for the baseline)"),
     out: Path = typer.Option(..., help="Output model directory"),
+    val: Path = typer.Option(None, help="Val task records (e.g. tasks/val.jsonl): the greedy val curve "
+                             "every `val_every` steps, kept in the model's chainstep.json"),
+    style: str = typer.Option("cos", help="How the val answers are graded: cos, cot or direct"),
     set_: list[str] = typer.Option([], "--set", help="SFT override, e.g. --set max_steps=200"),
 ):
     """Fine-tune on step chains; resumes from the last checkpoint after a kill."""
-    from .config import SFTConfig, section_config
+    from .config import SFTConfig, check_style, section_config
+    from .records import load_tasks
     from .train_sft import train_sft
 
-    train_sft(model, data, out, section_config(SFTConfig, set_, "sft"))
+    check_style(style)
+    cfg = section_config(SFTConfig, set_, "sft")
+    train_sft(model, data, out, cfg, load_tasks(val) if val else None, style)
     console.print(f"saved -> {out}")
 
 

@@ -31,7 +31,7 @@ from .grpo import train_grpo, variant
 from .label import label
 from .layout import MODE_RUNS, POLICIES, RunLayout, model_summary
 from .pretrain import pretrain
-from .prm_metrics import check_quality, evaluate_prm, label_agreement, write_traces
+from .prm_metrics import check_quality, evaluate_prm, label_agreement, score_rows, write_traces
 from .prm_train import train_prm
 from .records import load_tasks, read_jsonl, write_json
 from .report import write_report
@@ -284,7 +284,7 @@ def evaluate_verifier(r: Run) -> dict:
     prm = _prm(r)
     learned = prm.base if isinstance(prm, CheckedVerifier) else prm
     texts = [row["response"] for row in judged]
-    learned_scores = learned.score(judged, texts)
+    learned_scores = score_rows(learned, judged)
     checked = CheckedVerifier(learned)
     checked_scores = checked.combine(judged, texts, learned_scores)
     own = checked_scores if isinstance(prm, CheckedVerifier) else learned_scores

@@ -10,7 +10,7 @@ import numpy as np
 
 from .checks import check_chain
 from .records import JsonlWriter, by_sample, family_of
-from .scoring import StepScores
+from .scoring import StepScores, score_samples
 from .steps import FormatError, parse, parses
 from .verifier import Verifier
 
@@ -37,7 +37,7 @@ def evaluate_prm(prm: Verifier, rows: list[dict], scores: list[StepScores] | Non
     each question is.
     """
     if scores is None:
-        scores = prm.score(rows, [r["response"] for r in rows])
+        scores = score_rows(prm, rows)
     families = {r["question_id"]: family_of(r) for r in rows}
     step_p, step_y, first_hits, by_question, parsed = [], [], [], {}, {}
     for row, s in zip(rows, scores):
@@ -103,6 +103,21 @@ def label_agreement(rows: list[dict]) -> float | None:
             for a, b in zip(sources["mc"]["labels"][:-1], sources["judge"]["labels"][:-1])
             if a is not None and b is not None]
     return sum(same) / len(same) if same else None
+
+
+def score_rows(verifier: Verifier, rows: list[dict]) -> list[StepScores]:
+    """`verifier`'s scores of labelled chains, in row order; the chains of one question are
+    scored together, so a PRM encodes each question's prompt once."""
+    by_question: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_question.setdefault(row["question_id"], []).append(i)
+    groups = list(by_question.values())
+    flat = score_samples(verifier, [rows[g[0]] for g in groups],
+                         [[rows[i]["response"] for i in g] for g in groups])
+    out: list[StepScores] = [None] * len(rows)
+    for i, s in zip((i for g in groups for i in g), flat):
+        out[i] = s
+    return out
 
 
 def write_traces(prm: Verifier, rows: list[dict], path: str | Path, limit: int = 12) -> Path:

@@ -105,6 +105,22 @@ def score_joined(score, records: list[dict], prefixes: list[str],
     return regroup(flat, [len(g) for g in continuations])
 
 
+def score_samples(verifier, records: list[dict], samples: list[list[str]]) -> list[StepScores]:
+    """Scores of several responses to each record, flat in that order: continuations of an empty
+    prefix, so a PRM encodes each prompt and image once for all of a record's samples (records
+    with as many samples are scored together)."""
+    by_size: dict[int, list[int]] = {}
+    for i, group in enumerate(samples):
+        by_size.setdefault(len(group), []).append(i)
+    nested: list[list[StepScores]] = [[] for _ in records]
+    for idx in by_size.values():
+        scored = verifier.score_continuations([records[i] for i in idx], [""] * len(idx),
+                                              [samples[i] for i in idx])
+        for i, scores in zip(idx, scored):
+            nested[i] = scores
+    return [s for group in nested for s in group]
+
+
 def regroup(flat: list, sizes: list[int]) -> list[list]:
     """`flat` cut into consecutive groups of `sizes`."""
     out, at = [], 0

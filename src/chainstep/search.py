@@ -23,7 +23,7 @@ from .judge import JudgeVerifier
 from .layout import METRICS, beam_file, predictions_file, samples_file, temperature_file
 from .records import replace_jsonl
 from .sampling import Generation, Policy, SamplingParams, derived_seed
-from .scoring import finished
+from .scoring import finished, score_samples
 from .steps import ANSWER_END, STEP_END, leading_steps, parses
 from .verifier import CheckedVerifier, Verifier
 
@@ -153,7 +153,7 @@ def _final(params: SamplingParams) -> SamplingParams:
 def _sample_and_score(policy: Policy, prm: Verifier | None, records: list[dict], path, n: int,
                       temperature: float, max_tokens: int, seed: int, extractor=None):
     """N graded samples per record (resumable file) and their PRM scores (None without a PRM),
-    with wall times; all chains are scored in one batched pass. Also the learned PRM's own
+    with wall times; a PRM encodes each prompt once for its N samples. Also the learned PRM's own
     scores of the same chains when the verifier is that PRM under the checks (the control
     "learned alone"), from the same forward pass; else None."""
     start = time.time()
@@ -163,12 +163,13 @@ def _sample_and_score(policy: Policy, prm: Verifier | None, records: list[dict],
     rows = [r for rec in records for r in samples[rec["id"]]]
     start = time.time()
     recs, texts = [rec for rec in records for _ in range(n)], [r["response"] for r in rows]
+    groups = [[r["response"] for r in samples[rec["id"]]] for rec in records]
     learned = None
     if isinstance(prm, CheckedVerifier) and prm.base is not None:
-        learned = prm.base.score(recs, texts)
+        learned = score_samples(prm.base, records, groups)
         scores = prm.combine(recs, texts, learned)
     else:
-        scores = prm.score(recs, texts) if prm else [None] * len(rows)
+        scores = score_samples(prm, records, groups) if prm else [None] * len(rows)
     scores = [s if s is None else finished(s) for s in scores]
     score_s = time.time() - start
     by_q = {rec["id"]: (samples[rec["id"]], scores[i * n:(i + 1) * n]) for i, rec in enumerate(records)}
