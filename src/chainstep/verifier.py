@@ -48,7 +48,7 @@ class CheckedVerifier:
     a failed check count: under the mean rule the chain score becomes the mean of the two
     verifiers' chain scores, where before a failed arithmetic step cost a chain 0.04 against an
     answer term the base alone set. Val ranking of right over wrong chains of one question on
-    the default run (224 pairs): 0.929, against 0.75 for the 300-step PRM alone and 0.884 for
+    the default run (224 pairs): 0.929, against 0.70 for the 150-step PRM alone and 0.884 for
     the checks alone (docs/findings.md)."""
 
     def __init__(self, base: Verifier | None = None, scoring: ChainScore | None = None):
