@@ -10,6 +10,7 @@ from chainstep.inputs import collate
 from chainstep.prm import (
     LIKELIHOOD_OFFSET,
     PRM,
+    batches,
     encode_prm_example,
     head_logits,
     hidden_states,
@@ -237,19 +238,28 @@ def test_scoring_continuations_on_a_shared_prefix_equals_scoring_them_whole(tiny
     assert passes[1] == passes[0]  # the PRM's own path (llava: 4, two per chunk of two prefixes; joined: 2)
 
 
-def test_samples_of_a_question_share_its_prompt_and_keep_their_order(tiny_model_dir, train_records):
+def test_samples_of_a_question_share_its_prompt_are_scored_once_each_and_keep_their_order(
+        tiny_model_dir, train_records):
     model, processor = models.load(tiny_model_dir("llava"))
     prm = PRM(model, processor, batch_size=8, head="likelihood")
     texts = [ProgrammaticTeacher().explain(r) for r in train_records[:3]]
-    samples = [[texts[0], texts[0][:60]], [texts[1], texts[2]], [texts[2]]]  # two sizes, scored apart
+    samples = [[texts[0], texts[0][:60], texts[0]], [texts[1], texts[2]], [texts[2]]]
     flat = score_samples(prm, train_records[:3], samples)
-    assert prm.forward_passes == 4  # the shared prefill, two passes per size; joined would take 2
+    assert prm.forward_passes == 2  # one prefill of the three prompts, one pass over their samples
+    assert prm.chains_scored == 5  # the repeated sample is scored once
     records = [r for r, g in zip(train_records[:3], samples) for _ in g]
     whole = prm.score(records, [t for g in samples for t in g])
-    assert len(flat) == len(whole) == 5
+    assert len(flat) == len(whole) == 6
+    assert flat[2] == flat[0]
     for got, want in zip(flat, whole):
         assert got.steps == pytest.approx(want.steps, abs=1e-4)
         assert (got.answer is None) == (want.answer is None)
+
+
+def test_batches_fill_a_budget_and_give_an_oversized_item_its_own():
+    assert batches([2, 2, 2], 4) == [slice(0, 2), slice(2, 3)]
+    assert batches([5, 1, 3], 4) == [slice(0, 1), slice(1, 3)]
+    assert batches([], 4) == []
 
 
 def test_training_leaves_out_chains_whose_labels_miss_their_tags(tiny_model_dir, train_records, tmp_path):

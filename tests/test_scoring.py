@@ -4,7 +4,9 @@ import pytest
 
 from chainstep.config import PRMConfig, load_config
 from chainstep.errors import ChainstepError
-from chainstep.scoring import ChainScore, StepScores, regroup
+from chainstep.judge import JudgeVerifier
+from chainstep.scoring import ChainScore, StepScores, regroup, score_responses
+from chainstep.teacher import ProgrammaticTeacher
 
 
 def test_chain_score_formula():
@@ -39,3 +41,13 @@ def test_moved_keys_name_their_new_home():
 
 def test_regroup_cuts_in_order():
     assert regroup([1, 2, 3, 4, 5], [2, 0, 3]) == [[1, 2], [], [3, 4, 5]]
+
+
+def test_scored_as_samples_of_their_record_responses_keep_row_order(train_records):
+    first, second = train_records[:2]
+    right = [ProgrammaticTeacher().explain(r) for r in (first, second)]
+    records, responses = [first, second, first, second], [right[0], right[1], right[1], right[0]]
+    verifier = JudgeVerifier()
+    got = score_responses(verifier, records, responses)
+    assert got == verifier.score(records, responses)
+    assert got[0] != got[2]  # a right and a wrong chain of one record: a reordering would show

@@ -36,7 +36,7 @@ from .layout import RunLayout, checkpoints_of, is_saved, relative_path
 from .models import load
 from .records import mean_of, read_jsonl, replace_jsonl, write_json
 from .sampling import Policy, SamplingParams
-from .scoring import ChainScore, finished
+from .scoring import ChainScore, finished, score_responses
 from .steps import REASONING_START, STEP_END, parse
 from .train_sft import fit_rows
 from .training import ResumeWeights, fit, prepare_model, training_kwargs, weights_digest
@@ -59,7 +59,7 @@ def sample_scores(rows: list[dict], records: list[dict], source: str, prm: Verif
         raise ChainstepError(f"pair source {source!r} needs a PRM")
     by_id = {r["id"]: r for r in records}
     rule = _pair_rule(source, prm)
-    scores = prm.score([by_id[r["question_id"]] for r in rows], [r["response"] for r in rows])
+    scores = score_responses(prm, [by_id[r["question_id"]] for r in rows], [r["response"] for r in rows])
     return [rule(finished(s)) for s in scores]
 
 

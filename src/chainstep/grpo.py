@@ -27,7 +27,7 @@ from .grading import grade_response
 from .layout import checkpoints_of
 from .records import load_image, prompt_text
 from .sampling import decode_response, foreign_token_ids
-from .scoring import StepScores, finished
+from .scoring import StepScores, finished, score_responses
 from .steps import STEP_END
 from .training import ResumeWeights, fit, prepare_model, training_kwargs
 from .verifier import Verifier, load_verifier
@@ -83,7 +83,7 @@ class PRMReward(Reward):
         self.last: list[StepScores] = []
 
     def rewards(self, records, texts):
-        self.last = [finished(s) for s in self.prm.score(records, texts)]
+        self.last = [finished(s) for s in score_responses(self.prm, records, texts)]
         return [self.prm.scoring(s) for s in self.last]
 
 

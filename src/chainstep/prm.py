@@ -108,6 +108,18 @@ def encode_prm_example(processor: ProcessorMixin, record: dict, response: str,
     return example
 
 
+def batches(sizes: list[int], budget: int) -> list[slice]:
+    """Consecutive slices of items whose sizes sum to at most `budget` (an item larger than the
+    budget gets a slice of its own)."""
+    out, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > budget:
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += size
+    return out + [slice(start, len(sizes))] if start < len(sizes) else out
+
+
 def tags_in_order(kinds: list[str]) -> bool:
     """Step tags, then at most one answer tag, last."""
     return "answer" not in kinds[:-1]
@@ -232,23 +244,25 @@ class PRM:
     @torch.inference_mode()
     def score_continuations(self, records: list[dict], prefixes: list[str],
                             continuations: list[list[str]]) -> list[list[StepScores]]:
-        """Scores of prefix + each of its continuations (step search), the prompt and prefix
-        encoded once per record and their KV cache shared by the continuations; the same numbers
-        as `score` on the joined texts. Falls back to `score` where sharing is not supported."""
-        sizes = {len(group) for group in continuations}
-        if sharing_refusal(self.model.config) or len(sizes) != 1 or \
-                any(p and not p.endswith(STEP_END) for p in prefixes):
-            return score_joined(self.score, records, prefixes, continuations)
-        n = sizes.pop()
-        per = max(1, self.batch_size // n)
-        out: list[list[StepScores]] = []
-        for start in range(0, len(records), per):
-            chunk = slice(start, start + per)
-            out += self._score_shared(records[chunk], prefixes[chunk], continuations[chunk], n)
-        self.chains_scored += n * len(records)
-        return out
+        """Scores of prefix + each of its continuations (step search, a question's samples), the
+        prompt and prefix encoded once per record and their KV cache shared by the continuations;
+        the same numbers as `score` on the joined texts. A record's identical continuations are
+        scored once: a trained policy repeats itself even at T = 1. Falls back to `score` where
+        sharing is not supported."""
+        distinct = [list(dict.fromkeys(group)) for group in continuations]
+        if sharing_refusal(self.model.config) or any(p and not p.endswith(STEP_END) for p in prefixes):
+            scored = score_joined(self.score, records, prefixes, distinct)
+        else:
+            scored = []
+            for chunk in batches([len(group) for group in distinct], self.batch_size):
+                scored += self._score_shared(records[chunk], prefixes[chunk], distinct[chunk])
+            self.chains_scored += sum(map(len, distinct))
+        return [[dict(zip(texts, scores))[c] for c in group]
+                for group, texts, scores in zip(continuations, distinct, scored)]
 
-    def _score_shared(self, records, prefixes, groups, n: int) -> list[list[StepScores]]:
+    def _score_shared(self, records, prefixes, groups) -> list[list[StepScores]]:
+        if not any(groups):
+            return [[] for _ in groups]
         tok = self.processor.tokenizer
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         examples, prefix_tags = [], []
@@ -266,8 +280,10 @@ class PRM:
             shift = mask.shape[1] - example["input_ids"].shape[0]  # left padding
             where = [shift + t for t in tags]
             prefix_steps.append(self._row_good(out.last_hidden_state[b], batch["input_ids"][b], where))
+        sizes = [len(group) for group in groups]
+        owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes)).to(mask.device)
         cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
+        cache.reorder_cache(owner)
         tagged = [tag_response_ids(self.processor, c) for group in groups for c in group]
         longest = max(max(len(t.ids) for t in tagged), 1)
         cand = torch.full((len(tagged), longest), tok.pad_token_id, dtype=torch.long)
@@ -275,17 +291,17 @@ class PRM:
         for i, t in enumerate(tagged):
             cand[i, :len(t.ids)], cand_mask[i, :len(t.ids)] = torch.tensor(t.ids, dtype=torch.long), 1
         cand, cand_mask = cand.to(mask.device), cand_mask.to(mask.device)
-        start = mask.sum(-1).repeat_interleave(n)[:, None]
-        full_mask = torch.cat([mask.repeat_interleave(n, 0), cand_mask], 1)
+        start = mask.sum(-1)[owner][:, None]
+        full_mask = torch.cat([mask[owner], cand_mask], 1)
         hidden = inner.model(input_ids=cand, attention_mask=full_mask,
                              position_ids=start + torch.arange(longest, device=mask.device),
                              past_key_values=cache, use_cache=True).last_hidden_state
         self.forward_passes += 2
         scores = []
-        for i, t in enumerate(tagged):
-            values = prefix_steps[i // n] + self._row_good(hidden[i], cand[i], t.tags)
-            scores.append(self._scores(values, ["step"] * len(prefix_steps[i // n]) + t.kinds))
-        return regroup(scores, [n] * len(records))
+        for i, (t, b) in enumerate(zip(tagged, owner.tolist())):
+            values = prefix_steps[b] + self._row_good(hidden[i], cand[i], t.tags)
+            scores.append(self._scores(values, ["step"] * len(prefix_steps[b]) + t.kinds))
+        return regroup(scores, sizes)
 
     def _good(self, hidden: torch.Tensor, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """P(good) at the tags `where` marks in a batch's [B, L, H] hidden states, in row order."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from .checks import check_chain
 from .records import JsonlWriter, by_sample, family_of
-from .scoring import StepScores, score_samples
+from .scoring import StepScores, score_responses
 from .steps import FormatError, parse, parses
 from .verifier import Verifier
 
@@ -108,16 +108,8 @@ def label_agreement(rows: list[dict]) -> float | None:
 def score_rows(verifier: Verifier, rows: list[dict]) -> list[StepScores]:
     """`verifier`'s scores of labelled chains, in row order; the chains of one question are
     scored together, so a PRM encodes each question's prompt once."""
-    by_question: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_question.setdefault(row["question_id"], []).append(i)
-    groups = list(by_question.values())
-    flat = score_samples(verifier, [rows[g[0]] for g in groups],
-                         [[rows[i]["response"] for i in g] for g in groups])
-    out: list[StepScores] = [None] * len(rows)
-    for i, s in zip((i for g in groups for i in g), flat):
-        out[i] = s
-    return out
+    return score_responses(verifier, rows, [row["response"] for row in rows],
+                           key=lambda row: row["question_id"])
 
 
 def write_traces(prm: Verifier, rows: list[dict], path: str | Path, limit: int = 12) -> Path:

@@ -107,18 +107,25 @@ def score_joined(score, records: list[dict], prefixes: list[str],
 
 def score_samples(verifier, records: list[dict], samples: list[list[str]]) -> list[StepScores]:
     """Scores of several responses to each record, flat in that order: continuations of an empty
-    prefix, so a PRM encodes each prompt and image once for all of a record's samples (records
-    with as many samples are scored together)."""
-    by_size: dict[int, list[int]] = {}
-    for i, group in enumerate(samples):
-        by_size.setdefault(len(group), []).append(i)
-    nested: list[list[StepScores]] = [[] for _ in records]
-    for idx in by_size.values():
-        scored = verifier.score_continuations([records[i] for i in idx], [""] * len(idx),
-                                              [samples[i] for i in idx])
-        for i, scores in zip(idx, scored):
-            nested[i] = scores
-    return [s for group in nested for s in group]
+    prefix, so a PRM encodes each prompt and image once for all of a record's samples."""
+    scored = verifier.score_continuations(records, [""] * len(records), samples)
+    return [s for group in scored for s in group]
+
+
+def score_responses(verifier, records: list[dict], responses: list[str],
+                    key=lambda record: record["id"]) -> list[StepScores]:
+    """Scores of (record, response) pairs in order, the responses to one record (same `key`)
+    scored together as its samples (`score_samples`)."""
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(key(record), []).append(i)
+    order = [i for group in groups.values() for i in group]
+    flat = score_samples(verifier, [records[group[0]] for group in groups.values()],
+                         [[responses[i] for i in group] for group in groups.values()])
+    out: list[StepScores] = [None] * len(records)
+    for i, scores in zip(order, flat):
+        out[i] = scores
+    return out
 
 
 def regroup(flat: list, sizes: list[int]) -> list[list]:
