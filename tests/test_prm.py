@@ -20,7 +20,7 @@ from chainstep.prm import (
     tag_ids,
 )
 from chainstep.prm_metrics import auroc, evaluate_prm, ranking_auroc, ranking_pairs
-from chainstep.prm_train import merge_labels, prm_loss, train_prm
+from chainstep.prm_train import carries_gradient, merge_labels, prm_loss, train_prm
 from chainstep.records import JsonlWriter, read_jsonl
 from chainstep.scoring import score_samples
 from chainstep.steps import ANSWER_END, ANSWER_START, STEP_END, THOUGHT_END, THOUGHT_START, parse
@@ -185,7 +185,8 @@ def test_training_lowers_loss_and_evaluation_reports(tiny_model_dir, train_recor
     import json
 
     meta = json.loads((out / "chainstep.json").read_text())
-    assert meta["role"] == "prm" and meta["chains"] == 32 and meta["malformed_chains"] == 0
+    assert meta["role"] == "prm" and meta["labelled_chains"] == 32 and meta["malformed_chains"] == 0
+    assert meta["chains"] == 16  # the likelihood head with no BCE learns from the right chains alone
     prm = PRM.from_dir(out)  # scores as it was trained to
     assert (prm.scoring.step_weight, prm.scoring.aggregate, prm.scoring.source) == (0.5, "min", "verifier")
     assert PRM.from_dir(out, step_weight=0.1).scoring.source == "override"
@@ -330,6 +331,17 @@ def test_likelihood_prm_training_makes_right_chains_likelier(tiny_model_dir, tra
     after = prm.score(rows, texts)
     mean = lambda scores: sum(sum(s.steps) + s.answer for s in scores) / len(scores)  # noqa: E731
     assert mean(after) > mean(before) + gain
+
+
+def test_chains_that_carry_no_gradient_are_left_out_and_none_left_is_a_clear_error(
+        tiny_model_dir, train_records, tmp_path):
+    right = {"labels": [1, 1, 1]}
+    wrong = {"labels": [1, 0, 0]}
+    assert carries_gradient(right, True, 0.0) and not carries_gradient(wrong, True, 0.0)
+    assert carries_gradient(wrong, True, 0.5) and carries_gradient(wrong, False, 0.0)
+    path = _label_file(tmp_path / "labels.jsonl", train_records[:2], verdicts=((0, "b"),))
+    with pytest.raises(ChainstepError, match="no chains to train on.*label_weight=0.0"):
+        train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", PRMConfig(max_steps=1))
 
 
 def test_prm_config_names_a_bad_head_or_label_weight():

@@ -31,7 +31,7 @@ from .grpo import train_grpo, variant
 from .label import label
 from .layout import MODE_RUNS, POLICIES, RunLayout, model_summary
 from .pretrain import pretrain
-from .prm_metrics import check_quality, evaluate_prm, label_agreement, score_rows, write_traces
+from .prm_metrics import TRACE_CHAINS, check_quality, evaluate_prm, label_agreement, score_rows, write_traces
 from .prm_train import train_prm
 from .records import load_tasks, read_jsonl, write_json
 from .report import write_report
@@ -215,8 +215,8 @@ def sample_chains(r: Run) -> dict:
 def label_chains(r: Run) -> dict:
     """MC + judge labels on train chains, plus perturbed teacher chains of every train question
     DPO and GRPO leave alone (the PRM never scores chains of questions it was trained on); val
-    chains get judge labels (exact on the synthetic suite) and a few MC labels for the report's
-    trace viewer."""
+    chains get judge labels (exact on the synthetic suite) and MC labels on as many as the
+    report's trace viewer shows."""
     cfg, policy = r.cfg.label, _policy(r)
     train = load_tasks(r.paths.split("train"))
     val = _first(load_tasks(r.paths.split("val")), cfg.val_questions)
@@ -226,7 +226,8 @@ def label_chains(r: Run) -> dict:
         "train": label(read_jsonl(r.paths.samples("train")), train, r.paths.labels("train"),
                        cfg, policy, perturb_records=[x for x in train if x["id"] not in improved]),
         "val": label(read_jsonl(r.paths.samples("val")), val, r.paths.labels("val"),
-                     replace(cfg, perturbed=0, mc_chains=min(cfg.mc_chains or 24, 24)), policy),
+                     replace(cfg, perturbed=0, mc_chains=min(cfg.mc_chains or TRACE_CHAINS, TRACE_CHAINS)),
+                     policy),
     }
 
 

@@ -14,6 +14,8 @@ from .scoring import StepScores, score_responses
 from .steps import FormatError, parse, parses
 from .verifier import Verifier
 
+TRACE_CHAINS = 12  # chains the report's step-trace viewer shows
+
 
 def auroc(scores: list[float], labels: list[int]) -> float | None:
     """Area under the ROC curve by the rank-sum statistic (ties count half)."""
@@ -112,7 +114,7 @@ def score_rows(verifier: Verifier, rows: list[dict]) -> list[StepScores]:
                            key=lambda row: row["question_id"])
 
 
-def write_traces(prm: Verifier, rows: list[dict], path: str | Path, limit: int = 12) -> Path:
+def write_traces(prm: Verifier, rows: list[dict], path: str | Path, limit: int = TRACE_CHAINS) -> Path:
     """Chains labelled by both MC and the judge, with the PRM's score for every step: the
     report's step-trace viewer."""
     both = [s for s in by_sample(rows).values() if {"mc", "judge"} <= s.keys()][:limit]

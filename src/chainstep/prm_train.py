@@ -71,13 +71,25 @@ class _Collator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         examples = []
         for row in rows:
-            right = all(y == 1 for y in row["labels"])
+            right = right_throughout(row)
             targets = training_targets(row, self.soft, past_first_error=not self.lm)
             example = encode_prm_example(self.processor, row, row["response"], targets, self.lm)
             if self.lm and not right:
                 example["labels"].fill_(-100)
             examples.append(example)
         return collate(examples, self.processor.tokenizer.pad_token_id)
+
+
+def right_throughout(row: dict) -> bool:
+    return all(y == 1 for y in row["labels"])
+
+
+def carries_gradient(row: dict, likelihood: bool, label_weight: float) -> bool:
+    """Whether a chain can move the PRM: under the likelihood head with no BCE weight only the
+    next-token loss on right chains does, and a batch that holds wrong chains pays their
+    forward and backward passes for nothing (the default: 150 steps then see about twice the
+    right chains)."""
+    return not likelihood or label_weight > 0 or right_throughout(row)
 
 
 def training_targets(row: dict, soft: bool, past_first_error: bool = True) -> list[float | None]:
@@ -126,15 +138,19 @@ def train_prm(model_dir: str | Path, labels_path: str | Path, out_dir: str | Pat
                       f"tags left out (first: {malformed[0]})[/yellow]")
     if not rows:
         raise ChainstepError(f"{labels_path} holds no labelled chains (merge={cfg.merge})")
+    likelihood = cfg.head == "likelihood"
+    carried = [r for r in rows if carries_gradient(r, likelihood, cfg.label_weight)]
+    if not carried:
+        raise ChainstepError(f"{labels_path} holds no chains to train on (merge={cfg.merge}, "
+                             f"head={cfg.head}, label_weight={cfg.label_weight}: right chains needed)")
     model, processor = prepare_model(model_dir, cfg)
     args = training_arguments(cfg, checkpoints_of(out_dir),
                               label_names=["prm_targets"])
-    likelihood = cfg.head == "likelihood"
-    trainer = PRMTrainer(model=model, args=args, train_dataset=rows,
+    trainer = PRMTrainer(model=model, args=args, train_dataset=carried,
                          data_collator=_Collator(processor, cfg.soft_labels, lm=likelihood),
                          label_ids=tag_ids(processor)[1:], head=cfg.head, markers=marker_ids(processor),
                          label_weight=cfg.label_weight if likelihood else 1.0)
     fit(trainer, cfg, processor, model_dir, out_dir,
-        {"role": "prm", "labels": relative_path(labels_path, out_dir), "chains": len(rows),
-         "malformed_chains": len(malformed), "prm": asdict(cfg)})
+        {"role": "prm", "labels": relative_path(labels_path, out_dir), "chains": len(carried),
+         "labelled_chains": len(rows), "malformed_chains": len(malformed), "prm": asdict(cfg)})
     return out_dir
