@@ -38,7 +38,10 @@ def test_quick_run_end_to_end_and_rerun_skips(tmp_path):
     assert metrics["comparisons"][0]["a"] == "sft"
     searched = {(r["strategy"], r["n"]) for r in metrics["results"]
                 if r["split"] == "test[:6]" and r["model"] == "sft"}
-    controls = {(f"{s}[{c}]", 4) for s in ("bon", "weighted") for c in ("checks", "learned", "judge")}
+    chosen = metrics["prm"]["verifier"]  # the best val ranking of the PRM, the checks and both
+    assert json.loads((out / "models" / "prm" / "verifier.json").read_text())["verifier"] == chosen
+    learned = ["learned"] if chosen == "learned PRM with checks" else []  # its control, same pass
+    controls = {(f"{s}[{c}]", 4) for s in ("bon", "weighted") for c in ("checks", "judge", *learned)}
     assert searched == {(s, n) for s in ("pass", "sc", "bon", "weighted") for n in (1, 4)} | {
         ("beam", 2), ("greedy", 1)} | controls
     assert {(r["model"], r["strategy"]) for r in metrics["results"] if r["model"].startswith("dpo-r3")

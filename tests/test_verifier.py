@@ -7,7 +7,7 @@ from chainstep.judge import JudgeVerifier
 from chainstep.prm import PRM
 from chainstep.scoring import ChainScore, StepScores, finished
 from chainstep.steps import Chain, Step, render
-from chainstep.verifier import UNCHECKED, CheckedVerifier, load_verifier
+from chainstep.verifier import UNCHECKED, CheckedVerifier, load_verifier, record_choice
 
 RECORD = {"id": "q", "question": "How many red and blue shapes are there in total?", "options": None,
           "answer": "7", "image": "x.png"}
@@ -83,3 +83,25 @@ def test_load_verifier_reads_the_checks_setting(sft_model_dir, tmp_path):
     assert isinstance(load_verifier(sft_model_dir), PRM)  # a checkpoint that says nothing
     with_checks = load_verifier(sft_model_dir, checks=True)
     assert isinstance(with_checks, CheckedVerifier) and isinstance(with_checks.base, PRM)
+
+
+def test_a_choice_recorded_beside_a_prm_reaches_load_verifier(sft_model_dir, tmp_path):
+    import shutil
+
+    prm_dir = shutil.copytree(sft_model_dir, tmp_path / "prm")
+    meta = json.loads((prm_dir / "chainstep.json").read_text())
+    meta["prm"] = {"checks": True, "step_weight": 0.4, "aggregate": "min"}
+    (prm_dir / "chainstep.json").write_text(json.dumps(meta))
+    assert isinstance(load_verifier(prm_dir).base, PRM)  # as trained: with the checks
+    record_choice(prm_dir, "checks alone", {"checks alone": 0.9})
+    checks = load_verifier(prm_dir)
+    assert isinstance(checks, CheckedVerifier) and checks.base is None
+    assert (checks.scoring.step_weight, checks.scoring.aggregate) == (0.4, "min")  # the PRM's rule
+    assert isinstance(load_verifier(prm_dir, checks=False), PRM)  # the caller still decides
+    record_choice(prm_dir, "learned PRM alone", {})
+    assert isinstance(load_verifier(prm_dir), PRM)
+    with pytest.raises(ChainstepError, match="unknown verifier"):
+        record_choice(prm_dir, "both", {})
+    (prm_dir / "verifier.json").write_text("{}")
+    with pytest.raises(ChainstepError, match="verifier.json names no verifier"):
+        load_verifier(prm_dir)

@@ -149,6 +149,7 @@ class PRMConfig(TrainConfig):
     step_weight: float = ChainScore.step_weight  # chain score = w * agg(steps) + (1 - w) * answer
     aggregate: str = ChainScore.aggregate  # mean, min, last or prod; the trained verifier keeps both
     checks: bool = True  # read with the checks (chainstep.checks), averaged with the PRM's scores
+    choose_on_val: bool = True  # the run scores with PRM + checks, checks or PRM: the best val ranking
 
     def __post_init__(self):
         super().__post_init__()

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from . import models
-from .config import SEED_STRIDE, RunConfig, dump_config, to_dict
+from .config import SEED_STRIDE, PRMConfig, RunConfig, dump_config, to_dict
 from .construct import construct, write_plain
 from .dpo import continued_sft_control, iterative_dpo, pair_source_ablation, rft_control
 from .errors import ChainstepError
@@ -40,7 +40,7 @@ from .search import beam_search, choose_temperature, evaluate_search
 from .synthetic import make_tasks
 from .teacher import ProgrammaticTeacher
 from .train_sft import train_sft
-from .verifier import CheckedVerifier, Verifier, load_verifier
+from .verifier import CheckedVerifier, Verifier, load_verifier, record_choice
 
 console = Console(stderr=True)
 
@@ -279,26 +279,35 @@ def _prm(r: Run) -> Verifier:
 
 
 def evaluate_verifier(r: Run) -> dict:
-    """PRM metrics against judge labels of held-out chains, and the MC/judge agreement."""
+    """The learned PRM, the checks and both on held-out chains against judge labels (each chain
+    scored once by the PRM), and the MC/judge agreement. The run's verifier from here on is the
+    one `prm.choose_on_val` picks by val ranking (else the PRM, with the checks if `prm.checks`),
+    recorded beside the PRM for every consumer."""
     rows = read_jsonl(r.paths.labels("val"))
     judged = [row for row in rows if row["source"] == "judge"]
-    prm = _prm(r)
-    learned = prm.base if isinstance(prm, CheckedVerifier) else prm
-    texts = [row["response"] for row in judged]
+    learned = load_verifier(r.paths.model("prm"), batch_size=r.cfg.eval.batch_size, checks=False)
     learned_scores = score_rows(learned, judged)
-    checked = CheckedVerifier(learned)
-    checked_scores = checked.combine(judged, texts, learned_scores)
-    own = checked_scores if isinstance(prm, CheckedVerifier) else learned_scores
-    metrics = evaluate_prm(prm, judged, own)
-    metrics["mc_judge_agreement"] = label_agreement(rows)
-    metrics["checks"] = check_quality(judged)
-    controls = {"learned PRM alone": (learned, learned_scores), "checks alone": (CheckedVerifier(), None),
-                "learned PRM with checks": (checked, checked_scores)}
-    metrics["controls"] = {name: {k: v for k, v in evaluate_prm(verifier, judged, scores).items()
-                                  if "ranking" in k} for name, (verifier, scores) in controls.items()}
+    verifiers = {"learned PRM with checks": CheckedVerifier(learned),
+                 "checks alone": CheckedVerifier(None, learned.scoring), "learned PRM alone": learned}
+    scores = {"learned PRM with checks": verifiers["learned PRM with checks"].combine(
+        judged, [row["response"] for row in judged], learned_scores), "learned PRM alone": learned_scores}
+    results = {name: evaluate_prm(verifier, judged, scores.get(name)) for name, verifier in verifiers.items()}
+    chosen = _chosen_verifier(r.cfg.prm, results)
+    record_choice(r.paths.model("prm"), chosen, {name: m["ranking_auroc"] for name, m in results.items()})
+    controls = {name: {k: v for k, v in m.items() if "ranking" in k} for name, m in results.items()}
+    metrics = {**results[chosen], "verifier": chosen, "chosen_on_val": r.cfg.prm.choose_on_val,
+               "mc_judge_agreement": label_agreement(rows), "checks": check_quality(judged),
+               "controls": controls}
     update_metrics(r.paths.metrics, prm=metrics)
-    write_traces(prm, rows, r.paths.traces)
-    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+    write_traces(verifiers[chosen], rows, r.paths.traces)
+    return {k: v for k, v in metrics.items() if isinstance(v, float | str)}
+
+
+def _chosen_verifier(cfg: PRMConfig, results: dict[str, dict]) -> str:
+    """The best val ranking (ties: the PRM with the checks first), or what the config says."""
+    if not cfg.choose_on_val:
+        return "learned PRM with checks" if cfg.checks else "learned PRM alone"
+    return max(results, key=lambda name: results[name]["ranking_auroc"] or 0.0)
 
 
 def _search_questions(r: Run) -> tuple[list[dict], str]:

@@ -7,21 +7,30 @@ and `chainstep eval` score chains through `Verifier`, whatever is behind it.
   the chain's text (`chainstep.checks`);
 - a PRM with the checks (`CheckedVerifier`): the checks' verdicts averaged with the PRM's
   scores, step by step. Whether a PRM is read with the checks is a verifier setting
-  (`prm.checks`), saved with it like its chain-score rule and overridable by the caller.
+  (`prm.checks`), saved with it like its chain-score rule and overridable by the caller. A run
+  that compares the parts on val records its choice beside the PRM (`verifier.json`: with
+  `prm.choose_on_val`, the learned PRM, the checks or both, whichever ranks val pairs best), and
+  every consumer of the directory reads it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
 from .checks import check_answer, check_steps
 from .errors import ChainstepError
 from .layout import model_summary
+from .records import write_json
 from .scoring import ChainScore, StepScores, score_joined
 from .steps import ANSWER_END, FormatError, extract_answer, leading_steps, parse
 
 UNCHECKED = 0.5  # what the checks alone give a step they cannot judge
+CHOICE_FILE = "verifier.json"  # beside a PRM: the parts of it a run chose on val
+PARTS = {"learned PRM with checks": {"learned": True, "checks": True},
+         "checks alone": {"learned": False, "checks": True},
+         "learned PRM alone": {"learned": True, "checks": False}}
 
 
 class Verifier(Protocol):
@@ -138,12 +147,33 @@ def load_verifier(spec: str | Path, batch_size: int = 32, step_weight: float | N
         return CheckedVerifier(None, ChainScore().override(step_weight, aggregate))
     from .prm import PRM
 
+    parts = chosen_parts(spec)
+    checks = parts["checks"] if checks is None else checks
+    if checks and not parts["learned"]:
+        rule = ChainScore.trained(model_summary(spec)).override(step_weight, aggregate)
+        return CheckedVerifier(None, rule)
     prm = PRM.from_dir(spec, device=device, batch_size=batch_size, step_weight=step_weight,
                        aggregate=aggregate)
-    return CheckedVerifier(prm) if (trained_checks(spec) if checks is None else checks) else prm
+    return CheckedVerifier(prm) if checks else prm
 
 
-def trained_checks(model_dir: str | Path) -> bool:
-    """Whether a PRM is read with the checks: what its summary says (`prm.checks`), off for a
-    checkpoint that says nothing."""
-    return bool(model_summary(model_dir).get("prm", {}).get("checks", False))
+def chosen_parts(model_dir: str | Path) -> dict[str, bool]:
+    """Which parts of a PRM directory score: what a run chose on val (`verifier.json`), else the
+    learned PRM with the checks as its summary says (`prm.checks`; off for a checkpoint that says
+    nothing)."""
+    path = Path(model_dir) / CHOICE_FILE
+    if path.exists():
+        try:
+            return PARTS[json.loads(path.read_text())["verifier"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ChainstepError(f"{path} names no verifier ({', '.join(PARTS)}); delete it to read "
+                                 "the PRM as trained") from None
+    return {"learned": True, "checks": bool(model_summary(model_dir).get("prm", {}).get("checks", False))}
+
+
+def record_choice(model_dir: str | Path, name: str, ranking: dict[str, float | None]) -> Path:
+    """Record beside a PRM which of its parts (`PARTS`) score from now on, and the val ranking
+    each part had."""
+    if name not in PARTS:
+        raise ChainstepError(f"unknown verifier {name!r}; choose from {', '.join(PARTS)}")
+    return write_json(Path(model_dir) / CHOICE_FILE, {"verifier": name, "val_ranking_auroc": ranking})
