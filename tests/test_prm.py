@@ -273,7 +273,7 @@ def test_training_leaves_out_chains_whose_labels_miss_their_tags(tiny_model_dir,
     cfg = PRMConfig(max_steps=1, per_device_train_batch_size=8, save_steps=100, warmup_steps=0)
     out = train_prm(tiny_model_dir("llava"), path, tmp_path / "prm", cfg)
     meta = json.loads((out / "chainstep.json").read_text())
-    assert (meta["chains"], meta["malformed_chains"]) == (4, 1)
+    assert (meta["labelled_chains"], meta["chains"], meta["malformed_chains"]) == (4, 2, 1)
 
 
 def test_likelihood_head_reads_the_least_likely_token_of_each_thought_and_answer(llava, train_records):
