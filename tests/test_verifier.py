@@ -100,6 +100,7 @@ def test_a_choice_recorded_beside_a_prm_reaches_load_verifier(sft_model_dir, tmp
     assert isinstance(load_verifier(prm_dir, checks=False), PRM)  # the caller still decides
     record_choice(prm_dir, "learned PRM alone", {})
     assert isinstance(load_verifier(prm_dir), PRM)
+    assert isinstance(load_verifier(prm_dir, checks=True).base, PRM)
     with pytest.raises(ChainstepError, match="unknown verifier"):
         record_choice(prm_dir, "both", {})
     (prm_dir / "verifier.json").write_text("{}")

@@ -40,7 +40,7 @@ from .search import beam_search, choose_temperature, evaluate_search
 from .synthetic import make_tasks
 from .teacher import ProgrammaticTeacher
 from .train_sft import train_sft
-from .verifier import CheckedVerifier, Verifier, load_verifier, record_choice
+from .verifier import PARTS, CheckedVerifier, Verifier, compose, load_verifier, record_choice
 
 console = Console(stderr=True)
 
@@ -287,11 +287,9 @@ def evaluate_verifier(r: Run) -> dict:
     judged = [row for row in rows if row["source"] == "judge"]
     learned = load_verifier(r.paths.model("prm"), batch_size=r.cfg.eval.batch_size, checks=False)
     learned_scores = score_rows(learned, judged)
-    verifiers = {"learned PRM with checks": CheckedVerifier(learned),
-                 "checks alone": CheckedVerifier(None, learned.scoring), "learned PRM alone": learned}
-    scores = {"learned PRM with checks": verifiers["learned PRM with checks"].combine(
-        judged, [row["response"] for row in judged], learned_scores), "learned PRM alone": learned_scores}
-    results = {name: evaluate_prm(verifier, judged, scores.get(name)) for name, verifier in verifiers.items()}
+    verifiers = {name: compose(learned, parts) for name, parts in PARTS.items()}
+    results = {name: evaluate_prm(verifier, judged, _scores_over(verifier, judged, learned_scores))
+               for name, verifier in verifiers.items()}
     chosen = _chosen_verifier(r.cfg.prm, results)
     record_choice(r.paths.model("prm"), chosen, {name: m["ranking_auroc"] for name, m in results.items()})
     controls = {name: {k: v for k, v in m.items() if "ranking" in k} for name, m in results.items()}
@@ -301,6 +299,14 @@ def evaluate_verifier(r: Run) -> dict:
     update_metrics(r.paths.metrics, prm=metrics)
     write_traces(verifiers[chosen], rows, r.paths.traces)
     return {k: v for k, v in metrics.items() if isinstance(v, float | str)}
+
+
+def _scores_over(verifier: Verifier, rows: list[dict], learned: list) -> list:
+    """`verifier`'s scores of `rows` from the learned PRM's (`learned`), so each chain is
+    scored by the PRM once."""
+    if not isinstance(verifier, CheckedVerifier):
+        return learned
+    return verifier.combine(rows, [row["response"] for row in rows], learned if verifier.base else None)
 
 
 def _chosen_verifier(cfg: PRMConfig, results: dict[str, dict]) -> str:

@@ -148,13 +148,20 @@ def load_verifier(spec: str | Path, batch_size: int = 32, step_weight: float | N
     from .prm import PRM
 
     parts = chosen_parts(spec)
-    checks = parts["checks"] if checks is None else checks
-    if checks and not parts["learned"]:
-        rule = ChainScore.trained(model_summary(spec)).override(step_weight, aggregate)
-        return CheckedVerifier(None, rule)
+    if checks is not None:  # the caller's setting; without the checks only the learned part is left
+        parts = {"checks": checks, "learned": parts["learned"] or not checks}
+    if not parts["learned"]:
+        return compose(None, parts, ChainScore.trained(model_summary(spec)).override(step_weight, aggregate))
     prm = PRM.from_dir(spec, device=device, batch_size=batch_size, step_weight=step_weight,
                        aggregate=aggregate)
-    return CheckedVerifier(prm) if checks else prm
+    return compose(prm, parts)
+
+
+def compose(learned: Verifier | None, parts: dict[str, bool], scoring: ChainScore | None = None) -> Verifier:
+    """The verifier `parts` (one of `PARTS`) name, built on `learned` (None when unused)."""
+    if not parts["checks"]:
+        return learned
+    return CheckedVerifier(learned if parts["learned"] else None, scoring or learned.scoring)
 
 
 def chosen_parts(model_dir: str | Path) -> dict[str, bool]:
