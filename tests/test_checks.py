@@ -76,6 +76,22 @@ def test_answer_must_be_what_the_chain_concluded():
     assert check_answer(steps("The sky looks blue"), "blue").verdict is None
 
 
+def test_the_answer_is_what_the_chain_facts_give_not_its_miscopied_step():
+    read = ("Red line: 6", "Green line: 4", "Blue line: 5")
+    miscopied = steps(*read, "Red minus blue: 6 - 4 = 2")  # consistent arithmetic on green's value
+    assert check_answer(miscopied, "2").verdict is False
+    garbled = steps(*read, "Red minus blue: 6 - 4 = 1")  # a slip whose answer the facts still give
+    assert check_answer(garbled, "1").verdict is True
+    assert verdicts(check_steps(miscopied, "q"))[-1] is False  # both steps still fail
+    assert verdicts(check_steps(garbled, "q"))[-1] is False
+    wrong_sum = steps("Red shapes: 3", "Blue shapes: 4", "Red plus blue: 3 + 4 = 8")
+    assert check_answer(wrong_sum, "8").verdict is False
+    # names in another order than the operands reorder nothing that was copied right
+    reordered = steps("Blue bar: 5", "Red bar: 6", "The difference between blue and red: 6 - 5 = 1")
+    assert check_answer(reordered, "1").verdict is True
+    assert check_answer(steps("Total: 2.5 + 1.25 = 3.75"), "3.75").verdict is True  # written precision
+
+
 def test_benchmark_style_free_text():
     # MathVista-like: decimals and units; the area step is right, the total is not
     mathvista = steps("The rectangle is 4.5 cm by 2 cm.", "Area = 4.5 cm x 2 cm = 9 cm^2",

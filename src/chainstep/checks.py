@@ -2,13 +2,13 @@
 
 A policy's commonest slips are ones a calculator sees: a sum it got wrong ("7 + 4 = 10"), an
 operand it never read ("Red plus green: 7 + 4" when red was read as 3; "tallest minus shortest"
-naming values other than the largest and smallest stated), an option letter that
-names another option ("red, option B" when the question lists red as A), an answer that is not
-what the chain concluded. None of these needs the gold answer or task metadata, so the checks
-work on any benchmark's free text. Each step gets a verdict: True (something was checked and
-held), False (a check failed) or None (nothing checkable: a reading, a judgement); the verifier
-(`verifier.CheckedVerifier`) lets a verdict stand for the step and leaves the rest to the learned
-PRM. No torch here.
+naming values other than the largest and smallest stated), an option letter that names another
+option ("red, option B" when the question lists red as A), an answer that is not what the
+chain's own facts give (its last result recomputed from the values it stated). None of these
+needs the gold answer or task metadata, so the checks work on any benchmark's free text. Each
+step gets a verdict: True (something was checked and held), False (a check failed) or None
+(nothing checkable: a reading, a judgement); the verifier (`verifier.CheckedVerifier`) lets a
+verdict stand for the step and leaves the rest to the learned PRM. No torch here.
 """
 
 from __future__ import annotations
@@ -137,6 +137,33 @@ def _named_value(word: str, facts: dict[str, float]) -> float | None:
     return max(facts.values()) if word in LARGEST else min(facts.values())
 
 
+def _named_values(text: str, facts: dict[str, float]) -> list[float]:
+    """The values the key words of `text` name ("Red plus green" -> what red and green were)."""
+    return [v for w in _key_words(text) if (v := _named_value(w, facts)) is not None]
+
+
+def _with_named_operands(expression: str, named: list[float]) -> str:
+    """`expression` with the operands it miscopied replaced by the values their names were
+    stated with ("6 - 4" named [6, 5] -> "6 - 5"); unchanged when the names do not name every
+    operand or name the same values. Only what differs is replaced, so word order ("between
+    blue and red") never reorders operands that were copied right."""
+    used = operands(expression)
+    if len(named) != len(used) or sorted(named) == sorted(used):
+        return expression
+    spare, kept = list(named), []
+    for value in used:
+        kept.append(value in spare)
+        if kept[-1]:
+            spare.remove(value)
+    replacements, operand = iter(spare), iter(kept)
+
+    def substitute(match: re.Match) -> str:
+        written = match.group(0)
+        return written if next(operand) else f"{next(replacements):g}" + "%" * written.endswith("%")
+
+    return NUMBER.sub(substitute, expression)
+
+
 def _key_words(text: str) -> list[str]:
     return [w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOP and len(w) > 1]
 
@@ -164,7 +191,7 @@ def check_arithmetic(text: str, earlier: list[str], question: str, check: StepCh
         if missing:
             check.fail(f"{', '.join(f'{v:g}' for v in missing)} not stated before {left.strip()}")
             continue
-        named = [v for w in _key_words(text[:match.start()]) if (v := _named_value(w, facts)) is not None]
+        named = _named_values(text[:match.start()], facts)
         if len(named) == len(used) and sorted(named) != sorted(used):
             check.fail(f"{left.strip()} uses {sorted(used)}, the named values are {sorted(named)}")
     return results
@@ -207,21 +234,41 @@ def check_steps(steps: list[Step], question: str, options: list[str] | None = No
 
 def conclusion(steps: list[Step]) -> tuple[str, str] | None:
     """What the chain concluded: ("letter", X) for the last option named, else ("number", v) for
-    the last result stated ("= v") or, failing that, the last number of the last step."""
-    for step in reversed(steps):
-        letters = [m.group("letter").upper() for m in OPTION.finditer(step.thought)]
+    the last result stated ("= v") as the chain's own statements give it (recomputed, with the
+    values stated for the operands it names), or, failing that, the last number of the last step.
+
+    Recomputing from the chain's own facts is what tells a lucky slip from a wrong chain: after
+    "Red line: 6", "Blue line: 5", both "Red minus blue: 6 - 4 = 2" (a miscopied operand) and
+    "6 - 4 = 1" (a garbled step) fail their step, but only the second chain's answer is the value
+    its facts give."""
+    for i in reversed(range(len(steps))):
+        thought = steps[i].thought
+        letters = [m.group("letter").upper() for m in OPTION.finditer(thought)]
         if letters:
             return "letter", letters[-1]
-        results = [m.group("right") for m in EXPRESSION.finditer(step.thought)]
+        results = list(EXPRESSION.finditer(thought))
         if results:
-            return "number", results[-1]
+            return "number", _implied_result(results[-1], thought, steps[:i])
     numbers = NUMBER.findall(steps[-1].thought) if steps else []
     return ("number", numbers[-1]) if numbers else None
 
 
+def _implied_result(match: re.Match, thought: str, earlier: list[Step]) -> str:
+    """The result of one written expression recomputed from the chain's facts, written to the
+    precision the chain wrote it with; the written result when it is not plain arithmetic."""
+    left, right = match.group("left"), match.group("right")
+    facts = stated_facts([f"{s.name}: {s.thought}" for s in earlier])
+    value = evaluate(_with_named_operands(left, _named_values(thought[:match.start()], facts)),
+                     percent=not right.endswith("%"))
+    if value is None:
+        return right
+    decimals = len(right.split(".")[1].rstrip("%")) if "." in right else 0
+    return f"{value:.{decimals}f}" if decimals else f"{value:g}"
+
+
 def check_answer(steps: list[Step], answer: str | None, options: list[str] | None = None) -> StepCheck:
-    """The answer must be the value (or option) the chain concluded; an answer missing (a
-    truncated chain) fails."""
+    """The answer must be the value (or option) the chain concluded, as its own facts give it
+    (`conclusion`); an answer missing (a truncated chain) fails."""
     check = StepCheck()
     if answer is None:
         check.fail("no answer")
