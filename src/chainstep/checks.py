@@ -159,7 +159,7 @@ def _with_named_operands(expression: str, named: list[float]) -> str:
 
     def substitute(match: re.Match) -> str:
         written = match.group(0)
-        return written if next(operand) else f"{next(replacements):g}" + "%" * written.endswith("%")
+        return written if next(operand) else plain(next(replacements)) + "%" * written.endswith("%")
 
     return NUMBER.sub(substitute, expression)
 
@@ -263,7 +263,12 @@ def _implied_result(match: re.Match, thought: str, earlier: list[Step]) -> str:
     if value is None:
         return right
     decimals = len(right.split(".")[1].rstrip("%")) if "." in right else 0
-    return f"{value:.{decimals}f}" if decimals else f"{value:g}"
+    return f"{value:.{decimals}f}" if decimals else plain(value)
+
+
+def plain(value: float) -> str:
+    """A number written out in full ("1500000", "2.5"), never in exponent notation."""
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def check_answer(steps: list[Step], answer: str | None, options: list[str] | None = None) -> StepCheck:
