@@ -260,7 +260,7 @@ def _implied_result(match: re.Match, thought: str, earlier: list[Step]) -> str:
     facts = stated_facts([f"{s.name}: {s.thought}" for s in earlier])
     value = evaluate(_with_named_operands(left, _named_values(thought[:match.start()], facts)),
                      percent=not right.endswith("%"))
-    if value is None:
+    if value is None or agrees(to_number(right), value, right):  # float noise never rewrites a result
         return right
     decimals = len(right.split(".")[1].rstrip("%")) if "." in right else 0
     return f"{value:.{decimals}f}" if decimals else plain(value)
