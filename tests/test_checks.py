@@ -90,8 +90,10 @@ def test_the_answer_is_what_the_chain_facts_give_not_its_miscopied_step():
     reordered = steps("Blue bar: 5", "Red bar: 6", "The difference between blue and red: 6 - 5 = 1")
     assert check_answer(reordered, "1").verdict is True
     assert check_answer(steps("Total: 2.5 + 1.25 = 3.75"), "3.75").verdict is True  # written precision
-    assert check_answer(steps("Scaled: 4.35 * 100 = 435"), "435").verdict is True  # 434.99999999999994 in floats
-    big = steps("North: 1,234,567", "South: 7,654,321", "North plus south: 1,234,567 + 7,654,321 = 8,888,888")
+    scaled = steps("Scaled: 4.35 * 100 = 435")  # 434.99999999999994 in floats
+    assert check_answer(scaled, "435").verdict is True
+    big = steps("North: 1,234,567", "South: 7,654,321",
+                "North plus south: 1,234,567 + 7,654,321 = 8,888,888")
     assert check_answer(big, "8,888,888").verdict is True  # all seven digits count
     assert check_answer(big, "8,888,889").verdict is False
 
