@@ -36,10 +36,10 @@ def test_the_checks_verdicts_are_averaged_with_the_base_scores():
                                                       chain("Red plus blue: 3 + 4 = 7", "8")])
     unchecked = (UNCHECKED + 0.6) / 2
     assert right == StepScores([unchecked, unchecked, 0.8], 0.8)
-    assert slip == StepScores([unchecked, unchecked, 0.3], 0.8)
+    assert slip == StepScores([unchecked, unchecked, 0.3], 0.3)  # 8 is not what 3 and 4 give
     assert copy == StepScores([unchecked, unchecked, 0.8], 0.3)  # not what the chain concluded
     assert verifier.forward_passes == 3 and verifier.chains_scored == 3
-    assert verifier.scoring(right) > verifier.scoring(slip) > verifier.scoring(copy)
+    assert verifier.scoring(right) > verifier.scoring(copy) > verifier.scoring(slip)
     alone = CheckedVerifier()  # under the mean rule: the mean of the two verifiers' chain scores
     texts = [chain("Red plus blue: 3 + 4 = 8", "8")]
     both = verifier.scoring(verifier.score([RECORD], texts)[0])
