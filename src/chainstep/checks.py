@@ -105,9 +105,14 @@ def _eval(node: ast.AST) -> float:
 
 def agrees(stated: float, computed: float, written: str) -> bool:
     """`stated` is `computed` to the precision it was written with ("3.33" for 10 / 3)."""
-    decimals = len(written.split(".")[1].rstrip("%")) if "." in written else 0
+    decimals = _decimals(written)
     return abs(stated - computed) <= max(0.5 * 10 ** -decimals, 1e-9 * abs(computed)) \
         if decimals else abs(stated - computed) < 1e-9 * max(1.0, abs(computed))
+
+
+def _decimals(written: str) -> int:
+    """Digits after the point a number was written with ("3.33" -> 2, "20%" -> 0)."""
+    return len(written.split(".")[1].rstrip("%")) if "." in written else 0
 
 
 def operands(expression: str) -> list[float]:
@@ -262,7 +267,7 @@ def _implied_result(match: re.Match, thought: str, earlier: list[Step]) -> str:
                      percent=not right.endswith("%"))
     if value is None or agrees(to_number(right), value, right):  # float noise never rewrites a result
         return right
-    decimals = len(right.split(".")[1].rstrip("%")) if "." in right else 0
+    decimals = _decimals(right)
     return f"{value:.{decimals}f}" if decimals else plain(value)
 
 
