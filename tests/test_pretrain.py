@@ -1,5 +1,6 @@
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -8,9 +9,12 @@ from safetensors.torch import load_file
 
 from chainstep import models
 from chainstep.config import SFTConfig
+from chainstep.inputs import SFTCollator
 from chainstep.pretrain import (
+    CAPTION_SUMS,
     PretrainConfig,
     SceneCollator,
+    caption_row,
     draw,
     perception_parameters,
     pretrain,
@@ -19,7 +23,9 @@ from chainstep.pretrain import (
 from chainstep.synthetic import COLOURS, FAMILIES, ORDER, SIZES, SuiteConfig, readings
 from chainstep.training import prepare_model
 
-SMALL = dict(images=256, batch_size=32, learning_rate=3e-3, warmup_steps=0, save_steps=4, held_out=64)
+SMALL = dict(images=256, batch_size=32, learning_rate=3e-3, warmup_steps=0, save_steps=4, held_out=64,
+             captions=0)
+READING = {**SMALL, "captions": 256, "caption_batch_size": 16, "caption_learning_rate": 3e-3}
 
 
 @pytest.fixture
@@ -55,6 +61,22 @@ def test_targets_follow_the_scene():
     assert cells.ne(0).sum() == 5
 
 
+def test_caption_states_the_readings_then_sums_of_them():
+    row = caption_row(1, SuiteConfig(), seed=0)  # bar_chart: four bars
+    assert row["family"] == "bar_chart" and row["question"] == "Read the image."
+    read = dict(re.findall(r"(\w+) bar: (\d+)\.", row["response"]))
+    assert list(read) == ["Red", "Green", "Blue", "Yellow"]
+    sums = re.findall(r"(\w+) (plus|minus) (\w+): (\d+) ([+-]) (\d+) = (\d+)\.", row["response"])
+    assert len(sums) == CAPTION_SUMS
+    for a, word, b, x, sign, y, result in sums:
+        assert (x, y) == (read[a], read[b.capitalize()]) and (word == "plus") == (sign == "+")
+        assert int(result) == (int(x) + int(y) if sign == "+" else int(x) - int(y)) >= 0
+    assert caption_row(1, SuiteConfig(), seed=0) == {**row, "image": row["image"]}
+    assert draw(1, SuiteConfig(), seed=0)["image"].tobytes() != row["image"].tobytes()
+    sizes = caption_row(2, SuiteConfig(), seed=0)["response"]  # attribute_mc: sizes, nothing to add
+    assert sizes.count("shape: ") == 3 and "=" not in sizes
+
+
 def test_pretrain_teaches_the_tower_and_freezes_it_for_sft(tiny_model_dir, tmp_path, cache):
     init = tiny_model_dir("llava")
     info = pretrain(init, tmp_path / "pre", cfg=PretrainConfig(**SMALL))
@@ -68,6 +90,25 @@ def test_pretrain_teaches_the_tower_and_freezes_it_for_sft(tiny_model_dir, tmp_p
     model, _ = prepare_model(tmp_path / "pre", SFTConfig())
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and all("vision_tower" in n for n in frozen)
+
+
+def test_reading_trains_the_language_model_and_leaves_the_tower(tiny_model_dir, tmp_path, cache):
+    init = tiny_model_dir("llava")
+    pretrain(init, tmp_path / "seeing", cfg=PretrainConfig(**SMALL))
+    info = pretrain(init, tmp_path / "reading", cfg=PretrainConfig(**READING))
+    reading = info["reading"]
+    assert reading["steps"] == 16 and reading["loss_last"] < reading["loss_first"]
+    assert set(reading["held_out_captions_right"]) == set(SuiteConfig().families)
+    seeing, _ = models.load(tmp_path / "seeing")
+    after, _ = models.load(tmp_path / "reading")
+    before = seeing.state_dict()
+    changed = {n for n, p in after.named_parameters() if not torch.equal(p, before[n])}
+    assert any("language_model" in n for n in changed)
+    assert not any("vision_tower" in n for n in changed)  # phase 2 reads the tower phase 1 made
+    again = pretrain(init, tmp_path / "again", cfg=PretrainConfig(**READING))
+    assert again["cache"] == "hit"
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("reading", "again"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cache_hit_loads_the_same_tower(tiny_model_dir, tmp_path, cache):
@@ -84,12 +125,14 @@ def test_cache_hit_loads_the_same_tower(tiny_model_dir, tmp_path, cache):
     assert len([p for p in (cache / "pretrain").iterdir() if p.is_dir()]) == 2  # entries, not locks
 
 
-def test_resume_after_a_kill_reaches_the_same_tower(tiny_model_dir, tmp_path, cache, monkeypatch):
+@pytest.mark.parametrize("collator", [SceneCollator, SFTCollator], ids=["seeing", "reading"])
+def test_resume_after_a_kill_reaches_the_same_model(collator, tiny_model_dir, tmp_path, cache,
+                                                     monkeypatch):
     init = tiny_model_dir("llava")
-    cfg = PretrainConfig(**SMALL, cache=False)
+    cfg = PretrainConfig(**READING, cache=False)
     whole = pretrain(init, tmp_path / "whole", cfg=cfg)
     calls = {"n": 0}
-    real = SceneCollator.__call__
+    real = collator.__call__
 
     def dies_at_step_six(self, items):
         calls["n"] += 1
@@ -97,13 +140,15 @@ def test_resume_after_a_kill_reaches_the_same_tower(tiny_model_dir, tmp_path, ca
             raise KeyboardInterrupt
         return real(self, items)
 
-    monkeypatch.setattr(SceneCollator, "__call__", dies_at_step_six)
+    monkeypatch.setattr(collator, "__call__", dies_at_step_six)
     with pytest.raises(KeyboardInterrupt):
         pretrain(init, tmp_path / "resumed", cfg=cfg)
-    assert (tmp_path / "resumed-checkpoints" / "checkpoint-4").exists()
-    monkeypatch.setattr(SceneCollator, "__call__", real)
+    left = tmp_path / "resumed-checkpoints" / ("reading" if collator is SFTCollator else "")
+    assert (left / "checkpoint-4").exists()
+    monkeypatch.setattr(collator, "__call__", real)
     resumed = pretrain(init, tmp_path / "resumed", cfg=cfg)
     assert resumed["cache_key"] == whole["cache_key"]
+    assert not (tmp_path / "resumed-checkpoints").exists()
     a = load_file(tmp_path / "whole" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -251,7 +251,7 @@ def pretrain(
     out: Path = typer.Option(..., help="Output model directory (the base SFT starts from)"),
     set_: list[str] = typer.Option([], "--set", help="Pretrain override, e.g. --set images=20000"),
 ):
-    """Pretrain the vision tower on freshly drawn suite images (cached per machine).
+    """Pretrain a tiny model to see, then to read and add, on freshly drawn suite images (cached).
 
     Example: chainstep pretrain models/init --out models/pretrained
     """

@@ -81,7 +81,8 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class PretrainConfig:
-    """Perception pretraining of a tiny model's vision tower and projector."""
+    """Pretraining of a tiny model: its tower learns to see, then its language model to read the
+    tower and to add what it reads (`chainstep.pretrain`)."""
 
     enabled: bool = True  # false: SFT starts from the random tower (the pre-2026-11 default)
     images: int = 40_000  # freshly drawn training images; sets the time (~1 min per 40k, 2 cores)
@@ -90,17 +91,27 @@ class PretrainConfig:
     warmup_steps: int = 20
     save_steps: int = 100  # checkpoint interval, for resume after a kill
     held_out: int = 500  # fresh images for the reported reading accuracy (0 = skip)
-    cache: bool = True  # reuse a tower pretrained from the same start with the same config
+    captions: int = 19_200  # fresh images the language model learns to read and add (0 = tower only)
+    caption_batch_size: int = 32
+    caption_learning_rate: float = 1e-3
+    cache: bool = True  # reuse a model pretrained from the same start with the same config
     seed: int = 0
 
     def __post_init__(self):
         if self.images < self.batch_size:
             raise ChainstepError(f"pretrain.images={self.images} must be at least "
                                  f"pretrain.batch_size={self.batch_size}")
+        if self.captions and self.captions < self.caption_batch_size:
+            raise ChainstepError(f"pretrain.captions={self.captions} must be 0 or at least "
+                                 f"pretrain.caption_batch_size={self.caption_batch_size}")
 
     @property
     def max_steps(self) -> int:
         return self.images // self.batch_size
+
+    @property
+    def caption_steps(self) -> int:
+        return self.captions // self.caption_batch_size
 
 
 @dataclass
@@ -402,7 +413,7 @@ QUICK: dict[str, object] = {
     "suite.train": 400, "suite.val": 40, "suite.test": 30,
     "suite.terms": 2,  # 80 steps learn the format of the shorter chains (terms 3: 73% unparsed)
     "sft.max_steps": 80, "sft.save_steps": 40, "base_sft.max_steps": 12,
-    "model.vocab_size": 512, "pretrain.images": 6400, "pretrain.held_out": 128,
+    "model.vocab_size": 512, "pretrain.images": 6400, "pretrain.captions": 640, "pretrain.held_out": 128,
     "label.questions": 24, "label.samples": 3, "label.val_questions": 8, "label.mc_chains": 8,
     "prm.max_steps": 8, "prm.save_steps": 4,
     "search.questions": 6, "search.ns": [1, 4], "search.beam_ns": [2],

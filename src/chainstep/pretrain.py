@@ -1,18 +1,26 @@
-"""Perception pretraining: the tiny VLM's vision tower learns to see before CoS SFT.
+"""Pretraining: the tiny VLM learns to see, then to read and add, before CoS SFT.
 
 Every policy in the paper starts from a pretrained VLM; a tiny model built from config starts
 from random weights, and learning to see inside the SFT budget left its chains guessing at
-the values they read (README). This stage is the analogue of a real VLM's pretrained vision
-encoder: the vision tower and projector alone train on many freshly drawn suite images (never
-a task image) with dense targets read off the scene: every reading a chain makes (the count,
-height, length or size of each colour group, as a 10-way class), the family, and the colour
-under every image token. The language side is left untouched; CoS SFT and the direct
-baseline both start from this base with the tower frozen, and learn to read it themselves.
+the values they read (README). This stage is the analogue of a real VLM's pretraining, on
+freshly drawn suite images (never a task image), in two phases:
 
-It costs about a minute on 2 CPU cores. The result is cached per machine under
-`$CHAINSTEP_CACHE` (default `~/.cache/chainstep`), keyed by the starting weights, this config
-and the suite's difficulty, like downloaded weights: a second run loads it in a second.
-Skipped for a local pretrained checkpoint (`model.path`), which can already see.
+1. *Seeing.* The vision tower and projector alone train with dense targets read off the scene:
+   every reading a chain makes (the count, height, length or size of each colour group, as a
+   10-way class), the family, and the colour under every image token.
+2. *Reading.* With the tower frozen, the language model (and projector) learns to say what the
+   tower sees and to add it up: prompt "Read the image.", target the reading facts a chain
+   would state, then sums and differences of them ("Red bar: 6. Green bar: 1. ... Red plus
+   green: 6 + 1 = 7."). This is what a real VLM's language model brings to instruction tuning
+   and a tiny random one lacks: without it, SFT's chains failed mostly at the sum (4 + 4 = 10),
+   and whether the table was learned by SFT's last step depended on the seed (val 85.6 / 78.6 /
+   65.8 under three seeds; docs/findings.md).
+
+CoS SFT and the direct baseline both start from this base with the tower frozen. It costs about
+6 minutes on 2 CPU cores. The result is cached per machine under `$CHAINSTEP_CACHE` (default
+`~/.cache/chainstep`), keyed by the starting weights, this config and the suite's difficulty,
+like downloaded weights: a second run loads it in a second. Skipped for a local pretrained
+checkpoint (`model.path`), which can already see and read.
 
     chainstep pretrain runs/x/models/init --out runs/x/models/pretrained
 """
@@ -33,18 +41,28 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments, set_seed
 
-from .config import PretrainConfig, SuiteConfig
+from .config import PretrainConfig, SuiteConfig, TrainConfig
 from .errors import ChainstepError
+from .inputs import SFTCollator
 from .layout import checkpoints_of, model_summary, relative_path, waiting_lock
 from .models import load, save
 from .records import write_json
-from .synthetic import COLOURS, FAMILIES, ORDER, readings
-from .training import VISION_PATTERNS, last_complete_checkpoint, quiet_progress
+from .synthetic import COLOURS, FAMILIES, ORDER, Scene, is_reading, readings
+from .training import (
+    VISION_PATTERNS,
+    ResumableTrainer,
+    last_complete_checkpoint,
+    quiet_progress,
+    training_arguments,
+)
 
-VERSION = 1  # bump when the targets or heads change, so old cache entries are not reused
+VERSION = 2  # bump when the targets or heads change, so old cache entries are not reused
 PROJECTOR_PATTERNS = ("multi_modal_projector", "connector", "mlp1", "merger")
 READING_CLASSES = 10  # a reading is 0 (colour absent) .. 9
 HELD_OUT_SEED = 7_777  # held-out images come from another seed stream than training images
+READ_PROMPT = "Read the image."
+CAPTION_SUMS = 3  # sums and differences of the readings a caption ends with
+WEIGHTS = "weights.safetensors"  # a cache entry's trained weights
 
 
 def cache_root() -> Path:
@@ -57,10 +75,15 @@ def perception_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             if any(v in n for v in VISION_PATTERNS + PROJECTOR_PATTERNS)}
 
 
+def trained_parameters(model: nn.Module, cfg: PretrainConfig) -> dict[str, nn.Parameter]:
+    """What this stage changes: the perception alone, or the whole model when it also reads."""
+    return dict(model.named_parameters()) if cfg.captions else perception_parameters(model)
+
+
 def cache_key(model: nn.Module, cfg: PretrainConfig, suite: SuiteConfig) -> str:
-    """Same starting tower + same training + same images = same result."""
+    """Same starting weights + same training + same images = same result."""
     digest = hashlib.sha256()
-    for name, param in sorted(perception_parameters(model).items()):
+    for name, param in sorted(trained_parameters(model, cfg).items()):
         digest.update(name.encode())
         digest.update(param.detach().cpu().float().numpy().tobytes())
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("cache", "save_steps", "held_out")}
@@ -70,13 +93,44 @@ def cache_key(model: nn.Module, cfg: PretrainConfig, suite: SuiteConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+def scene(index: int, suite: SuiteConfig, stream: str) -> tuple[str, Scene]:
+    """Scene `index` of a named stream of fresh scenes, the families in turn, with its family."""
+    family = suite.families[index % len(suite.families)]
+    return family, FAMILIES[family](random.Random(f"{stream}:{index}"), suite)
+
+
 def draw(index: int, suite: SuiteConfig, seed: int) -> dict:
     """One fresh scene: the image and its dense targets."""
-    family = suite.families[index % len(suite.families)]
-    scene = FAMILIES[family](random.Random(f"pretrain:{seed}:{index}"), suite)
-    values = readings(scene.steps)
-    return {"image": scene.image, "family": suite.families.index(family),
+    family, drawn = scene(index, suite, f"pretrain:{seed}")
+    values = readings(drawn.steps)
+    return {"image": drawn.image, "family": suite.families.index(family),
             "readings": [min(values.get(c, 0), READING_CLASSES - 1) for c in ORDER]}
+
+
+def caption(steps: list[dict], rng: random.Random, sums: int = CAPTION_SUMS) -> str:
+    """What the language model learns to say about an image, in a chain's words: every reading
+    ("Red bar: 6."), then `sums` sums and differences of them ("Red plus green: 6 + 1 = 7."),
+    the arithmetic a pretrained language model brings and a tiny random one lacks."""
+    read = [fact for fact in steps if is_reading(fact)]
+    values = {fact["key"].split(" ")[0]: int(fact["value"]) for fact in read if fact["value"].isdigit()}
+    lines = [f"{fact['key']}: {fact['value']}." for fact in read]
+    for _ in range(sums if len(values) > 1 else 0):
+        a, b = sorted(rng.sample(list(values), 2), key=list(values).index)
+        x, y = values[a], values[b]
+        if x != y and rng.random() < 0.5:  # a difference, the larger first, as the chains write it
+            (a, x), (b, y) = sorted([(a, x), (b, y)], key=lambda pair: -pair[1])
+            lines.append(f"{a} minus {b.lower()}: {x} - {y} = {x - y}.")
+        else:
+            lines.append(f"{a} plus {b.lower()}: {x} + {y} = {x + y}.")
+    return " ".join(lines)
+
+
+def caption_row(index: int, suite: SuiteConfig, seed: int) -> dict:
+    """One fresh scene as an SFT row: the reading prompt and its caption."""
+    family, drawn = scene(index, suite, f"caption:{seed}")
+    return {"id": f"caption-{seed}-{index}", "image": drawn.image, "question": READ_PROMPT,
+            "options": None, "family": family,
+            "response": caption(drawn.steps, random.Random(f"caption-sums:{seed}:{index}"))}
 
 
 def token_colours(image, grid: int) -> torch.Tensor:
@@ -94,16 +148,16 @@ def token_colours(image, grid: int) -> torch.Tensor:
 
 
 class SceneImages(torch.utils.data.Dataset):
-    """`size` drawn scenes, image `i` a pure function of (seed, i): a resumed run sees the same data."""
+    """`size` drawn scenes, item `i` a pure function of (seed, i): a resumed run sees the same data."""
 
-    def __init__(self, suite: SuiteConfig, size: int, seed: int):
-        self.suite, self.size, self.seed = suite, size, seed
+    def __init__(self, suite: SuiteConfig, size: int, seed: int, make=draw):
+        self.suite, self.size, self.seed, self.make = suite, size, seed, make
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> dict:
-        return draw(index, self.suite, self.seed)
+        return self.make(index, self.suite, self.seed)
 
 
 class SceneCollator:
@@ -195,24 +249,27 @@ def reading_accuracy(heads: PerceptionHeads, processor, grid: int, suite: SuiteC
 
 def pretrain(model_dir: str | Path, out_dir: str | Path, suite: SuiteConfig | None = None,
              cfg: PretrainConfig | None = None) -> dict:
-    """Pretrain (or load from the cache) the perception of the model in `model_dir`; save the
+    """Pretrain (or load from the cache) the model in `model_dir` to see and to read; save the
     whole model to `out_dir`, its vision marked pretrained so SFT freezes it."""
     suite, cfg = suite or SuiteConfig(), cfg or PretrainConfig()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model, processor = load(model_dir, device="cpu")  # the Trainer moves it where it trains
-    params = perception_parameters(model)
-    if not params:
+    if not perception_parameters(model):
         raise ChainstepError(f"{model_dir}: found no vision tower or projector to pretrain")
     key = cache_key(model, cfg, suite)
     entry = cache_root() / "pretrain" / key
-    with waiting_lock(entry.with_name(entry.name + ".lock")):  # two runs pretrain one tower once
+    with waiting_lock(entry.with_name(entry.name + ".lock")):  # two runs pretrain one model once
         hit = cfg.cache and (entry / "meta.json").exists()
         if hit:
-            model.load_state_dict(load_file(entry / "perception.safetensors"), strict=False)
+            model.load_state_dict(load_file(entry / WEIGHTS), strict=False)
             info = json.loads((entry / "meta.json").read_text())
         else:
-            info = _train(model, processor, suite, cfg, checkpoints_of(out_dir))
-            _store(entry, model, info)
+            checkpoints = checkpoints_of(out_dir)
+            info = _train(model, processor, suite, cfg, checkpoints)
+            if cfg.captions:
+                info["reading"] = _train_reading(model, processor, suite, cfg, checkpoints / "reading")
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            _store(entry, trained_parameters(model, cfg), info)
     meta = {**model_summary(model_dir), "vision_pretrained": True, "pretrain": asdict(cfg), "cache_key": key,
             "pretrained_from": relative_path(model_dir, out_dir), **info}
     save(model, processor, out_dir, meta=meta)
@@ -220,6 +277,7 @@ def pretrain(model_dir: str | Path, out_dir: str | Path, suite: SuiteConfig | No
 
 
 def _train(model, processor, suite: SuiteConfig, cfg: PretrainConfig, checkpoints: Path) -> dict:
+    """Phase 1, seeing: the tower and projector alone, on the perception heads."""
     set_seed(cfg.seed)
     for name, param in model.named_parameters():
         param.requires_grad_(any(v in name for v in VISION_PATTERNS + PROJECTOR_PATTERNS))
@@ -231,19 +289,63 @@ def _train(model, processor, suite: SuiteConfig, cfg: PretrainConfig, checkpoint
         param.requires_grad_(True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     accuracy = reading_accuracy(heads, processor, grid, suite, cfg.held_out) if cfg.held_out else {}
-    shutil.rmtree(checkpoints, ignore_errors=True)
     return {"steps": cfg.max_steps, "images": cfg.max_steps * cfg.batch_size,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "train_runtime_s": result.metrics.get("train_runtime"), "held_out_readings_right": accuracy}
 
 
-def _store(entry: Path, model: nn.Module, info: dict) -> None:
+def _train_reading(model, processor, suite: SuiteConfig, cfg: PretrainConfig, checkpoints: Path) -> dict:
+    """Phase 2, reading: the language model and projector learn to state what the frozen tower
+    sees, with SFT's loss (on the caption tokens only)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(v in name for v in VISION_PATTERNS))
+    train = TrainConfig(max_steps=cfg.caption_steps, per_device_train_batch_size=cfg.caption_batch_size,
+                        learning_rate=cfg.caption_learning_rate, warmup_steps=cfg.warmup_steps,
+                        save_steps=cfg.save_steps, seed=cfg.seed)
+    trainer = ResumableTrainer(model=model, args=training_arguments(train, checkpoints),
+                               train_dataset=SceneImages(suite, cfg.captions, cfg.seed, caption_row),
+                               data_collator=SFTCollator(processor, train.max_length))
+    quiet_progress(trainer, "pretrain reading", checkpoints.parent.with_name(
+        checkpoints.parent.name + "-reading-log.jsonl"))
+    result = trainer.train(resume_from_checkpoint=last_complete_checkpoint(checkpoints))
+    for param in model.parameters():
+        param.requires_grad_(True)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    accuracy = caption_accuracy(model, processor, suite, cfg.held_out) if cfg.held_out else {}
+    return {"steps": train.max_steps, "images": train.max_steps * train.per_device_train_batch_size,
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "train_runtime_s": result.metrics.get("train_runtime"), "held_out_captions_right": accuracy}
+
+
+@torch.no_grad()
+def caption_accuracy(model: nn.Module, processor, suite: SuiteConfig, count: int) -> dict[str, float]:
+    """Share of held-out images whose caption numbers (readings, operands, results) the language
+    model all predicts, teacher-forced, per family. Which pairs a caption adds is drawn at random,
+    so only its numbers are to be predicted."""
+    model.eval()
+    collate, tok = SFTCollator(processor), processor.tokenizer
+    device = next(model.parameters()).device
+    right: dict[str, list[bool]] = {f: [] for f in suite.families}
+    for start in range(0, count, 64):
+        rows = [caption_row(i, suite, HELD_OUT_SEED) for i in range(start, min(count, start + 64))]
+        batch = {k: v.to(device) for k, v in collate(rows).items()}
+        labels = batch.pop("labels")[:, 1:]
+        predicted = model(**batch).logits[:, :-1].argmax(-1)
+        numbers = torch.tensor([[tok.decode([i]).strip().isdigit() if i >= 0 else False for i in row]
+                                for row in labels.tolist()], device=device)
+        ok = ((predicted == labels) | ~numbers).all(-1)
+        for row, read in zip(rows, ok.tolist()):
+            right[row["family"]].append(read)
+    model.train()
+    return {f: round(sum(v) / len(v), 4) for f, v in right.items() if v}
+
+
+def _store(entry: Path, params: dict[str, nn.Parameter], info: dict) -> None:
     """Write the cache entry atomically: a kill mid-write leaves no entry, not a broken one."""
     partial = entry.with_name(entry.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    state = {n: p.detach().cpu().contiguous() for n, p in perception_parameters(model).items()}
-    save_file(state, partial / "perception.safetensors")
+    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, partial / WEIGHTS)
     write_json(partial / "meta.json", info)
     shutil.rmtree(entry, ignore_errors=True)
     partial.rename(entry)

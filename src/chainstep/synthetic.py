@@ -121,15 +121,17 @@ def _fact(name: str, key: str, value) -> dict:
     return {"name": name, "key": key, "value": str(value)}
 
 
+def is_reading(fact: dict) -> bool:
+    """A step that reads one colour group off the image ("Red bar: 6"), not one that computes."""
+    value = fact["value"]
+    return fact["key"].split(" ")[0].lower() in COLOURS and (value.isdigit() or value in SIZES)
+
+
 def readings(steps: list[dict]) -> dict[str, int]:
     """Colour -> the number a reading step reports (a count, a height, a length, a size in
     patches): what perception pretraining teaches the vision tower to see."""
-    out = {}
-    for fact in steps:
-        colour, value = fact["key"].split(" ")[0].lower(), fact["value"]
-        if colour in COLOURS and (value.isdigit() or value in SIZES):
-            out[colour] = int(value) if value.isdigit() else SIZES[value]
-    return out
+    return {fact["key"].split(" ")[0].lower(): int(fact["value"]) if fact["value"].isdigit()
+            else SIZES[fact["value"]] for fact in steps if is_reading(fact)}
 
 
 def _combine_two(rng: random.Random, colours, values: dict[str, int], difference: str,
