@@ -267,7 +267,7 @@ def pretrain(model_dir: str | Path, out_dir: str | Path, suite: SuiteConfig | No
             checkpoints = checkpoints_of(out_dir)
             info = _train(model, processor, suite, cfg, checkpoints)
             if cfg.captions:
-                info["reading"] = _train_reading(model, processor, suite, cfg, checkpoints / "reading")
+                info["reading"] = _train_reading(model, processor, suite, cfg, checkpoints)
             shutil.rmtree(checkpoints, ignore_errors=True)
             _store(entry, trained_parameters(model, cfg), info)
     meta = {**model_summary(model_dir), "vision_pretrained": True, "pretrain": asdict(cfg), "cache_key": key,
@@ -285,36 +285,38 @@ def _train(model, processor, suite: SuiteConfig, cfg: PretrainConfig, checkpoint
     heads = PerceptionHeads(model, hidden, len(suite.families))
     trainer = _trainer(heads, processor, grid, suite, cfg, checkpoints)
     result = trainer.train(resume_from_checkpoint=last_complete_checkpoint(checkpoints))
+    accuracy = reading_accuracy(heads, processor, grid, suite, cfg.held_out) if cfg.held_out else {}
+    return {**_phase_summary(model, trainer, result, cfg.batch_size), "held_out_readings_right": accuracy}
+
+
+def _phase_summary(model: nn.Module, trainer: Trainer, result, batch_size: int) -> dict:
+    """Unfreeze the whole model again and say what the phase did."""
     for param in model.parameters():
         param.requires_grad_(True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    accuracy = reading_accuracy(heads, processor, grid, suite, cfg.held_out) if cfg.held_out else {}
-    return {"steps": cfg.max_steps, "images": cfg.max_steps * cfg.batch_size,
+    steps = trainer.args.max_steps
+    return {"steps": steps, "images": steps * batch_size,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            "train_runtime_s": result.metrics.get("train_runtime"), "held_out_readings_right": accuracy}
+            "train_runtime_s": result.metrics.get("train_runtime")}
 
 
 def _train_reading(model, processor, suite: SuiteConfig, cfg: PretrainConfig, checkpoints: Path) -> dict:
     """Phase 2, reading: the language model and projector learn to state what the frozen tower
-    sees, with SFT's loss (on the caption tokens only)."""
+    sees, with SFT's loss (on the caption tokens only); its checkpoints go under phase 1's."""
     for name, param in model.named_parameters():
         param.requires_grad_(not any(v in name for v in VISION_PATTERNS))
     train = TrainConfig(max_steps=cfg.caption_steps, per_device_train_batch_size=cfg.caption_batch_size,
                         learning_rate=cfg.caption_learning_rate, warmup_steps=cfg.warmup_steps,
                         save_steps=cfg.save_steps, seed=cfg.seed)
-    trainer = ResumableTrainer(model=model, args=training_arguments(train, checkpoints),
+    trainer = ResumableTrainer(model=model, args=training_arguments(train, checkpoints / "reading"),
                                train_dataset=SceneImages(suite, cfg.captions, cfg.seed, caption_row),
                                data_collator=SFTCollator(processor, train.max_length))
-    quiet_progress(trainer, "pretrain reading", checkpoints.parent.with_name(
-        checkpoints.parent.name + "-reading-log.jsonl"))
-    result = trainer.train(resume_from_checkpoint=last_complete_checkpoint(checkpoints))
-    for param in model.parameters():
-        param.requires_grad_(True)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    log = checkpoints.with_name(checkpoints.name + "-reading-log.jsonl")
+    quiet_progress(trainer, "pretrain reading", log)
+    result = trainer.train(resume_from_checkpoint=last_complete_checkpoint(Path(trainer.args.output_dir)))
     accuracy = caption_accuracy(model, processor, suite, cfg.held_out) if cfg.held_out else {}
-    return {"steps": train.max_steps, "images": train.max_steps * train.per_device_train_batch_size,
-            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            "train_runtime_s": result.metrics.get("train_runtime"), "held_out_captions_right": accuracy}
+    return {**_phase_summary(model, trainer, result, cfg.caption_batch_size),
+            "held_out_captions_right": accuracy}
 
 
 @torch.no_grad()
@@ -325,15 +327,15 @@ def caption_accuracy(model: nn.Module, processor, suite: SuiteConfig, count: int
     model.eval()
     collate, tok = SFTCollator(processor), processor.tokenizer
     device = next(model.parameters()).device
+    numbers = [i for i in range(len(tok)) if tok.decode([i]).strip().isdigit()]
+    number_ids = torch.tensor(numbers, device=device)
     right: dict[str, list[bool]] = {f: [] for f in suite.families}
     for start in range(0, count, 64):
         rows = [caption_row(i, suite, HELD_OUT_SEED) for i in range(start, min(count, start + 64))]
         batch = {k: v.to(device) for k, v in collate(rows).items()}
         labels = batch.pop("labels")[:, 1:]
         predicted = model(**batch).logits[:, :-1].argmax(-1)
-        numbers = torch.tensor([[tok.decode([i]).strip().isdigit() if i >= 0 else False for i in row]
-                                for row in labels.tolist()], device=device)
-        ok = ((predicted == labels) | ~numbers).all(-1)
+        ok = ((predicted == labels) | ~torch.isin(labels, number_ids)).all(-1)
         for row, read in zip(rows, ok.tolist()):
             right[row["family"]].append(read)
     model.train()
