@@ -40,6 +40,9 @@ def test_an_operand_never_stated_or_bound_to_another_colour_fails():
     miscopied = steps("Red shapes: 3", "Blue shapes: 4", "Green shapes: 7", "Red plus blue: 7 + 4 = 11")
     check = check_steps(miscopied, "q")[-1]
     assert check.verdict is False and "named values" in check.reasons[-1]
+    three = ("Red bar: 3", "Green bar: 4", "Blue bar: 7")
+    assert verdicts(check_steps(steps(*three, "Red plus green plus blue: 3 + 4 + 7 = 14"), "q"))[-1] is True
+    assert verdicts(check_steps(steps(*three, "Red plus green plus blue: 3 + 4 + 4 = 11"), "q"))[-1] is False
     # a number the question states is an operand the chain may use
     assert verdicts(check_steps(steps("Cost: 5 + 12 = 17"), "A pen costs 5 and a book 12."))[0] is True
 

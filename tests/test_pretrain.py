@@ -77,6 +77,19 @@ def test_caption_states_the_readings_then_sums_of_them():
     assert sizes.count("shape: ") == 3 and "=" not in sizes
 
 
+def test_caption_sums_add_as_many_groups_as_the_suite_does():
+    suite = SuiteConfig(operands=3)
+    response = caption_row(1, suite, seed=0)["response"]  # bar_chart: four bars
+    read = {k.lower(): int(v) for k, v in re.findall(r"(\w+) bar: (\d+)\.", response)}
+    sums = re.findall(r"(\w+) plus (\w+) plus (\w+): (\d+) \+ (\d+) \+ (\d+) = (\d+)\.", response)
+    differences = re.findall(r"\w+ minus \w+: \d+ - \d+ = \d+\.", response)
+    assert sums and len(sums) + len(differences) == CAPTION_SUMS
+    assert " plus " not in re.sub(r"(\w+ plus ){2}\w+:", "", response)  # no two-group sum left
+    for *names, x, y, z, total in sums:
+        assert [read[n.lower()] for n in names] == [int(x), int(y), int(z)]
+        assert int(total) == int(x) + int(y) + int(z)
+
+
 def test_pretrain_teaches_the_tower_and_freezes_it_for_sft(tiny_model_dir, tmp_path, cache):
     init = tiny_model_dir("llava")
     info = pretrain(init, tmp_path / "pre", cfg=PretrainConfig(**SMALL))

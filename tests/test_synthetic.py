@@ -18,6 +18,7 @@ from chainstep.synthetic import (
     fingerprint,
     generate,
     make_tasks,
+    readings,
     record_seed,
 )
 
@@ -101,11 +102,30 @@ def test_more_terms_means_more_steps():
     assert sum(three) > sum(two)
 
 
+@pytest.mark.parametrize("family", ["count_sum", "bar_chart", "measure"])
+def test_sums_add_as_many_groups_as_operands_says(family):
+    for seed in range(40):
+        two, three = (FAMILIES[family](random.Random(seed), SuiteConfig(operands=k)) for k in (2, 3))
+        assert two.image.tobytes() == three.image.tobytes()  # the same scene, asked differently
+        last = three.steps[-1]
+        values = readings(three.steps)
+        if last["name"] == "Subtract":
+            assert (two.question, two.steps) == (three.question, three.steps)
+            continue
+        added = last["key"].lower().split(" plus ")
+        assert len(added) == 3 and added == sorted(added, key=list(COLOURS).index)
+        assert last["value"] == " + ".join(str(values[c]) for c in added) + f" = {three.answer}"
+        assert f"{added[0]}, {added[1]} and {added[2]}" in three.question
+        assert int(three.answer) == sum(values[c] for c in added)
+
+
 def test_bad_config_is_rejected():
     with pytest.raises(ChainstepError, match="unknown task families"):
         SuiteConfig(families=("count_sum", "nope"))
     with pytest.raises(ChainstepError, match="terms"):
         SuiteConfig(terms=5)
+    with pytest.raises(ChainstepError, match="operands=4 must be in 2..3"):
+        SuiteConfig(terms=2, operands=4)
 
 
 def _blocks_with(png: bytes, colour: str, span: int) -> int:

@@ -104,12 +104,14 @@ def _print_seeds(summary: dict) -> None:
 def tasks_make(
     out: Path = typer.Option(Path("tasks"), help="Output folder for {split}.jsonl + images/"),
     train: int = typer.Option(None, help="Training records [default: 3000, as in chainstep run]"),
-    val: int = typer.Option(None, help="Validation records [default: 200]"),
-    test: int = typer.Option(None, help="Test records [default: 300]"),
+    val: int = typer.Option(None, help="Validation records [default: 500]"),
+    test: int = typer.Option(None, help="Test records [default: 1000]"),
     seed: int = typer.Option(None, help="Suite seed [default: 0]"),
     max_objects: int = typer.Option(None, help="Shapes per image in counting families [default: 8]"),
     terms: int = typer.Option(None, help="Difficulty: terms + 1 colour groups are read, 2 or 3 "
-                                         "[default: 2]"),
+                                         "[default: 3]"),
+    operands: int = typer.Option(None, help="Difficulty: colour groups a sum adds, 2 to terms + 1 "
+                                            "[default: 2]"),
     families: str = typer.Option(None, help="Comma-separated families [default: all]"),
 ):
     """Draw the synthetic suite; defaults are those of `chainstep run`.
@@ -120,6 +122,7 @@ def tasks_make(
     from .synthetic import make_tasks
 
     given = dict(train=train, val=val, test=test, seed=seed, max_objects=max_objects, terms=terms,
+                 operands=operands,
                  families=tuple(families.split(",")) if families else None)
     cfg = SuiteConfig(**{k: v for k, v in given.items() if v is not None})
     console.print(make_tasks(cfg, out))

@@ -323,7 +323,8 @@ class EvalConfig:
 
 @dataclass
 class SuiteConfig:
-    """Size and difficulty of the suite. Knobs: `max_objects` per image, `terms` groups read."""
+    """Size and difficulty of the suite. Knobs: `max_objects` per image, `terms` groups read,
+    `operands` groups a sum adds."""
 
     train: int = 3000
     val: int = 500  # the val curve and every decision: ~500 resolve a few points
@@ -331,6 +332,7 @@ class SuiteConfig:
     families: tuple[str, ...] = SUITE_FAMILIES
     max_objects: int = 8  # shapes per image in counting families (3..max_objects)
     terms: int = 3  # difficulty: terms + 1 colour groups are read (2: 4 or 5 steps; 3: one more)
+    operands: int = 2  # difficulty: groups a sum adds (differences take two), up to terms + 1
     seed: int = 0
 
     def __post_init__(self):
@@ -340,6 +342,9 @@ class SuiteConfig:
             raise ChainstepError(f"unknown task families {unknown}; choose from {sorted(SUITE_FAMILIES)}")
         if self.terms not in (2, 3):
             raise ChainstepError(f"terms={self.terms} must be 2 or 3")
+        if not 2 <= self.operands <= self.terms + 1:
+            raise ChainstepError(f"operands={self.operands} must be in 2..{self.terms + 1} "
+                                 f"(terms={self.terms} reads {self.terms + 1} colour groups)")
         if not self.terms + 2 <= self.max_objects <= SUITE_BLOCKS * SUITE_BLOCKS:
             raise ChainstepError(f"max_objects={self.max_objects} must be in "
                                  f"{self.terms + 2}..{SUITE_BLOCKS * SUITE_BLOCKS} "

@@ -47,7 +47,7 @@ from .inputs import SFTCollator
 from .layout import checkpoints_of, model_summary, relative_path, waiting_lock
 from .models import load, save
 from .records import write_json
-from .synthetic import COLOURS, FAMILIES, ORDER, Scene, is_reading, readings
+from .synthetic import COLOURS, FAMILIES, ORDER, Scene, add_step, is_reading, readings, subtract_step, summed
 from .training import (
     VISION_PATTERNS,
     ResumableTrainer,
@@ -88,7 +88,8 @@ def cache_key(model: nn.Module, cfg: PretrainConfig, suite: SuiteConfig) -> str:
         digest.update(param.detach().cpu().float().numpy().tobytes())
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("cache", "save_steps", "held_out")}
     digest.update(json.dumps({"version": VERSION, "pretrain": settings, "families": list(suite.families),
-                              "max_objects": suite.max_objects, "terms": suite.terms},
+                              "max_objects": suite.max_objects, "terms": suite.terms,
+                              "operands": suite.operands},
                              sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -107,21 +108,23 @@ def draw(index: int, suite: SuiteConfig, seed: int) -> dict:
             "readings": [min(values.get(c, 0), READING_CLASSES - 1) for c in ORDER]}
 
 
-def caption(steps: list[dict], rng: random.Random, sums: int = CAPTION_SUMS) -> str:
+def caption(steps: list[dict], rng: random.Random, sums: int = CAPTION_SUMS, operands: int = 2) -> str:
     """What the language model learns to say about an image, in a chain's words: every reading
-    ("Red bar: 6."), then `sums` sums and differences of them ("Red plus green: 6 + 1 = 7."),
-    the arithmetic a pretrained language model brings and a tiny random one lacks."""
+    ("Red bar: 6."), then `sums` sums (of `operands` readings) and differences of them ("Red plus
+    green: 6 + 1 = 7."), the arithmetic a pretrained language model brings and a tiny random one
+    lacks."""
     read = [fact for fact in steps if is_reading(fact)]
-    values = {fact["key"].split(" ")[0]: int(fact["value"]) for fact in read if fact["value"].isdigit()}
+    values = {fact["key"].split(" ")[0].lower(): int(fact["value"])
+              for fact in read if fact["value"].isdigit()}
+    names = list(values)
     lines = [f"{fact['key']}: {fact['value']}." for fact in read]
     for _ in range(sums if len(values) > 1 else 0):
-        a, b = sorted(rng.sample(list(values), 2), key=list(values).index)
-        x, y = values[a], values[b]
-        if x != y and rng.random() < 0.5:  # a difference, the larger first, as the chains write it
-            (a, x), (b, y) = sorted([(a, x), (b, y)], key=lambda pair: -pair[1])
-            lines.append(f"{a} minus {b.lower()}: {x} - {y} = {x - y}.")
+        a, b = sorted(rng.sample(names, 2), key=names.index)
+        if values[a] != values[b] and rng.random() < 0.5:  # the larger first, as the chains write it
+            step, _ = subtract_step(*sorted((a, b), key=lambda c: -values[c]), values)
         else:
-            lines.append(f"{a} plus {b.lower()}: {x} + {y} = {x + y}.")
+            step, _ = add_step(summed(rng, names, [a, b], min(operands, len(names))), values)
+        lines.append(f"{step['key']}: {step['value']}.")
     return " ".join(lines)
 
 
@@ -130,7 +133,8 @@ def caption_row(index: int, suite: SuiteConfig, seed: int) -> dict:
     family, drawn = scene(index, suite, f"caption:{seed}")
     return {"id": f"caption-{seed}-{index}", "image": drawn.image, "question": READ_PROMPT,
             "options": None, "family": family,
-            "response": caption(drawn.steps, random.Random(f"caption-sums:{seed}:{index}"))}
+            "response": caption(drawn.steps, random.Random(f"caption-sums:{seed}:{index}"),
+                                operands=suite.operands)}
 
 
 def token_colours(image, grid: int) -> torch.Tensor:

@@ -134,32 +134,56 @@ def readings(steps: list[dict]) -> dict[str, int]:
             else SIZES[fact["value"]] for fact in steps if is_reading(fact)}
 
 
+def groups(colours) -> str:
+    """"red and green", "red, green and blue": the groups a question names, in reading order."""
+    return ", ".join(colours[:-1]) + f" and {colours[-1]}"
+
+
+def summed(rng: random.Random, colours, picked: list[str], operands: int) -> list[str]:
+    """`picked` plus `operands - 2` more groups, in reading order: the groups a sum adds."""
+    rest = [c for c in colours if c not in picked]
+    return sorted([*picked, *rng.sample(rest, operands - len(picked))], key=list(colours).index)
+
+
+def add_step(added: list[str], values: dict[str, int]) -> tuple[dict, int]:
+    """The step adding some groups ("Red plus green: 6 + 1 = 7") and its result."""
+    expr, result = _arith([values[c] for c in added], "sum")
+    return _fact("Add", " plus ".join(added).capitalize(), expr), result
+
+
+def subtract_step(a: str, b: str, values: dict[str, int]) -> tuple[dict, int]:
+    """The step taking group b from group a ("Red minus green: 6 - 1 = 5") and its result."""
+    expr, result = _arith([values[a], values[b]], "difference")
+    return _fact("Subtract", f"{a} minus {b}".capitalize(), expr), result
+
+
 def _combine_two(rng: random.Random, colours, values: dict[str, int], difference: str,
-                 total: str) -> tuple[str, int, dict]:
-    """Pick two groups and ask for their difference (larger first) or their sum."""
+                 total: str, operands: int) -> tuple[str, int, dict]:
+    """Pick two groups and ask for their difference (larger first), or the sum of them and
+    `operands - 2` more."""
     a, b = sorted(rng.sample(colours, 2), key=lambda c: -values[c])
     if values[a] > values[b] and rng.random() < 0.5:
-        expr, result = _arith([values[a], values[b]], "difference")
-        return difference.format(a=a, b=b), result, _fact("Subtract", f"{a.capitalize()} minus {b}", expr)
-    a, b = sorted((a, b), key=colours.index)
-    expr, result = _arith([values[a], values[b]], "sum")
-    return total.format(a=a, b=b), result, _fact("Add", f"{a.capitalize()} plus {b}", expr)
+        step, result = subtract_step(a, b, values)
+        return difference.format(a=a, b=b), result, step
+    added = summed(rng, colours, [a, b], operands)
+    step, result = add_step(added, values)
+    return total.format(groups=groups(added)), result, step
 
 
 def count_sum(rng: random.Random, cfg: SuiteConfig) -> Scene:
-    """MathVista-like: count the shapes of each colour, then add or subtract two counts."""
+    """MathVista-like: count the shapes of each colour, then subtract two counts or add some."""
     colours = ORDER[:cfg.terms + 1]
     counts = _counts(rng, colours, cfg.max_objects)
     image, objects = _shape_scene(rng, counts)
     steps = [_fact(f"Count {c}", f"{c.capitalize()} shapes", counts[c]) for c in colours]
     question, result, step = _combine_two(
         rng, colours, counts, "How many more {a} shapes than {b} shapes are there?",
-        "How many {a} and {b} shapes are there in total?")
+        "How many {groups} shapes are there in total?", cfg.operands)
     steps.append(step)
     return Scene(image, question, str(result), steps, {"objects": objects, "counts": counts})
 
 def bar_chart(rng: random.Random, cfg: SuiteConfig) -> Scene:
-    """ChartQA-like: read every bar off a gridded chart, then combine two."""
+    """ChartQA-like: read every bar off a gridded chart, then subtract two or add some."""
     colours = ORDER[:cfg.terms + 1]
     heights = {c: rng.randint(1, 7) for c in colours}
     image, draw = _canvas()
@@ -181,10 +205,10 @@ def bar_chart(rng: random.Random, cfg: SuiteConfig) -> Scene:
         question = "What is the difference between the tallest and the shortest bar?"
         steps.append(_fact("Subtract", "Tallest minus shortest", expr))
     else:
-        asked = sorted(rng.sample(colours, 2), key=colours.index)
-        expr, result = _arith([heights[c] for c in asked], "sum")
-        question = f"What is the sum of the {asked[0]} and {asked[1]} bars?"
-        steps.append(_fact("Add", f"{asked[0].capitalize()} plus {asked[1]}", expr))
+        asked = summed(rng, colours, rng.sample(colours, 2), cfg.operands)
+        step, result = add_step(asked, heights)
+        question = f"What is the sum of the {groups(asked)} bars?"
+        steps.append(step)
     return Scene(image, question, str(result), steps, {"bars": heights})
 
 
@@ -230,7 +254,7 @@ def measure(rng: random.Random, cfg: SuiteConfig) -> Scene:
     steps = [_fact(f"Measure {c}", f"{c.capitalize()} line", lengths[c]) for c in colours]
     question, result, step = _combine_two(
         rng, colours, lengths, "How much longer is the {a} line than the {b} line in grid units?",
-        "What is the total length of the {a} and {b} lines in grid units?")
+        "What is the total length of the {groups} lines in grid units?", cfg.operands)
     steps.append(step)
     return Scene(image, question, str(result), steps, {"lengths": lengths})
 
