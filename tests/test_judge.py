@@ -42,6 +42,14 @@ def test_an_error_carried_forward_is_neutral_a_new_one_bad():
     assert ProgrammaticJudge().rate(RECORD, miscomputed)[-1] == "bad"
     fresh = chain("Red shapes: 1", "Green shapes: 2", "Blue shapes: 3", "Red plus blue: 1 + 3 = 5")
     assert ProgrammaticJudge().rate(RECORD, fresh)[-1] == "bad"
+    three = {**RECORD, "meta": {"steps": [*RECORD["meta"]["steps"][:3],
+                                          {"name": "Add", "key": "Red plus green plus blue",
+                                           "value": "1 + 2 + 3 = 6"}]}}
+    read = ("Red shapes: 2", "Green shapes: 2", "Blue shapes: 3")
+    carried = chain(*read, "Red plus green plus blue: 2 + 2 + 3 = 7")
+    assert ProgrammaticJudge().rate(three, carried) == ["bad", "good", "good", "neutral"]
+    miscomputed = chain(*read, "Red plus green plus blue: 2 + 2 + 3 = 8")
+    assert ProgrammaticJudge().rate(three, miscomputed)[-1] == "bad"
 
 
 def test_unknown_repeated_or_unreadable_claims_are_bad():

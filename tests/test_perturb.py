@@ -3,12 +3,15 @@ import re
 
 import pytest
 
+from chainstep.checks import evaluate
+from chainstep.config import SuiteConfig
 from chainstep.judge import ProgrammaticJudge
 from chainstep.perturb import ARITHMETIC_KINDS, CHOICE_KINDS, clean_labels, perturb
 from chainstep.steps import parse, render
+from chainstep.synthetic import generate
 from chainstep.teacher import ProgrammaticTeacher
 
-ARITH = re.compile(r"(\d+) ([-+]) (\d+) = (-?\d+)")
+ARITH = re.compile(r"(\d+(?: [-+] \d+)+) = (-?\d+)")
 CHOICE = re.compile(r"(\w+), option ([A-Z])")
 
 
@@ -19,7 +22,15 @@ def _kinds(record):
 def _final_result(chain) -> str:
     thought = chain.steps[-1].thought
     found = ARITH.search(thought)
-    return found.group(4) if found else CHOICE.search(thought).group(2)
+    return found.group(2) if found else CHOICE.search(thought).group(2)
+
+
+@pytest.fixture(params=["two operands", "three operands"])
+def records(request, train_records):
+    """The shared suite's records, and a suite whose sums add three groups."""
+    if request.param == "two operands":
+        return train_records
+    return [record for record, _ in generate(SuiteConfig(train=40, operands=3), "train")]
 
 
 def _cases(records):
@@ -30,9 +41,9 @@ def _cases(records):
             yield record, clean, perturb(record, clean, random.Random(i), kind)
 
 
-def test_one_first_error_labels_bad_from_it_on(train_records):
+def test_one_first_error_labels_bad_from_it_on(records):
     judge = ProgrammaticJudge()
-    for record, clean, made in _cases(train_records):
+    for record, clean, made in _cases(records):
         n, first = len(clean.steps), made.first_error
         assert made.labels == [1] * first + [0] * (n + 1 - first)
         assert made.chain.steps[:first] == clean.steps[:first]  # nothing wrong before the error
@@ -44,10 +55,10 @@ def test_one_first_error_labels_bad_from_it_on(train_records):
             assert ratings[first] == "bad"
 
 
-def test_everything_after_the_error_is_recomputed(train_records):
+def test_everything_after_the_error_is_recomputed(records):
     judge = ProgrammaticJudge()
-    seen = set()
-    for record, clean, made in _cases(train_records):
+    seen, operands = set(), set()
+    for record, clean, made in _cases(records):
         seen.add(made.kind)
         steps = made.chain.steps
         if made.kind == "answer":
@@ -56,15 +67,17 @@ def test_everything_after_the_error_is_recomputed(train_records):
         assert made.chain.answer == _final_result(made.chain)  # the answer follows the last step
         arith = ARITH.search(steps[-1].thought)
         if arith:
-            a, op, b, result = (int(x) if x.lstrip("-").isdigit() else x for x in arith.groups())
-            right = result == (a + b if op == "+" else a - b)
-            assert right != (made.kind == "arithmetic")
+            left, result = arith.groups()
+            operands.add(left.count(" ") // 2 + 1)
+            assert (evaluate(left) == int(result)) != (made.kind == "arithmetic")
         if made.kind == "read":  # the final step combines the misread value correctly
             assert judge.rate(record, made.chain)[-1] == "neutral"
             assert steps[made.first_error] != clean.steps[made.first_error]
         else:
             assert steps[:-1] == clean.steps[:-1]
     assert seen == set(ARITHMETIC_KINDS) | set(CHOICE_KINDS)
+    asked = [ARITH.search(r["meta"]["steps"][-1]["value"]) for r in records]
+    assert operands == {m.group(1).count(" ") // 2 + 1 for m in asked if m}  # 2, or 2 and 3
 
 
 def test_a_kind_that_does_not_apply_falls_back(train_records):

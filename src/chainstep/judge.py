@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Protocol
 
+from .checks import evaluate
 from .client import ChatClient, user_message
 from .errors import ChainstepError
 from .records import load_image
@@ -26,7 +27,7 @@ from .steps import ANSWER_END, Chain, leading_steps, parses
 RATINGS = ("good", "neutral", "bad")
 RATING_SCORE = {"good": 1.0, "neutral": 0.5, "bad": 0.0}
 TEMPLATE = Path(__file__).parent / "templates" / "judge_prompt.txt"
-_ARITH = re.compile(r"^(-?\d+)\s*([-+*x])\s*(-?\d+)\s*=\s*(-?\d+)$")
+_ARITH = re.compile(r"^(-?\d+(?:\s*[-+*x]\s*-?\d+)+)\s*=\s*(-?\d+)$")
 _OPTION = re.compile(r"^(\w+), option ([A-Z])$")
 _RATING_LINE = re.compile(r"step\s*(\d+)\s*[:.-]\s*(good|neutral|bad)", re.IGNORECASE)
 
@@ -56,9 +57,9 @@ def _carries_forward(value: str, claimed: list[str], options: list[str] | None) 
     """Is a wrong value still the right operation on what the chain claimed before?"""
     arith = _ARITH.match(value)
     if arith:
-        a, op, b, result = arith.groups()
-        computed = {"+": int(a) + int(b), "-": int(a) - int(b)}.get(op, int(a) * int(b))
-        return computed == int(result) and a in claimed and b in claimed
+        left, result = arith.groups()
+        operands = re.findall(r"\d+", left)
+        return evaluate(left.replace("x", "*")) == int(result) and all(x in claimed for x in operands)
     option = _OPTION.match(value)
     if option and options:
         colour, letter = option.groups()

@@ -28,7 +28,7 @@ from .synthetic import LETTERS, SIZES
 
 ARITHMETIC_KINDS = ("read", "copy", "arithmetic", "answer")
 CHOICE_KINDS = ("read", "choice", "letter", "answer")
-_ARITH = re.compile(r"^(\d+) ([-+]) (\d+) = (-?\d+)$")
+_ARITH = re.compile(r"^(\d+(?: ([-+]) \d+)+) = (-?\d+)$")
 _CHOICE = re.compile(r"^(\w+), option ([A-Z])$")
 
 
@@ -72,11 +72,12 @@ def _combine(record: dict, readings: dict[str, str]) -> tuple[str, str] | None:
     key = final["key"].lower()
     values = {c: _magnitude(v) for c, v in readings.items()}
     if _ARITH.match(final["value"]):
+        op = "-" if " minus " in key else "+"
         if key.startswith("tallest"):
-            a, b = max(values, key=values.get), min(values, key=values.get)
+            names = [max(values, key=values.get), min(values, key=values.get)]
         else:
-            a, b = key.replace(" plus ", " ").replace(" minus ", " ").split()
-        return _arithmetic(values[a], "-" if "minus" in key else "+", values[b])
+            names = key.split(" minus " if op == "-" else " plus ")
+        return _arithmetic([values[c] for c in names], op)
     want = max if key.split()[0] in ("most", "largest") else min
     best = want(values.values())
     picked = [c for c, v in values.items() if v == best]
@@ -86,9 +87,10 @@ def _combine(record: dict, readings: dict[str, str]) -> tuple[str, str] | None:
     return f"{picked[0]}, option {letter}", letter
 
 
-def _arithmetic(a: int, op: str, b: int, result: int | None = None) -> tuple[str, str]:
-    result = (a + b if op == "+" else a - b) if result is None else result
-    return f"{a} {op} {b} = {result}", str(result)
+def _arithmetic(operands: list[int], op: str, result: int | None = None) -> tuple[str, str]:
+    if result is None:
+        result = sum(operands) if op == "+" else operands[0] - sum(operands[1:])
+    return f" {op} ".join(map(str, operands)) + f" = {result}", str(result)
 
 
 def _with_value(step: Step, old: str, new: str) -> Step:
@@ -130,24 +132,23 @@ def _read(record: dict, chain: Chain, rng: random.Random) -> Perturbed | None:
     return None
 
 
-def _final_parts(record: dict) -> tuple[int, str, int, int]:
-    a, op, b, result = _ARITH.match(record["meta"]["steps"][-1]["value"]).groups()
-    return int(a), op, int(b), int(result)
+def _final_parts(record: dict) -> tuple[list[int], str, int]:
+    """The final step's operands, its operator and its result ("6 + 1 + 2 = 9")."""
+    expression, op, result = _ARITH.match(record["meta"]["steps"][-1]["value"]).groups()
+    return [int(x) for x in re.findall(r"\d+", expression)], op, int(result)
 
 
 def _copy(record: dict, chain: Chain, rng: random.Random) -> Perturbed | None:
-    a, op, b, _ = _final_parts(record)
+    operands, op, _ = _final_parts(record)
     others = [_magnitude(v) for v in _readings(record).values()]
-    if rng.random() < 0.5:
-        a = rng.choice([v for v in others if v != a] or [_nearby(a, rng)])
-    else:
-        b = rng.choice([v for v in others if v != b] or [_nearby(b, rng)])
-    return _finish(record, "copy", len(chain.steps) - 1, list(chain.steps), *_arithmetic(a, op, b))
+    i = int(rng.random() * len(operands))
+    operands[i] = rng.choice([v for v in others if v != operands[i]] or [_nearby(operands[i], rng)])
+    return _finish(record, "copy", len(chain.steps) - 1, list(chain.steps), *_arithmetic(operands, op))
 
 
 def _wrong_arithmetic(record: dict, chain: Chain, rng: random.Random) -> Perturbed | None:
-    a, op, b, result = _final_parts(record)
-    made = _arithmetic(a, op, b, _nearby(result, rng, low=0))
+    operands, op, result = _final_parts(record)
+    made = _arithmetic(operands, op, _nearby(result, rng, low=0))
     return _finish(record, "arithmetic", len(chain.steps) - 1, list(chain.steps), *made)
 
 
