@@ -47,6 +47,19 @@ def test_an_operand_never_stated_or_bound_to_another_colour_fails():
     assert verdicts(check_steps(steps("Cost: 5 + 12 = 17"), "A pen costs 5 and a book 12."))[0] is True
 
 
+def test_a_quantity_the_question_does_not_ask_about_fails():
+    counts = ("Red shapes: 1", "Green shapes: 2", "Blue shapes: 2", "Yellow shapes: 3")
+    question = "How many more yellow shapes than green shapes are there?"
+    check = check_steps(steps(*counts, "Yellow minus red: 3 - 1 = 2"), question)[-1]
+    assert check.verdict is False and "red, which the question does not ask" in check.reasons[-1]
+    assert verdicts(check_steps(steps(*counts, "Yellow minus green: 3 - 2 = 1"), question))[-1] is True
+    # a question that names none of the stated quantities binds nothing; plurals name singulars
+    fruit = ("Apple: 3", "Pear: 4")
+    assert verdicts(check_steps(steps(*fruit, "Apple plus pear: 3 + 4 = 7"), "How many fruits?"))[-1] is True
+    assert verdicts(check_steps(steps(*fruit, "Apple plus pear: 3 + 4 = 7"),
+                                "How many apples and pears are there?"))[-1] is True
+
+
 def test_superlatives_name_the_largest_and_smallest_stated_values():
     bars = ("Red bar: 3", "Green bar: 2", "Blue bar: 3", "Yellow bar: 5")
     check = check_steps(steps(*bars, "Tallest minus shortest: 5 - 1 = 4"), "q")[-1]  # 1: no bar, a constant

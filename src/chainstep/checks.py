@@ -2,7 +2,8 @@
 
 A policy's commonest slips are ones a calculator sees: a sum it got wrong ("7 + 4 = 10"), an
 operand it never read ("Red plus green: 7 + 4" when red was read as 3; "tallest minus shortest"
-naming values other than the largest and smallest stated), an option letter that names another
+naming values other than the largest and smallest stated), a quantity the question does not
+ask about ("Yellow minus red" when it asks yellow and green), an option letter that names another
 option ("red, option B" when the question lists red as A), an answer that is not what the
 chain's own facts give (its last result recomputed from the values it stated). None of these
 needs the gold answer or task metadata, so the checks work on any benchmark's free text. Each
@@ -199,7 +200,23 @@ def check_arithmetic(text: str, earlier: list[str], question: str, check: StepCh
         named = _named_values(text[:match.start()], facts)
         if len(named) == len(used) and sorted(named) != sorted(used):
             check.fail(f"{left.strip()} uses {sorted(used)}, the named values are {sorted(named)}")
+        if unasked := _unasked(text[:match.start()], facts, question):
+            check.fail(f"{left.strip()} uses {', '.join(unasked)}, which the question does not ask about")
     return results
+
+
+def _stem(word: str) -> str:
+    return word[:-1] if word.endswith("s") and len(word) > 3 else word
+
+
+def _unasked(text: str, facts: dict[str, float], question: str) -> list[str]:
+    """Stated quantities `text` combines that the question does not name, when the question
+    names some stated quantity: "Yellow minus red" for "How many more yellow shapes than green
+    shapes?" (a question naming none, "how many fruits in total?", binds nothing)."""
+    asked = {_stem(w) for w in _key_words(question)}
+    if not asked & {_stem(w) for w in facts}:
+        return []
+    return [w for w in _key_words(text) if w in facts and _stem(w) not in asked]
 
 
 def check_options(text: str, options: list[str] | None, check: StepCheck) -> list[str]:
