@@ -115,15 +115,20 @@ def test_run_seed_moves_every_training_and_sampling_seed_but_not_the_suite():
     assert len({RunConfig(seed=s).seeded().sft.seed for s in range(3)}) == 3
 
 
-def test_the_study_config_adds_seeds_controls_and_ablations_to_the_default():
+def test_the_study_config_adds_seeds_controls_and_ablations_to_the_harder_suite():
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "study.yaml")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg, hard = load_config(configs / "study.yaml"), load_config(configs / "hard.yaml")
     default = load_config()
-    assert cfg.seeds == 3 and default.seeds == 1
-    assert "random" in cfg.grpo.runs and set(default.grpo.runs) < set(cfg.grpo.runs)
-    assert cfg.dpo.ablation and (cfg.sft, cfg.suite) == (default.sft, default.suite)
-    assert cfg.search.final_beam and not default.search.final_beam
+    assert hard.suite.operands == 3 and default.suite.operands == 2
+    assert hard.dpo.questions > default.dpo.questions and hard.grpo.questions > default.grpo.questions
+    assert (cfg.suite, cfg.sft, cfg.dpo.questions, cfg.grpo.max_steps) == \
+        (hard.suite, hard.sft, hard.dpo.questions, hard.grpo.max_steps)
+    assert cfg.seeds == 3 and hard.seeds == default.seeds == 1
+    assert "random" in cfg.grpo.runs and set(hard.grpo.runs) < set(cfg.grpo.runs)
+    assert cfg.dpo.ablation and not hard.dpo.ablation
+    assert cfg.search.final_beam and not hard.search.final_beam
 
 
 def test_an_old_chain_score_key_names_where_the_rule_lives_and_how_to_override_it():
