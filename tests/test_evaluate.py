@@ -116,6 +116,14 @@ def test_clopper_pearson():
     assert clopper_pearson(0, 5)[0] == 0.0 and clopper_pearson(5, 5)[1] == 1.0
 
 
+def test_thousands_of_discordant_pairs_pooled_over_seeds():
+    """Three seeds of 1,000 questions: binomial coefficients beyond a float's range."""
+    assert mcnemar_p(0, 427) == pytest.approx(2 * 0.5 ** 427)
+    assert mcnemar_p(600, 640) == pytest.approx(0.268, abs=0.005)
+    low, high = clopper_pearson(1200, 1300)
+    assert 0.907 < low < 0.923 < high < 0.937
+
+
 def test_update_metrics_replaces_rows_by_key(tmp_path):
     path = tmp_path / "metrics.json"
     row = summarize([_pred(0, True)], "sft")

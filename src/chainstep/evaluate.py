@@ -162,7 +162,14 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
 
 
 def _binomial_cdf(k: int, n: int, p: float) -> float:
-    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space: a pooled comparison over seeds has
+    thousands of discordant pairs, and their binomial coefficients overflow a float."""
+    if p <= 0.0 or p >= 1.0:
+        return float(p <= 0.0 or k >= n)
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+            + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
 
 
 def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
