@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 from .steps import Chain, Step
-from .synthetic import LETTERS, SIZES
+from .synthetic import LETTERS, SIZES, arithmetic
 
 ARITHMETIC_KINDS = ("read", "copy", "arithmetic", "answer")
 CHOICE_KINDS = ("read", "choice", "letter", "answer")
@@ -88,9 +88,9 @@ def _combine(record: dict, readings: dict[str, str]) -> tuple[str, str] | None:
 
 
 def _arithmetic(operands: list[int], op: str, result: int | None = None) -> tuple[str, str]:
-    if result is None:
-        result = sum(operands) if op == "+" else operands[0] - sum(operands[1:])
-    return f" {op} ".join(map(str, operands)) + f" = {result}", str(result)
+    """The final step's value and the answer it gives."""
+    expression, result = arithmetic(operands, op, result)
+    return expression, str(result)
 
 
 def _with_value(step: Step, old: str, new: str) -> Step:

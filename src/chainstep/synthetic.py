@@ -110,11 +110,12 @@ def _counts(rng: random.Random, colours, max_objects: int, cap: int = 4) -> dict
     return counts
 
 
-def _arith(values: list[int], op: str) -> tuple[str, int]:
-    if op == "sum":
-        return " + ".join(map(str, values)) + f" = {sum(values)}", sum(values)
-    result = values[0] - sum(values[1:])
-    return " - ".join(map(str, values)) + f" = {result}", result
+def arithmetic(values: list[int], op: str, result: int | None = None) -> tuple[str, int]:
+    """"6 + 1 + 2 = 9" (op "+") or "6 - 1 = 5" (op "-") and its result; `result` states another
+    (a perturbed chain's slip)."""
+    if result is None:
+        result = sum(values) if op == "+" else values[0] - sum(values[1:])
+    return f" {op} ".join(map(str, values)) + f" = {result}", result
 
 
 def _fact(name: str, key: str, value) -> dict:
@@ -147,13 +148,13 @@ def summed(rng: random.Random, colours, picked: list[str], operands: int) -> lis
 
 def add_step(added: list[str], values: dict[str, int]) -> tuple[dict, int]:
     """The step adding some groups ("Red plus green: 6 + 1 = 7") and its result."""
-    expr, result = _arith([values[c] for c in added], "sum")
+    expr, result = arithmetic([values[c] for c in added], "+")
     return _fact("Add", " plus ".join(added).capitalize(), expr), result
 
 
 def subtract_step(a: str, b: str, values: dict[str, int]) -> tuple[dict, int]:
     """The step taking group b from group a ("Red minus green: 6 - 1 = 5") and its result."""
-    expr, result = _arith([values[a], values[b]], "difference")
+    expr, result = arithmetic([values[a], values[b]], "-")
     return _fact("Subtract", f"{a} minus {b}".capitalize(), expr), result
 
 
@@ -201,7 +202,7 @@ def bar_chart(rng: random.Random, cfg: SuiteConfig) -> Scene:
     spread = heights[ranked[-1]] > heights[ranked[-2]] and heights[ranked[0]] < heights[ranked[1]]
     if spread and rng.random() < 0.5:
         hi, lo = ranked[-1], ranked[0]
-        expr, result = _arith([heights[hi], heights[lo]], "difference")
+        expr, result = arithmetic([heights[hi], heights[lo]], "-")
         question = "What is the difference between the tallest and the shortest bar?"
         steps.append(_fact("Subtract", "Tallest minus shortest", expr))
     else:
