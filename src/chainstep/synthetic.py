@@ -158,7 +158,7 @@ def subtract_step(a: str, b: str, values: dict[str, int]) -> tuple[dict, int]:
     return _fact("Subtract", f"{a} minus {b}".capitalize(), expr), result
 
 
-def _combine_two(rng: random.Random, colours, values: dict[str, int], difference: str,
+def _combine(rng: random.Random, colours, values: dict[str, int], difference: str,
                  total: str, operands: int) -> tuple[str, int, dict]:
     """Pick two groups and ask for their difference (larger first), or the sum of them and
     `operands - 2` more."""
@@ -177,7 +177,7 @@ def count_sum(rng: random.Random, cfg: SuiteConfig) -> Scene:
     counts = _counts(rng, colours, cfg.max_objects)
     image, objects = _shape_scene(rng, counts)
     steps = [_fact(f"Count {c}", f"{c.capitalize()} shapes", counts[c]) for c in colours]
-    question, result, step = _combine_two(
+    question, result, step = _combine(
         rng, colours, counts, "How many more {a} shapes than {b} shapes are there?",
         "How many {groups} shapes are there in total?", cfg.operands)
     steps.append(step)
@@ -253,7 +253,7 @@ def measure(rng: random.Random, cfg: SuiteConfig) -> Scene:
             draw.rectangle((k * PATCH + 1, y, (k + 1) * PATCH - 2, y + UNIT * PATCH - 5),
                            fill=COLOURS[c])
     steps = [_fact(f"Measure {c}", f"{c.capitalize()} line", lengths[c]) for c in colours]
-    question, result, step = _combine_two(
+    question, result, step = _combine(
         rng, colours, lengths, "How much longer is the {a} line than the {b} line in grid units?",
         "What is the total length of the {groups} lines in grid units?", cfg.operands)
     steps.append(step)
