@@ -159,7 +159,7 @@ def subtract_step(a: str, b: str, values: dict[str, int]) -> tuple[dict, int]:
 
 
 def _combine(rng: random.Random, colours, values: dict[str, int], difference: str,
-                 total: str, operands: int) -> tuple[str, int, dict]:
+             total: str, operands: int) -> tuple[str, int, dict]:
     """Pick two groups and ask for their difference (larger first), or the sum of them and
     `operands - 2` more."""
     a, b = sorted(rng.sample(colours, 2), key=lambda c: -values[c])
