@@ -116,3 +116,26 @@ def test_eval_with_a_prm_writes_a_search_row(sft_model_dir, suite_dir, tmp_path)
     row = json.loads((tmp_path / "metrics.json").read_text())["results"][0]
     assert (row["model"], row["strategy"], row["n"], row["num_questions"]) == ("m", "weighted", 2, 10)
     assert row["prm_chains"] == 20 and row["tokens_generated"] > 0
+
+
+def test_sampling_commands_pass_their_batch_size(tmp_path, monkeypatch):
+    """Sampled draws depend on the batch: `dpo run` and `grpo` must sample at the one asked for,
+    as `chainstep run` does at eval.batch_size."""
+    import json
+
+    import chainstep.dpo
+    import chainstep.grpo
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "q1", "image": "", "question": "?", "options": None, "answer": "1",
+                                 "source": "synthetic", "meta": {}}) + "\n")
+    seen = {}
+    monkeypatch.setattr(chainstep.dpo, "iterative_dpo",
+                        lambda *args: seen.setdefault("dpo", args[-1]) and {})
+    monkeypatch.setattr(chainstep.grpo, "train_grpo",
+                        lambda *args, style: seen.setdefault("grpo", args[-1]))
+    for command in (["dpo", "run", "m", str(tasks), "--out", str(tmp_path / "d")],
+                    ["grpo", "m", str(tasks), "--out", str(tmp_path / "g"), "--set", "reward=outcome"]):
+        result = runner.invoke(app, [*command, "--batch-size", "128"])
+        assert result.exit_code == 0, result.output
+    assert seen == {"dpo": 128, "grpo": 128}

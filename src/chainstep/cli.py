@@ -39,6 +39,8 @@ STEP_WEIGHT_OPTION = typer.Option(None, help="Chain score = w * agg(steps) + (1 
                                   "[default: the rule the PRM was trained with]")
 AGGREGATE_OPTION = typer.Option(None, help="How step scores aggregate: mean, min, last or prod "
                                 "[default: the PRM's own]")
+BATCH_SIZE_OPTION = typer.Option(64, help="Sequences per generate call (questions x n); sampled draws "
+                                 "depend on it (`chainstep run` uses eval.batch_size)")
 
 
 def writes_into(param: str):
@@ -317,7 +319,7 @@ def evaluate(
                                     "(MathVista's official way, VLMEvalKit's multiple-choice fallback)"),
     extract_model: str = typer.Option("gpt-4o-mini", help="Model name at --extract-url"),
     backend: str = typer.Option("hf", help=BACKEND_HELP),
-    batch_size: int = typer.Option(64, help="Sequences per generate call (questions x n)"),
+    batch_size: int = BATCH_SIZE_OPTION,
     shard: str = typer.Option(None, help="I/N: only shard I of N (records by a stable hash of their id), "
                               "greedy only, into its own file; `chainstep merge`, then eval again "
                               "for the metrics"),
@@ -422,7 +424,7 @@ def sample(
     max_tokens: int = typer.Option(256, help="New tokens per chain"),
     limit: int = typer.Option(0, help="First K questions (0 = all)"),
     seed: int = typer.Option(0, help="Random seed, set once for the whole command"),
-    batch_size: int = typer.Option(64, help="Sequences per generate call (questions x n)"),
+    batch_size: int = BATCH_SIZE_OPTION,
     backend: str = typer.Option("hf", help=BACKEND_HELP),
     shard: str = typer.Option(None, help="I/N: only shard I of N (records by a stable hash of their id), "
                               "into its own file; join with `chainstep merge`"),
@@ -537,6 +539,7 @@ def dpo_run(
     step_weight: float = STEP_WEIGHT_OPTION,
     aggregate: str = AGGREGATE_OPTION,
     set_: list[str] = typer.Option([], "--set", help="DPO override, e.g. --set rounds=2 --set threshold=0.2"),
+    batch_size: int = BATCH_SIZE_OPTION,
 ):
     """Sample, score, pair and train for dpo.rounds rounds; finished rounds are skipped on a re-run."""
     from .config import DPOConfig, section_config
@@ -546,8 +549,8 @@ def dpo_run(
     cfg = section_config(DPOConfig, set_, "dpo")
     records = load_tasks(tasks)
     records = records[:cfg.questions] if cfg.questions else records
-    verifier = _verifier(prm, step_weight, aggregate, 64) if prm else None
-    for name, stats in iterative_dpo(sft_model, verifier, records, out, cfg).items():
+    verifier = _verifier(prm, step_weight, aggregate, batch_size) if prm else None
+    for name, stats in iterative_dpo(sft_model, verifier, records, out, cfg, batch_size).items():
         console.print(f"{name}: {stats}")
 
 
@@ -585,6 +588,7 @@ def grpo(
                                    "--set advantages=step"),
     style: str = typer.Option("cos", help="How the starting policy answers: cos, cot or direct (outcome "
                                           "reward only)"),
+    batch_size: int = BATCH_SIZE_OPTION,
 ):
     """GRPO with the PRM chain score (or the outcome) as reward; resumes after a kill."""
     from .config import GRPOConfig, section_config
@@ -593,10 +597,10 @@ def grpo(
 
     cfg = section_config(GRPOConfig, set_, "grpo")
     records = load_tasks(tasks)
-    verifier = _verifier(prm, step_weight, aggregate, 64) if prm else None
+    verifier = _verifier(prm, step_weight, aggregate, batch_size) if prm else None
     check_style(style)
     train_grpo(sft_model, verifier, records[:cfg.questions] if cfg.questions else records, out, cfg,
-               style=style)
+               batch_size, style=style)
     console.print(f"saved -> {out}")
 
 
